@@ -1,0 +1,87 @@
+"""Turn schema examples into token ids through the model's chat template, and pad them into batches.
+
+The prompt is rendered with the generation prompt (`<|im_start|>assistant\\n` in ChatML) and the
+completion is whatever the full conversation adds after it, so the loss covers exactly the tokens the
+model must produce at inference, its end-of-turn token included. Rendered text is tokenized without
+the tokenizer's own special tokens (templates already write BOS where the model wants one, and a second
+BOS is a classic silent bug); BOS is added only where the tokenizer normally adds one and the template
+did not. EOS is appended to a completion that does not contain it, so generation learns to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from align.errors import DataError
+
+
+@dataclass
+class Encoded:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    truncated: bool = False
+
+
+def _wants_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def encode(tokenizer, prompt: list[dict], completion: list[dict], max_length: int, max_prompt_length: int) -> Encoded:
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise DataError(
+            "the chat template renders the prompt differently once the answer is appended, so the "
+            "completion cannot be located; set model.chat_template to a template whose output grows by "
+            "appending",
+            field="chat_template",
+        )
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+    completion_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False).input_ids
+    if _wants_bos(tokenizer) and prompt_ids[:1] != [tokenizer.bos_token_id]:
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in completion_ids:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    truncated = False
+    if len(prompt_ids) > max_prompt_length:  # keep the end of the prompt: the question is usually last
+        prompt_ids, truncated = prompt_ids[-max_prompt_length:], True
+    room = max_length - len(prompt_ids)
+    if len(completion_ids) > room:
+        completion_ids, truncated = completion_ids[:room], True
+    return Encoded(prompt_ids, completion_ids, truncated)
+
+
+def encode_prompt(tokenizer, prompt: list[dict]) -> list[int]:
+    """Prompt ids for generation, with the same BOS rule as training."""
+    ids = tokenizer(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False), add_special_tokens=False).input_ids
+    if _wants_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def pad_sequences(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (prompt, completion) pairs into `input_ids`, `attention_mask`, `completion_mask` [B, T]."""
+    width = max(len(p) + len(c) for p, c in pairs)
+    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(pairs), width), dtype=torch.long)
+    completion = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (p, c) in enumerate(pairs):
+        n = len(p) + len(c)
+        input_ids[i, :n] = torch.tensor(p + c)
+        attention[i, :n] = 1
+        completion[i, len(p) : n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompts for batched generation [B, T]."""
+    width = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attention[i, width - len(p) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention}

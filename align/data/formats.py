@@ -1,0 +1,298 @@
+"""Detect a data file's format and convert its rows into the schema objects stages accept.
+
+Each format is one `Format` entry in `FORMATS`, keyed by (kind, name): the kind is what a stage asks
+for ("sft", "preference", "task"), the name is what a user writes in `data.format`. New formats
+(ranked lists, OASST trees, ratings) are new entries; detection tries a kind's entries in order, so
+more specific formats come first. Converters are pure: they take one row and raise
+`DataError(field=...)`; `load_examples` adds the file and row number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from align.data import sources
+from align.data.schemas import Message, PreferenceExample, SFTExample, TaskExample
+from align.errors import DataError
+
+ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+KINDS = ("sft", "preference", "task")
+
+
+@dataclass(frozen=True)
+class Format:
+    expects: str  # the keys a row needs, for error messages and --help
+    detect: Callable[[dict], bool]  # does this (first) row look like this format?
+    convert: Callable[[dict], object]  # row -> schema object, or DataError naming the field
+
+
+# field helpers: every check names the field it looked at
+def _get(row: dict, key: str, types: type | tuple, what: str):
+    if key not in row or row[key] is None:
+        raise DataError(f"missing; this format needs {what}", field=key)
+    if not isinstance(row[key], types):
+        raise DataError(f"expected {what}, got {type(row[key]).__name__} {_short(row[key])}", field=key)
+    return row[key]
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _messages(value: list, field: str, role_key="role", content_key="content", roles=ROLES) -> list[Message]:
+    """Validate chat messages and normalise them to [{role, content}]; `roles` maps names (ShareGPT's)."""
+    out = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(f"expected a message {{{role_key}, {content_key}}}, got {_short(message)}", field=where)
+        role, content = message.get(role_key), message.get(content_key)
+        if role not in roles:
+            raise DataError(f"unknown role {_short(role)}; expected one of {list(roles)}", field=f"{where}.{role_key}")
+        if not isinstance(content, str):
+            raise DataError(f"expected a string, got {_short(content)}", field=f"{where}.{content_key}")
+        out.append({"role": roles[role], "content": content})
+    return out
+
+
+def _turns(row: dict, key: str, role: str) -> list[Message]:
+    """TRL's standard format holds a plain string (one `role` message); its conversational format a list."""
+    value = _get(row, key, (str, list), "a string or a list of messages")
+    return [{"role": role, "content": value}] if isinstance(value, str) else _messages(value, key)
+
+
+def _nonempty(messages: list[Message], field: str) -> list[Message]:
+    if not messages or not any(m["content"].strip() for m in messages):
+        raise DataError("is empty; there is nothing to train on", field=field)
+    return messages
+
+
+def _split_last_assistant(messages: list[Message], field: str) -> SFTExample:
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError("the conversation must end with an assistant message (the completion)", field=field)
+    return SFTExample(prompt=messages[:-1], completion=_nonempty(messages[-1:], f"{field}[{len(messages) - 1}]"))
+
+
+def _check_differ(chosen: list[Message], rejected: list[Message]) -> None:
+    # A pair with the same answer on both sides carries no preference, only noise.
+    if [(m["role"], m["content"].strip()) for m in chosen] == [(m["role"], m["content"].strip()) for m in rejected]:
+        raise DataError("is identical to 'chosen'; a pair needs two different responses", field="rejected")
+
+
+# HH-RLHF transcripts: "\n\nHuman: ...\n\nAssistant: ..."
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _hh_turns(text: str, field: str) -> list[Message]:
+    parts = HH_TURN.split(text)  # [text before the first turn, role, text, role, text, ...]
+    if parts[0].strip():
+        raise DataError(f"text before the first 'Human:' turn: {_short(parts[0])}", field=field)
+    return [{"role": HH_ROLES[r], "content": _hh_text(t)} for r, t in zip(parts[1::2], parts[2::2])]
+
+
+def _hh_text(text: str) -> str:
+    return text[1:] if text.startswith(" ") else text  # HH writes "Assistant: text"; keep the rest exactly
+
+
+def _hh_last_assistant(text: str, field: str) -> re.Match:
+    """The marker of the transcript's last Assistant turn: the prompt ends before it, the reply after."""
+    markers = [m for m in HH_TURN.finditer(text) if m.group(1) == "Assistant"]
+    if not markers:
+        raise DataError("the transcript has no 'Assistant:' turn", field=field)
+    return markers[-1]
+
+
+def _hh_sft(row: dict) -> SFTExample:
+    chosen = _get(row, "chosen", str, "a Human/Assistant transcript string")
+    last = _hh_last_assistant(chosen, "chosen")
+    reply = _nonempty([{"role": "assistant", "content": _hh_text(chosen[last.end():])}], "chosen")
+    return SFTExample(prompt=_hh_turns(chosen[: last.start()], "chosen"), completion=reply)
+
+
+def _hh_preference(row: dict) -> PreferenceExample:
+    chosen = _get(row, "chosen", str, "a Human/Assistant transcript string")
+    rejected = _get(row, "rejected", str, "a Human/Assistant transcript string")
+    last_c, last_r = _hh_last_assistant(chosen, "chosen"), _hh_last_assistant(rejected, "rejected")
+    # Usually both transcripts have the same text up to their last Assistant marker. But a reply may
+    # itself contain "\n\nAssistant:" (the model went on to invent turns), so the prompt is the text up
+    # to either transcript's last Assistant marker that the other transcript also starts with.
+    if rejected.startswith(chosen[: last_c.end()]):
+        last = last_c
+    elif chosen.startswith(rejected[: last_r.end()]):
+        last = last_r
+    else:
+        raise DataError("differs from 'chosen' before the last Assistant turn; the two must share the prompt",
+                        field="rejected")
+    replies = {key: [{"role": "assistant", "content": _hh_text(text[last.end():])}]
+               for key, text in (("chosen", chosen), ("rejected", rejected))}
+    for key, reply in replies.items():
+        _nonempty(reply, key)
+    _check_differ(replies["chosen"], replies["rejected"])
+    return PreferenceExample(_hh_turns(chosen[: last.start()], "chosen"), replies["chosen"], replies["rejected"])
+
+
+# the other formats
+def _messages_sft(row: dict) -> SFTExample:
+    messages = _get(row, "messages", list, "a list of {role, content} messages")
+    return _split_last_assistant(_messages(messages, "messages"), "messages")
+
+
+def _prompt_completion(row: dict) -> SFTExample:
+    return SFTExample(_turns(row, "prompt", "user"), _nonempty(_turns(row, "completion", "assistant"), "completion"))
+
+
+def _alpaca(row: dict) -> SFTExample:
+    instruction = _get(row, "instruction", str, "a string")
+    extra = row.get("input") or ""  # optional: missing, null and "" all mean no input
+    if not isinstance(extra, str):
+        raise DataError(f"expected a string, got {type(extra).__name__} {_short(extra)}", field="input")
+    output = _get(row, "output", str, "a string")
+    user = instruction + ("\n\n" + extra if extra.strip() else "")
+    completion = _nonempty([{"role": "assistant", "content": output}], "output")
+    return SFTExample(prompt=[{"role": "user", "content": user}], completion=completion)
+
+
+def _sharegpt(row: dict) -> SFTExample:
+    turns = _get(row, "conversations", list, "a list of {from, value} turns")
+    return _split_last_assistant(_messages(turns, "conversations", "from", "value", SHAREGPT_ROLES), "conversations")
+
+
+def _preference(row: dict) -> PreferenceExample:
+    chosen, rejected = (_nonempty(_turns(row, key, "assistant"), key) for key in ("chosen", "rejected"))
+    _check_differ(chosen, rejected)
+    return PreferenceExample(_turns(row, "prompt", "user"), chosen, rejected)
+
+
+def _implicit_prompt(row: dict) -> PreferenceExample:
+    chosen, rejected = (_messages(_get(row, key, list, "a list of messages"), key) for key in ("chosen", "rejected"))
+    shared = 0  # the prompt is the leading messages both conversations have in common
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    _check_differ(chosen[shared:], rejected[shared:])
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        # If the two diverge at a user turn, the "responses" would include that turn: not a preference pair.
+        if shared < len(messages) and messages[shared]["role"] != "assistant":
+            raise DataError(f"is '{messages[shared]['role']}' where the conversations part; they may differ only "
+                            "from an assistant reply on", field=f"{key}[{shared}].role")
+        _nonempty(messages[shared:], key)
+    return PreferenceExample(prompt=chosen[:shared], chosen=chosen[shared:], rejected=rejected[shared:])
+
+
+def _task(row: dict) -> TaskExample:
+    prompt = _turns(row, "prompt", "user")
+    rule = _get(row, "rule", dict, 'an object such as {"kind": "exact", "answer": "12"}')
+    if not isinstance(rule.get("kind"), str):
+        raise DataError(f"expected a string naming the rule, got {_short(rule.get('kind'))}", field="rule.kind")
+    return TaskExample(prompt=prompt, rule=rule)
+
+
+# Detectors. HH and implicit-prompt rows share keys with TRL's rows, so those look at the values too.
+def _has(*keys: str) -> Callable[[dict], bool]:
+    return lambda row: all(k in row for k in keys)
+
+
+def _is_hh(*keys: str) -> Callable[[dict], bool]:
+    return lambda row: all(isinstance(row.get(k), str) and "Assistant:" in row[k] for k in keys)
+
+
+def _lists(*keys: str) -> Callable[[dict], bool]:
+    return lambda row: all(isinstance(row.get(k), list) for k in keys)
+
+
+# Detection order within a kind matters: the first match wins, so more specific formats come first.
+HH = "'\\n\\nHuman: ...\\n\\nAssistant: ...'"
+FORMATS: dict[tuple[str, str], Format] = {
+    ("sft", "messages"): Format("messages: [{role, content}, ...] ending with an assistant message",
+                                _has("messages"), _messages_sft),
+    ("sft", "prompt_completion"): Format("prompt, completion (strings or message lists)",
+                                         _has("prompt", "completion"), _prompt_completion),
+    ("sft", "alpaca"): Format("instruction, optional input, output", _has("instruction", "output"), _alpaca),
+    ("sft", "sharegpt"): Format("conversations: [{from: human|gpt|system, value}, ...]",
+                                _has("conversations"), _sharegpt),
+    ("sft", "hh_rlhf"): Format(f"chosen: a {HH} transcript", _is_hh("chosen"), _hh_sft),
+    ("preference", "preference"): Format("prompt, chosen, rejected (strings or message lists)",
+                                         _has("prompt", "chosen", "rejected"), _preference),
+    ("preference", "implicit_prompt"): Format("chosen, rejected: message lists that share their first (prompt) turns",
+                                              _lists("chosen", "rejected"), _implicit_prompt),
+    ("preference", "hh_rlhf"): Format(f"chosen, rejected: {HH} transcripts",
+                                      _is_hh("chosen", "rejected"), _hh_preference),
+    ("task", "task"): Format("prompt (string or message list), rule: {kind, ...}", _has("prompt", "rule"), _task),
+}
+
+
+def formats_for(kind: str) -> dict[str, Format]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")  # a bug in a stage, not user input
+    return {name: fmt for (k, name), fmt in FORMATS.items() if k == kind}
+
+
+def describe_formats(kind: str) -> str:
+    """One line per format a kind accepts, with the keys it expects (for errors and --help)."""
+    return "\n".join(f"  {name}: {fmt.expects}" for name, fmt in formats_for(kind).items())
+
+
+@dataclass
+class LoadedData:
+    examples: list  # schema objects (SFTExample, PreferenceExample, TaskExample)
+    format: str
+    source: str  # the path as given
+    rows_read: int  # rows seen, good and bad (blank JSONL lines are not rows)
+    skipped: list[DataError]  # with skip_bad_rows=True, every skipped row's error, in row order
+    fingerprint: str
+
+
+def load_examples(
+    path: str, kind: str, format: str = "auto", skip_bad_rows: bool = False, max_rows: int | None = None
+) -> LoadedData:
+    """Read `path` and convert every row into `kind`'s schema object.
+
+    `format="auto"` picks the format from the first readable row. The first bad row raises its
+    DataError, unless `skip_bad_rows`, which collects them all in `skipped` and goes on. `max_rows`
+    stops after that many rows (good or bad), for quick runs.
+    """
+    available = formats_for(kind)
+    if path.startswith("synthetic:"):  # the embedded default task, e.g. "synthetic:sft"; imported only when asked for
+        from align.data import synthetic
+
+        examples = synthetic.load(path.removeprefix("synthetic:"), kind)
+        digest = hashlib.sha256(json.dumps([asdict(e) for e in examples], sort_keys=True).encode()).hexdigest()
+        return LoadedData(examples, "synthetic", path, len(examples), [], digest)
+    if format != "auto" and format not in available:
+        raise DataError(f"unknown {kind} data format {format!r}; set data.format to 'auto' or one of:\n"
+                        + describe_formats(kind), file=path)
+    examples, skipped, rows_read, picked = [], [], 0, None if format == "auto" else format
+    for number, row in sources.read_records(path):
+        if max_rows is not None and rows_read >= max_rows:
+            break
+        rows_read += 1
+        try:
+            if isinstance(row, DataError):
+                raise row
+            picked = picked or _detect(row, kind, available, path)
+            examples.append(available[picked].convert(row))
+        except DataError as e:
+            if e.file is None:  # converters name the field; the file and row are known here
+                e = DataError(e.message, file=path, row=number, field=e.field)
+            if not skip_bad_rows or e.row is None:  # an undetectable format is not one bad row
+                raise e from None
+            skipped.append(e)
+    if not examples:
+        reason = f"all {rows_read} rows are bad; the first: {skipped[0]}" if skipped else "no rows in the file"
+        raise DataError(f"no usable {kind} examples: {reason}", file=path)
+    return LoadedData(examples, picked, path, rows_read, skipped, sources.fingerprint(path))
+
+
+def _detect(row: dict, kind: str, available: dict[str, Format], path: str) -> str:
+    for name, fmt in available.items():
+        if fmt.detect(row):
+            return name
+    raise DataError(f"cannot tell the {kind} data format from the first row's keys {sorted(row)}. Formats for {kind} "
+                    f"data and the keys each expects:\n{describe_formats(kind)}\nRename the fields to match one, or "
+                    "set data.format in the recipe to the one your data is in.", file=path)

@@ -1,0 +1,112 @@
+"""`align data inspect`: the pre-flight check before training on a file.
+
+Shows the detected format, rows, length statistics in tokens, and one row rendered through the
+model's chat template with its token ids and the prompt/completion mask, then warns about what
+silently spoils training: two BOS tokens, a completion without EOS, rows that will be truncated.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from rich.table import Table
+from rich.text import Text
+
+from align.data.collate import encode
+from align.data.formats import load_examples
+from align.errors import AlignError, DataError
+from align.ui import console
+
+KINDS = ("preference", "sft", "task")
+
+
+def _load_any_kind(path, kind, format, skip_bad_rows):
+    if kind != "auto":
+        return kind, load_examples(path, kind, format, skip_bad_rows)
+    errors = []
+    for candidate in KINDS:
+        try:
+            return candidate, load_examples(path, candidate, format, skip_bad_rows)
+        except DataError as err:
+            errors.append(err)
+    # Report the error of the kind that got furthest: a row-level error beats "unknown format".
+    raise max(errors, key=lambda e: e.row or 0)
+
+
+def _tokenizer_for(model: str):
+    from align.models.load import load_tokenizer, resolve_base
+
+    resolved = resolve_base(model)
+    if resolved.tiny:
+        from align.models.tiny import tiny_tokenizer
+
+        return tiny_tokenizer(), resolved.description
+    return load_tokenizer(resolved.path), resolved.description
+
+
+def _completions(example, kind):
+    if kind == "sft":
+        return [("completion", example.completion)]
+    if kind == "preference":
+        return [("chosen", example.chosen), ("rejected", example.rejected)]
+    return []
+
+
+def _stats(values: list[int]) -> str:
+    return f"{min(values)} / {statistics.mean(values):.0f} / {max(values)}" if values else "-"
+
+
+def inspect_file(path, model, kind="auto", format="auto", skip_bad_rows=False, row=1, max_length=512):
+    kind, loaded = _load_any_kind(path, kind, format, skip_bad_rows)
+    if not 1 <= row <= len(loaded.examples):
+        raise AlignError(f"--row {row}: {path} has {len(loaded.examples)} usable rows")
+    tokenizer, model_desc = _tokenizer_for(model)
+
+    prompt_lens, completion_lens, truncated = [], [], 0
+    for ex in loaded.examples[:1000]:
+        for _, completion in _completions(ex, kind) or [("prompt", [])]:
+            if not completion:
+                prompt_lens.append(len(tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True)))
+                continue
+            enc = encode(tokenizer, ex.prompt, completion, 10**9, 10**9)
+            prompt_lens.append(len(enc.prompt_ids))
+            completion_lens.append(len(enc.completion_ids))
+            truncated += len(enc.prompt_ids) + len(enc.completion_ids) > max_length
+
+    summary = Table(title=f"{path}", show_header=False)
+    summary.add_row("kind / format", f"{kind} / {loaded.format}")
+    summary.add_row("rows", f"{len(loaded.examples)} usable, {len(loaded.skipped)} skipped")
+    summary.add_row("tokenizer", model_desc)
+    summary.add_row("prompt tokens min/mean/max", _stats(prompt_lens))
+    summary.add_row("completion tokens min/mean/max", _stats(completion_lens))
+    summary.add_row(f"longer than {max_length} tokens", str(truncated))
+    console.print(summary)
+    for err in loaded.skipped:
+        console.print(f"[yellow]skipped[/] {err}", highlight=False)
+
+    example = loaded.examples[row - 1]
+    for name, completion in _completions(example, kind) or [("prompt", [])]:
+        _show_row(tokenizer, example.prompt, completion, name, row)
+
+
+def _show_row(tokenizer, prompt, completion, name, row):
+    if completion:
+        enc = encode(tokenizer, prompt, completion, 10**9, 10**9)
+        ids, mask = enc.prompt_ids + enc.completion_ids, [0] * len(enc.prompt_ids) + [1] * len(enc.completion_ids)
+    else:
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        mask = [0] * len(ids)
+    console.rule(f"row {row}, {name}: [dim]prompt (no loss)[/] [bold green]completion (loss)[/]")
+    text = Text()
+    for tok_id, m in zip(ids, mask):
+        text.append(tokenizer.decode([tok_id]), style="bold green" if m else "dim")
+    console.print(text)
+    tokens = Text()
+    for tok_id, m in zip(ids, mask):
+        tokens.append(f"{tok_id}{'*' if m else ''} ", style="green" if m else "dim")
+    console.print("token ids (* = in the loss):", tokens)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None and ids[:2] == [bos, bos]:
+        console.print("[bold red]warning:[/] the sequence starts with two BOS tokens")
+    if completion and eos is not None and eos not in ids[len(ids) - sum(mask) :]:
+        console.print("[bold red]warning:[/] the completion has no EOS token: the model will not learn to stop")

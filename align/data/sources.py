@@ -1,0 +1,168 @@
+"""Read rows from local data files, each numbered the way a person would find it again.
+
+Row numbers count from 1: the line number in JSONL (blank lines are skipped but still counted, so the
+number is what an editor shows), the element index + 1 in a JSON array, the row index + 1 in Parquet
+and `datasets` folders. Converting rows into examples is `formats.py`'s job; this module only reads.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
+from align.errors import DataError
+
+SUPPORTED = (
+    ".jsonl, .json (a top-level array, or an object with one list value such as {\"data\": [...]}), "
+    "either gzipped (.jsonl.gz, .json.gz), .parquet, or a folder saved with datasets' save_to_disk"
+)
+
+
+def read_rows(path: str) -> Iterator[tuple[int, dict]]:
+    """Yield `(row_number, row)` for every row of `path`; the first bad row raises its DataError."""
+    for number, row in read_records(path):
+        if isinstance(row, DataError):
+            raise row
+        yield number, row
+
+
+def read_records(path: str) -> Iterator[tuple[int, dict | DataError]]:
+    """Like `read_rows`, but a bad row comes out as its DataError instead of being raised.
+
+    This lets a loader that skips bad rows carry on past a broken JSON line; a generator that raised
+    could not be resumed. Problems with the whole file (missing, unsupported, unreadable) still raise.
+    """
+    if os.path.isdir(path):
+        yield from _read_datasets_folder(path)
+        return
+    if not os.path.isfile(path):
+        raise DataError(f"file not found (supported: {SUPPORTED})", file=path)
+    name = path.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        records = _read_jsonl(path)
+    elif name.endswith((".json", ".json.gz")):
+        records = _read_json(path)
+    elif name.endswith(".parquet"):
+        records = _read_parquet(path)
+    else:
+        raise DataError(f"unsupported file type; supported: {SUPPORTED}", file=path)
+    for number, row in records:
+        if not isinstance(row, (dict, DataError)):
+            row = DataError(f"row is a JSON {_json_type(row)}, expected an object with named fields",
+                            file=path, row=number)
+        yield number, row
+
+
+def fingerprint(path: str) -> str:
+    """sha256 of the file's bytes, or of a folder's files (relative names and bytes, in sorted order).
+
+    Stages record it so that a rerun can tell whether their input data changed.
+    """
+    digest = hashlib.sha256()
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            dirs.sort()  # os.walk visits sub-folders in this list's order
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                digest.update(os.path.relpath(full, path).replace(os.sep, "/").encode() + b"\0")
+                _hash_file(digest, full)
+    elif os.path.isfile(path):
+        _hash_file(digest, path)
+    else:
+        raise DataError(f"file not found (supported: {SUPPORTED})", file=path)
+    return digest.hexdigest()
+
+
+def _hash_file(digest, path: str) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def _open_bytes(path: str):
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[int, object]]:
+    try:
+        with _open_bytes(path) as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    # Decode per line so one bad byte costs one row, not the file. utf-8-sig drops a BOM.
+                    line = raw.decode("utf-8-sig")
+                except UnicodeDecodeError as e:
+                    yield number, DataError(f"not valid UTF-8: {e}", file=path, row=number)
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield number, DataError(f"not valid JSON: {e.msg} (column {e.colno})", file=path, row=number)
+    except (OSError, EOFError) as e:  # a truncated or corrupt gzip stream
+        raise DataError(f"cannot read the file: {e}", file=path) from e
+
+
+def _read_json(path: str) -> Iterator[tuple[int, object]]:
+    try:
+        with _open_bytes(path) as f:
+            data = json.loads(f.read().decode("utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})", file=path) from e
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the file: {e}", file=path) from e
+    if isinstance(data, dict):
+        # Many published files wrap the rows, e.g. {"data": [...]} or {"version": "1", "rows": [...]}.
+        lists = [key for key, value in data.items() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise DataError(
+                f"expected a JSON array of rows, or an object with exactly one list value; "
+                f"found an object whose list values are {lists or 'none'}",
+                file=path,
+            )
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise DataError(f"expected a JSON array of rows, found a JSON {_json_type(data)}", file=path)
+    yield from enumerate(data, start=1)
+
+
+def _read_parquet(path: str) -> Iterator[tuple[int, object]]:
+    import pyarrow.parquet as pq  # imported here: only Parquet users pay for it
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise DataError(f"cannot read the file as Parquet: {e}", file=path) from e
+    number = 0
+    for batch in table.iter_batches():  # batches keep memory flat on large files
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def _read_datasets_folder(path: str) -> Iterator[tuple[int, object]]:
+    import datasets  # imported here: it is slow to import and only folders need it
+
+    try:
+        loaded = datasets.load_from_disk(path)
+    except FileNotFoundError as e:
+        raise DataError(f"folder is not a dataset saved with save_to_disk ({e}); supported: {SUPPORTED}",
+                        file=path) from e
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if "train" in loaded:
+            loaded = loaded["train"]
+        elif len(splits) == 1:
+            loaded = loaded[splits[0]]
+        else:
+            raise DataError(f"dataset has splits {splits} and none is 'train'; save the one to use on its own",
+                            file=path)
+    yield from enumerate(loaded, start=1)
+
+
+def _json_type(value: object) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

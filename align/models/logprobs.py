@@ -1,0 +1,33 @@
+"""Per-sequence log-probabilities of completion tokens.
+
+The vocabulary projection is applied only at positions that predict a completion token: for a
+49k-token vocabulary it is a fifth of a small model's forward FLOPs and most of its activation memory,
+and prompt positions never enter a loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _decoder_and_head(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):
+    """Return (sum of log p over completion tokens [B], completion token counts [B]).
+
+    input_ids, attention_mask, completion_mask: [B, T]; completion_mask marks tokens to score.
+    """
+    decoder, head = _decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+    targets_mask = completion_mask[:, 1:].bool()  # [B, T-1]: position t predicts token t+1
+    selected = hidden[:, :-1][targets_mask]  # [N, H]
+    targets = input_ids[:, 1:][targets_mask]  # [N]
+    logits = head(selected).float()  # [N, V]
+    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # [N]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(targets_mask)[targets_mask]
+    sums = torch.zeros(input_ids.shape[0], device=token_logps.device, dtype=token_logps.dtype)
+    sums = sums.index_add(0, rows, token_logps)  # [B]
+    return sums, targets_mask.sum(-1)

@@ -1,0 +1,218 @@
+"""Run a recipe's stages in order on one base model, skipping finished stages and resuming
+interrupted ones, then evaluate and write `runs/<recipe>/summary.json`.
+
+A stage's config hash covers the model section, the stage's own section, its data fingerprints and the
+hashes of the stages it references, so changing the SFT stage reruns the DPO stage that starts from
+it, and nothing else reruns. `stage.json` says `running` from the start of a stage until it is `done`:
+a run killed in between (even with SIGKILL) resumes from the stage's last checkpoint next time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import transformers
+
+from align.config import parse_refs, resolve_refs
+from align.data.formats import load_examples
+from align.errors import AlignError
+from align.models import adapters
+from align.models.load import compute_dtype, load_base, resolve_base
+from align.stages import dpo, sft
+from align.stages.engine import StageContext
+from align.ui import console, heldout_table, stages_table
+
+STAGES = {"sft": sft, "dpo": dpo}
+DATA_KIND = {"sft": "sft", "dpo": "preference"}
+LIBRARIES = ("align", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
+
+
+def library_versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in LIBRARIES}
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)  # never a half-written stage.json, whatever kills us
+
+
+def _data_summary(loaded) -> dict:
+    return {
+        "source": loaded.source,
+        "format": loaded.format,
+        "rows": len(loaded.examples),
+        "skipped": [str(e) for e in loaded.skipped],
+        "fingerprint": loaded.fingerprint,
+    }
+
+
+class Pipeline:
+    def __init__(self, recipe, quiet: bool = False):
+        self.recipe, self.quiet = recipe, quiet
+        self.run_dir = Path(recipe.output_dir) / recipe.name
+        self.resolved = resolve_base(recipe.model.base)
+        self.dtype = compute_dtype(recipe.model.precision)
+        self.base = self.tokenizer = None
+        self.outputs: dict[str, dict[str, str]] = {}
+        self.hashes: dict[str, str] = {}
+
+    def ensure_base(self):
+        if self.base is None:
+            console.print(f"[bold]base[/]: {self.resolved.description}  quantization={self.recipe.model.quantization} dtype={self.dtype}")
+            self.base, self.tokenizer = load_base(self.recipe.model, self.resolved)
+        return self.base
+
+    def load_data(self, stage) -> dict:
+        def load(section):
+            path = resolve_refs(section.path, self.outputs)
+            return load_examples(path, DATA_KIND[stage.kind], section.format, section.skip_bad_rows, section.max_rows)
+
+        return {"train": load(stage.data), "eval": load(stage.eval_data) if stage.eval_data else None}
+
+    def run_stage(self, stage) -> dict:
+        stage_dir = self.run_dir / stage.name
+        data = self.load_data(stage)
+        parents = sorted({ref.stage for value in _strings(asdict(stage)) for ref in parse_refs(value)})
+        config_hash = _hash(
+            {
+                "model": asdict(self.recipe.model),
+                "stage": asdict(stage),
+                "seed": self.recipe.seed,
+                "data": {k: v.fingerprint for k, v in data.items() if v},
+                "parents": {p: self.hashes[p] for p in parents},
+            }
+        )
+        self.hashes[stage.name] = config_hash
+        self.outputs[stage.name] = {"adapter": str(stage_dir / "adapter"), "dir": str(stage_dir)}
+        state = _read_json(stage_dir / "stage.json")
+        if state.get("status") == "done" and state.get("config_hash") == config_hash:
+            console.print(f"[green]skip[/] {stage.name}: finished, config unchanged")
+            return state
+        if state.get("config_hash") != config_hash and stage_dir.exists():
+            shutil.rmtree(stage_dir)  # a changed stage starts over; an interrupted one keeps its checkpoints
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        for bad in (e for v in data.values() if v for e in v.skipped):
+            console.print(f"[yellow]skipped[/] {bad}")
+        state = {
+            "name": stage.name,
+            "kind": stage.kind,
+            "status": "running",
+            "config_hash": config_hash,
+            "parents": parents,
+            "data": {k: _data_summary(v) for k, v in data.items() if v},
+            "base": self.resolved.description,
+            "versions": library_versions(),
+            "started_at": state.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        _write_json(stage_dir / "stage.json", state)
+        inputs = {key: resolve_refs(getattr(stage, key), self.outputs) for key in ("init", "reference") if getattr(stage, key, None)}
+        ctx = StageContext(self.recipe, self.ensure_base(), self.tokenizer, stage_dir, inputs, self.dtype, self.quiet)
+        transformers.set_seed(stage.train.seed if stage.train.seed is not None else self.recipe.seed)
+        start = time.time()
+        try:
+            out = STAGES[stage.kind].run(stage, ctx, data)
+        except BaseException:
+            state["status"] = "interrupted"
+            _write_json(stage_dir / "stage.json", state)
+            raise
+        finally:
+            self.base = ctx.base
+        state.update(
+            status="done",
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            seconds=round(time.time() - start, 1),
+            metrics=out.metrics,
+            resumed_from=out.resumed_from,
+            adapter=str(out.adapter),
+            **out.extra,
+        )
+        _write_json(stage_dir / "stage.json", state)
+        return state
+
+    def evaluate(self) -> dict:
+        """Held-out task accuracy of the base and each listed stage; cached until a stage changes."""
+        cfg = self.recipe.eval
+        tasks = load_examples(cfg.tasks.path, "task", cfg.tasks.format, cfg.tasks.skip_bad_rows, cfg.tasks.max_rows)
+        key = _hash({"eval": asdict(cfg), "tasks": tasks.fingerprint, "stages": {s: self.hashes.get(s) for s in cfg.stages}})
+        cached = _read_json(self.run_dir / "eval.json")
+        if cached.get("key") == key:
+            console.print("[green]skip[/] eval: results for these stages exist")
+            return cached["results"]
+        from align.eval.tasks import task_accuracy
+
+        base = self.ensure_base()
+        trained = [s for s in cfg.stages if s != "base"]
+        model = base
+        if trained:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base, self.outputs[trained[0]]["adapter"], adapter_name=trained[0])
+            for name in trained[1:]:
+                model.load_adapter(self.outputs[name]["adapter"], adapter_name=name)
+        results = {}
+        for name in cfg.stages:
+            console.print(f"evaluating [bold]{name}[/] on {len(tasks.examples)} held-out tasks")
+            with adapters.using(model, None if name == "base" else name) if trained else nullcontext(model):
+                results[name] = task_accuracy(model, self.tokenizer, tasks.examples, cfg.max_new_tokens, cfg.batch_size)
+        if trained:
+            self.base = model.unload()
+        _write_json(self.run_dir / "eval.json", {"key": key, "results": results})
+        return results
+
+    def run(self) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        summary = {"recipe": self.recipe.name, "run_dir": str(self.run_dir), "base": self.resolved.description, "stages": {}}
+        if self.resolved.tiny:
+            summary["warning"] = "tiny random model: no pretrained model was found"
+        for stage in self.recipe.stages:
+            state = self.run_stage(stage)
+            summary["stages"][stage.name] = {k: state.get(k) for k in ("kind", "status", "seconds", "metrics", "adapter", "resumed_from")}
+        heldout: dict = {"rewards": {}}
+        for name, st in summary["stages"].items():
+            m = st.get("metrics") or {}
+            if "eval_rewards/accuracies" in m:
+                heldout["rewards"][name] = {"accuracy": m["eval_rewards/accuracies"], "margin": m["eval_rewards/margins"]}
+        if self.recipe.eval:
+            results = self.evaluate()
+            heldout["task_accuracy"] = {name: r["accuracy"] for name, r in results.items()}
+            heldout["per_family"] = {name: r["per_family"] for name, r in results.items()}
+            heldout["samples"] = {name: r["samples"] for name, r in results.items()}
+        summary["heldout"] = heldout
+        _write_json(self.run_dir / "summary.json", summary)
+        console.print(stages_table(summary))
+        if "task_accuracy" in heldout:
+            console.print(heldout_table(heldout))
+        return summary
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _strings(v)
+
+
+def run_recipe(recipe, quiet: bool = False) -> dict:
+    if recipe.stages and any(s.kind not in STAGES for s in recipe.stages):
+        raise AlignError(f"stage kinds available in this version: {', '.join(STAGES)}")
+    return Pipeline(recipe, quiet).run()

@@ -1,0 +1,48 @@
+"""The `sft` stage: a LoRA `policy` adapter trained on completions only (the prompt is context)."""
+
+from __future__ import annotations
+
+from align.data.collate import encode, pad_sequences
+from align.losses.sft import sft_loss
+from align.models import adapters
+from align.models.logprobs import completion_logprobs
+from align.stages.engine import AlignTrainer, StageContext, StageOutput, train, training_arguments
+
+
+def encode_sft(examples, tokenizer, train_cfg) -> list[dict]:
+    rows = []
+    for ex in examples:
+        enc = encode(tokenizer, ex.prompt, ex.completion, train_cfg.max_length, train_cfg.max_prompt_length)
+        rows.append({"prompt_ids": enc.prompt_ids, "completion_ids": enc.completion_ids})
+    return rows
+
+
+class SFTTrainer(AlignTrainer):
+    def loss_and_metrics(self, model, batch):
+        logps, tokens = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        loss = sft_loss(logps, tokens)
+        return loss, {"num_tokens": float(tokens.sum())}
+
+
+def collate(pad_id: int):
+    return lambda rows: pad_sequences([(r["prompt_ids"], r["completion_ids"]) for r in rows], pad_id)
+
+
+def run(stage, ctx: StageContext, data) -> StageOutput:
+    """`data` is {"train": LoadedData, "eval": LoadedData | None}, loaded (and fingerprinted) by the pipeline."""
+    model = adapters.with_policy(ctx.base, ctx.recipe.model.lora, init=ctx.inputs.get("init"))
+    train_rows = encode_sft(data["train"].examples, ctx.tokenizer, stage.train)
+    eval_rows = encode_sft(data["eval"].examples, ctx.tokenizer, stage.train) if data.get("eval") else None
+    trainer = SFTTrainer(
+        model=model,
+        args=training_arguments(stage, ctx),
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        data_collator=collate(ctx.tokenizer.pad_token_id),
+    )
+    metrics, resumed = train(trainer, stage.name, ctx)
+    if eval_rows:
+        metrics.update(trainer.evaluate())
+    adapter = adapters.save(model, ctx.stage_dir / "adapter")
+    ctx.base = model.unload()  # take the LoRA layers out again: the next stage starts from the bare base
+    return StageOutput(adapter, metrics, resumed)

@@ -1,0 +1,111 @@
+"""What a person sees: one rich progress bar per stage, and summary tables at the end."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from transformers import TrainerCallback
+
+console = Console(stderr=True)
+
+
+class StageProgress(TrainerCallback):
+    """A bar per stage showing step, loss, reward margin (preference stages) and ETA; plain log lines
+    instead when `quiet` (for CI logs and files)."""
+
+    def __init__(self, stage_name: str, quiet: bool = False):
+        self.stage_name, self.quiet = stage_name, quiet
+        self.progress: Progress | None = None
+        self.task = None
+        self.last: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.quiet:
+            return
+        self.progress = Progress(
+            TextColumn(f"[bold]{self.stage_name}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(self.stage_name, total=state.max_steps, completed=state.global_step, info="")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        self.last.update(logs)
+        parts = [f"loss {logs['loss']:.4f}"] if "loss" in logs else []
+        if "rewards/margins" in logs:
+            parts.append(f"margin {logs['rewards/margins']:+.3f}")
+        if "eval_rewards/accuracies" in logs:
+            parts.append(f"eval acc {logs['eval_rewards/accuracies']:.2f}")
+        if not parts:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, info=" ".join(parts))
+        else:
+            logging.getLogger("align").info("%s step %d/%d %s", self.stage_name, state.global_step, state.max_steps, " ".join(parts))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.time()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.time() - self.start
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def stages_table(summary: dict) -> Table:
+    table = Table(title=f"run {summary['recipe']}  ({summary['run_dir']})")
+    for col in ("stage", "kind", "status", "steps", "seconds", "final loss", "key metric"):
+        table.add_column(col)
+    for name, st in summary["stages"].items():
+        metrics = st.get("metrics", {})
+        key = next(((k, metrics[k]) for k in ("eval_rewards/accuracies", "rewards/margins", "eval_loss") if k in metrics), None)
+        table.add_row(
+            name,
+            st.get("kind", ""),
+            st.get("status", ""),
+            _fmt(metrics.get("global_step")),
+            _fmt(st.get("seconds")),
+            _fmt(metrics.get("train_loss")),
+            f"{key[0]} = {_fmt(key[1])}" if key else "-",
+        )
+    return table
+
+
+def heldout_table(heldout: dict) -> Table:
+    """Held-out task accuracy per model, and the preference stages' held-out reward accuracy/margin."""
+    table = Table(title="held-out evaluation")
+    for col in ("model", "task accuracy", "reward accuracy", "reward margin"):
+        table.add_column(col)
+    pref = heldout.get("rewards", {})
+    for name, acc in heldout.get("task_accuracy", {}).items():
+        r = pref.get(name, {})
+        table.add_row(name, f"{acc:.1%}", _fmt(r.get("accuracy")), _fmt(r.get("margin")))
+    return table
