@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from align.errors import AlignError
 
@@ -76,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "peft", "accelerate", "datasets", "bitsandbytes", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch|transformers|peft|bitsandbytes")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars say what is happening
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from align.ui import console
 
-        console.print("[bold red]error:[/] " + escape(str(err)), highlight=False)
+        console.print("[bold red]error:[/] " + escape(str(err)), highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import transformers
+from rich.markup import escape
 
 from align.config import parse_refs, resolve_refs
 from align.data.formats import load_examples
@@ -108,7 +109,7 @@ class Pipeline:
             shutil.rmtree(stage_dir)  # a changed stage starts over; an interrupted one keeps its checkpoints
         stage_dir.mkdir(parents=True, exist_ok=True)
         for bad in (e for v in data.values() if v for e in v.skipped):
-            console.print(f"[yellow]skipped[/] {bad}")
+            console.print(f"[yellow]skipped[/] {escape(str(bad))}", soft_wrap=True)
         state = {
             "name": stage.name,
             "kind": stage.kind,

@@ -138,7 +138,7 @@ HH_OK = "\n\nHuman: q\n\nAssistant: a"
     ("sft", "sharegpt", {"conversations": [{"from": "human", "value": "a"}, {"from": "bard", "value": "b"}]},
      "conversations[1].from", "unknown role"),
     ("sft", "hh_rlhf", {"chosen": "\n\nHuman: only a question"}, "chosen", "no 'Assistant:' turn"),
-    ("task", "task", {"prompt": "q", "rule": {"answer": "4"}}, "rule.kind", "string"),
+    ("task", "task", {"prompt": "q", "rule": {"answer": "4"}}, "rule.kind", "expected one of"),
     ("task", "task", {"prompt": "q", "rule": "exact"}, "rule", "expected"),
 ])
 def test_bad_row_names_file_row_and_field(tmp_path, kind, format, bad_row, field, words):

@@ -43,8 +43,12 @@ def encode(tokenizer, prompt: list[dict], completion: list[dict], max_length: in
     completion_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False).input_ids
     if _wants_bos(tokenizer) and prompt_ids[:1] != [tokenizer.bos_token_id]:
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in completion_ids:
-        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in completion_ids:
+        # Generation stops at EOS, so what a template writes after it (ChatML's "\n") is never produced.
+        completion_ids = completion_ids[: completion_ids.index(eos) + 1]
+    elif eos is not None:
+        completion_ids = completion_ids + [eos]
     truncated = False
     if len(prompt_ids) > max_prompt_length:  # keep the end of the prompt: the question is usually last
         prompt_ids, truncated = prompt_ids[-max_prompt_length:], True

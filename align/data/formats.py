@@ -188,8 +188,14 @@ def _implicit_prompt(row: dict) -> PreferenceExample:
 def _task(row: dict) -> TaskExample:
     prompt = _turns(row, "prompt", "user")
     rule = _get(row, "rule", dict, 'an object such as {"kind": "exact", "answer": "12"}')
-    if not isinstance(rule.get("kind"), str):
-        raise DataError(f"expected a string naming the rule, got {_short(rule.get('kind'))}", field="rule.kind")
+    from align.eval.rules import RULE_KINDS, RULE_FIELDS
+
+    kind = rule.get("kind")
+    if kind not in RULE_KINDS:
+        raise DataError(f"expected one of {', '.join(RULE_KINDS)}, got {_short(kind)}", field="rule.kind")
+    needed = RULE_FIELDS[kind]
+    if needed not in rule:
+        raise DataError(f"a rule of kind {kind!r} needs '{needed}'", field=f"rule.{needed}")
     return TaskExample(prompt=prompt, rule=rule)
 
 
@@ -261,7 +267,10 @@ def load_examples(
     if path.startswith("synthetic:"):  # the embedded default task, e.g. "synthetic:sft"; imported only when asked for
         from align.data import synthetic
 
-        examples = synthetic.load(path.removeprefix("synthetic:"), kind)
+        try:
+            examples = synthetic.load(path.removeprefix("synthetic:"), kind, n=max_rows)
+        except ValueError as err:
+            raise DataError(str(err), file=path) from err
         digest = hashlib.sha256(json.dumps([asdict(e) for e in examples], sort_keys=True).encode()).hexdigest()
         return LoadedData(examples, "synthetic", path, len(examples), [], digest)
     if format != "auto" and format not in available:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import statistics
 
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from align.data.collate import encode
-from align.data.formats import load_examples
+from align.data.collate import encode, encode_prompt
+from align.data.formats import describe_formats, load_examples
+from align.data.sources import read_rows
 from align.errors import AlignError, DataError
 from align.ui import console
 
@@ -29,8 +31,13 @@ def _load_any_kind(path, kind, format, skip_bad_rows):
             return candidate, load_examples(path, candidate, format, skip_bad_rows)
         except DataError as err:
             errors.append(err)
-    # Report the error of the kind that got furthest: a row-level error beats "unknown format".
-    raise max(errors, key=lambda e: e.row or 0)
+    row_errors = [e for e in errors if e.row is not None]
+    if row_errors:  # a kind whose format matched and then met a bad row: that is the user's problem
+        raise max(row_errors, key=lambda e: e.row)
+    row, first = next(read_rows(path))
+    listing = "\n".join(f"{k}:\n{describe_formats(k)}" for k in KINDS)
+    raise DataError(f"no known format has the keys {sorted(first)}; set --kind and --format. Known formats:\n{listing}",
+                    file=str(path), row=row)
 
 
 def _tokenizer_for(model: str):
@@ -66,7 +73,7 @@ def inspect_file(path, model, kind="auto", format="auto", skip_bad_rows=False, r
     for ex in loaded.examples[:1000]:
         for _, completion in _completions(ex, kind) or [("prompt", [])]:
             if not completion:
-                prompt_lens.append(len(tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True)))
+                prompt_lens.append(len(encode_prompt(tokenizer, ex.prompt)))
                 continue
             enc = encode(tokenizer, ex.prompt, completion, 10**9, 10**9)
             prompt_lens.append(len(enc.prompt_ids))
@@ -82,7 +89,7 @@ def inspect_file(path, model, kind="auto", format="auto", skip_bad_rows=False, r
     summary.add_row(f"longer than {max_length} tokens", str(truncated))
     console.print(summary)
     for err in loaded.skipped:
-        console.print(f"[yellow]skipped[/] {err}", highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(str(err))}", highlight=False, soft_wrap=True)
 
     example = loaded.examples[row - 1]
     for name, completion in _completions(example, kind) or [("prompt", [])]:
@@ -94,7 +101,7 @@ def _show_row(tokenizer, prompt, completion, name, row):
         enc = encode(tokenizer, prompt, completion, 10**9, 10**9)
         ids, mask = enc.prompt_ids + enc.completion_ids, [0] * len(enc.prompt_ids) + [1] * len(enc.completion_ids)
     else:
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        ids = encode_prompt(tokenizer, prompt)
         mask = [0] * len(ids)
     console.rule(f"row {row}, {name}: [dim]prompt (no loss)[/] [bold green]completion (loss)[/]")
     text = Text()

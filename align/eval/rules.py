@@ -33,3 +33,4 @@ def check(rule: dict, response: str) -> bool:
 
 
 RULE_KINDS = ("exact", "one_of", "json")
+RULE_FIELDS = {"exact": "answer", "one_of": "answers", "json": "answer"}  # what each kind compares against

