@@ -113,9 +113,13 @@ class DPOLossConfig:
     type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     beta: float = 0.1  # strength of the pull towards the reference
     label_smoothing: float = 0.0  # assumed fraction of flipped preference labels (cDPO)
+    # Weight of an NLL term on the chosen answer (RPO, Pang et al. 2024, arXiv 2404.19733; TRL's
+    # rpo_alpha). It keeps DPO from lowering the chosen answer's likelihood along with the rejected one.
+    rpo_alpha: float = 0.0
 
     def __post_init__(self):
         _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _require(self.rpo_alpha >= 0, "rpo_alpha", f"must be >= 0, got {self.rpo_alpha}")
         _require(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
 
 

@@ -82,19 +82,23 @@ def _fmt(value) -> str:
 
 def stages_table(summary: dict) -> Table:
     table = Table(title=f"run {summary['recipe']}  ({summary['run_dir']})")
-    for col in ("stage", "kind", "status", "steps", "seconds", "final loss", "key metric"):
+    for col in ("stage", "kind", "status", "steps", "time", "train loss", "held-out"):
         table.add_column(col)
     for name, st in summary["stages"].items():
-        metrics = st.get("metrics", {})
-        key = next(((k, metrics[k]) for k in ("eval_rewards/accuracies", "rewards/margins", "eval_loss") if k in metrics), None)
+        metrics = st.get("metrics") or {}
+        if "eval_rewards/accuracies" in metrics:
+            heldout = f"reward acc {metrics['eval_rewards/accuracies']:.2f}, margin {metrics['eval_rewards/margins']:+.2f}"
+        else:
+            heldout = f"loss {metrics['eval_loss']:.3f}" if "eval_loss" in metrics else "-"
+        seconds = st.get("seconds")
         table.add_row(
             name,
             st.get("kind", ""),
             st.get("status", ""),
             _fmt(metrics.get("global_step")),
-            _fmt(st.get("seconds")),
+            f"{seconds // 60:.0f}m{seconds % 60:02.0f}s" if seconds is not None else "-",
             _fmt(metrics.get("train_loss")),
-            f"{key[0]} = {_fmt(key[1])}" if key else "-",
+            heldout,
         )
     return table
 

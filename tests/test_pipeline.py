@@ -113,11 +113,12 @@ def test_sigkill_during_dpo_resumes_from_checkpoint(tmp_path):
     assert steps.count(1) == 1  # step 1 was logged once: the second run did not start from step 0
 
 
-@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
-def test_other_dpo_losses_train(tmp_path, loss_type):
-    text = tiny_recipe(tmp_path, dpo_steps=3).replace("type: sigmoid", f"type: {loss_type}")
-    summary = _run(text)
-    assert summary["stages"]["dpo"]["status"] == "done"
+@pytest.mark.parametrize("loss", ["type: ipo", "type: hinge", "type: sigmoid, rpo_alpha: 1.0"])
+def test_other_dpo_losses_train(tmp_path, loss):
+    text = tiny_recipe(tmp_path, dpo_steps=3).replace("type: sigmoid", loss)
+    metrics = _run(text)["stages"]["dpo"]["metrics"]
+    assert metrics["global_step"] == 3 and metrics["train_loss"] > 0
+    assert ("nll_loss" in metrics) == ("rpo_alpha" in loss)
 
 
 def test_eval_reports_task_accuracy_for_base_and_stages(tmp_path):

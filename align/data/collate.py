@@ -22,6 +22,7 @@ class Encoded:
     prompt_ids: list[int]
     completion_ids: list[int]
     truncated: bool = False
+    eos_appended: bool = False  # the template does not end the turn with EOS; align added it
 
 
 def _wants_bos(tokenizer) -> bool:
@@ -44,18 +45,19 @@ def encode(tokenizer, prompt: list[dict], completion: list[dict], max_length: in
     if _wants_bos(tokenizer) and prompt_ids[:1] != [tokenizer.bos_token_id]:
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     eos = tokenizer.eos_token_id
-    if eos is not None and eos in completion_ids:
+    eos_appended = eos is not None and eos not in completion_ids
+    if eos_appended:
+        completion_ids = completion_ids + [eos]
+    elif eos is not None:
         # Generation stops at EOS, so what a template writes after it (ChatML's "\n") is never produced.
         completion_ids = completion_ids[: completion_ids.index(eos) + 1]
-    elif eos is not None:
-        completion_ids = completion_ids + [eos]
     truncated = False
     if len(prompt_ids) > max_prompt_length:  # keep the end of the prompt: the question is usually last
         prompt_ids, truncated = prompt_ids[-max_prompt_length:], True
     room = max_length - len(prompt_ids)
     if len(completion_ids) > room:
         completion_ids, truncated = completion_ids[:room], True
-    return Encoded(prompt_ids, completion_ids, truncated)
+    return Encoded(prompt_ids, completion_ids, truncated, eos_appended)
 
 
 def encode_prompt(tokenizer, prompt: list[dict]) -> list[int]:

@@ -112,8 +112,8 @@ def _show_row(tokenizer, prompt, completion, name, row):
     for tok_id, m in zip(ids, mask):
         tokens.append(f"{tok_id}{'*' if m else ''} ", style="green" if m else "dim")
     console.print("token ids (* = in the loss):", tokens)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id
     if bos is not None and ids[:2] == [bos, bos]:
         console.print("[bold red]warning:[/] the sequence starts with two BOS tokens")
-    if completion and eos is not None and eos not in ids[len(ids) - sum(mask) :]:
-        console.print("[bold red]warning:[/] the completion has no EOS token: the model will not learn to stop")
+    if completion and enc.eos_appended:
+        console.print("[yellow]note:[/] the chat template does not end the answer with EOS; align appends it")

@@ -13,6 +13,7 @@ import torch
 
 from align.data.collate import encode, pad_sequences
 from align.losses.dpo import dpo_loss, dpo_metrics, uses_mean_logps
+from align.losses.sft import sft_loss
 from align.models import adapters
 from align.models.logprobs import completion_logprobs
 from align.stages.engine import AlignTrainer, StageContext, StageOutput, train, training_arguments
@@ -42,11 +43,12 @@ def collate(pad_id: int):
 
 
 def pair_logps(model, batch, mean: bool):
-    """[B] chosen and [B] rejected sequence log-probs (summed, or averaged per token when `mean`)."""
+    """[B] chosen and [B] rejected sequence log-probs (summed, or averaged per token when `mean`),
+    and the chosen NLL per token (a scalar, for the RPO term)."""
     sums, counts = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     logps = sums / counts.clamp(min=1) if mean else sums
     half = logps.shape[0] // 2
-    return logps[:half], logps[half:]
+    return logps[:half], logps[half:], sft_loss(sums[:half], counts[:half])
 
 
 @torch.no_grad()
@@ -57,7 +59,7 @@ def reference_logps(model, rows: list[dict], ref: str | None, pad_id: int, batch
     out = []
     with adapters.using(model, ref):
         for i in range(0, len(rows), batch_size):
-            chosen, rejected = pair_logps(model, collate(pad_id)(rows[i : i + batch_size]), mean)
+            chosen, rejected, _ = pair_logps(model, collate(pad_id)(rows[i : i + batch_size]), mean)
             out.append(torch.stack([chosen, rejected], dim=1))
     model.train(was_training)
     return torch.cat(out)
@@ -70,17 +72,22 @@ class DPOTrainer(AlignTrainer):
         self.mean = uses_mean_logps(loss_cfg.type)
 
     def loss_and_metrics(self, model, batch):
-        chosen, rejected = pair_logps(model, batch, self.mean)
+        chosen, rejected, chosen_nll = pair_logps(model, batch, self.mean)
         if "ref_chosen" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
         else:
             with torch.no_grad(), adapters.using(model, self.ref):
-                ref_chosen, ref_rejected = pair_logps(model, batch, self.mean)
+                ref_chosen, ref_rejected, _ = pair_logps(model, batch, self.mean)
         out = dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected,
             beta=self.loss_cfg.beta, loss_type=self.loss_cfg.type, label_smoothing=self.loss_cfg.label_smoothing,
         )
-        return out.losses.mean(), dpo_metrics(out, chosen.detach(), rejected.detach())
+        metrics = dpo_metrics(out, chosen.detach(), rejected.detach())
+        loss = out.losses.mean()
+        if self.loss_cfg.rpo_alpha:
+            loss = loss + self.loss_cfg.rpo_alpha * chosen_nll
+            metrics["nll_loss"] = float(chosen_nll.detach())
+        return loss, metrics
 
     def batch_size_of(self, batch) -> int:
         return len(batch["input_ids"]) // 2
