@@ -100,7 +100,8 @@ def attach_reference_logps(model, rows, ref, ctx: StageContext, stage, name: str
     else:
         mean = uses_mean_logps(stage.loss.type)
         logps = reference_logps(model, rows, ref, ctx.tokenizer.pad_token_id, stage.train.batch_size, mean)
-        torch.save(logps, cache)
+        torch.save(logps, cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)  # a kill mid-write must not leave a cache that looks valid
     for row, (c, r) in zip(rows, logps.tolist()):
         row["ref_chosen"], row["ref_rejected"] = c, r
 
