@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening
+    hf_logging.set_verbosity_error()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
