@@ -16,7 +16,7 @@ from align.losses.dpo import dpo_loss, dpo_metrics, uses_mean_logps
 from align.losses.sft import sft_loss
 from align.models import adapters
 from align.models.logprobs import completion_logprobs
-from align.stages.engine import AlignTrainer, StageContext, StageOutput, train, training_arguments
+from align.stages.engine import AlignTrainer, StageContext, StageOutput, fit
 
 
 def encode_pairs(examples, tokenizer, train_cfg) -> list[dict]:
@@ -123,18 +123,6 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
         if ref:
             model.delete_adapter(ref)  # every log-prob it can give is cached; free its memory
             ref = None
-    trainer = DPOTrainer(
-        model=model,
-        args=training_arguments(stage, ctx),
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
-        data_collator=collate(ctx.tokenizer.pad_token_id),
-        loss_cfg=stage.loss,
-        ref=ref,
-    )
-    metrics, resumed = train(trainer, stage.name, ctx)
-    if eval_rows:
-        metrics.update(trainer.evaluate())
-    adapter = adapters.save(model, ctx.stage_dir / "adapter")
-    ctx.base = model.unload()
-    return StageOutput(adapter, metrics, resumed, extra={"reference": reference or "base (adapters disabled)"})
+    out = fit(DPOTrainer, model, stage, ctx, train_rows, eval_rows, collate(ctx.tokenizer.pad_token_id), loss_cfg=stage.loss, ref=ref)
+    out.extra["reference"] = reference or "base (adapters disabled)"
+    return out

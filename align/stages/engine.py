@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from align.models import adapters
 from align.ui import StageProgress
 
 
@@ -136,15 +137,28 @@ class AlignTrainer(Trainer):
         return len(batch["input_ids"])
 
 
-def train(trainer: AlignTrainer, stage_name: str, ctx: StageContext) -> tuple[dict, str | None]:
-    """Run (or resume) training; return the final metrics and the checkpoint resumed from."""
+def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_rows, eval_rows, collator, **kwargs) -> StageOutput:
+    """Train the `policy` adapter of `model` (resuming from the stage's last checkpoint), evaluate it,
+    save it to `adapter/`, and give the pipeline back the bare base for the next stage."""
+    trainer = trainer_cls(
+        model=model,
+        args=training_arguments(stage, ctx),
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        data_collator=collator,
+        **kwargs,
+    )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts when tqdm is off; the progress bar shows them
     trainer.add_callback(MetricsFile(ctx.stage_dir / "metrics.jsonl"))
-    trainer.add_callback(StageProgress(stage_name, quiet=ctx.quiet))
+    trainer.add_callback(StageProgress(stage.name, quiet=ctx.quiet))
     resume = last_checkpoint(ctx.stage_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
-    metrics["global_step"] = trainer.state.global_step
     for entry in trainer.state.log_history:  # the last value of each logged metric
         metrics.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
-    return metrics, resume
+    metrics["global_step"] = trainer.state.global_step
+    if eval_rows:
+        metrics.update(trainer.evaluate())
+    adapter = adapters.save(model, ctx.stage_dir / "adapter")
+    ctx.base = model.unload()  # take the LoRA layers out again: the next stage starts from the bare base
+    return StageOutput(adapter, metrics, resume)

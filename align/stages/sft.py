@@ -6,7 +6,7 @@ from align.data.collate import encode, pad_sequences
 from align.losses.sft import sft_loss
 from align.models import adapters
 from align.models.logprobs import completion_logprobs
-from align.stages.engine import AlignTrainer, StageContext, StageOutput, train, training_arguments
+from align.stages.engine import AlignTrainer, StageContext, StageOutput, fit
 
 
 def encode_sft(examples, tokenizer, train_cfg) -> list[dict]:
@@ -33,16 +33,4 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     model = adapters.with_policy(ctx.base, ctx.recipe.model.lora, init=ctx.inputs.get("init"))
     train_rows = encode_sft(data["train"].examples, ctx.tokenizer, stage.train)
     eval_rows = encode_sft(data["eval"].examples, ctx.tokenizer, stage.train) if data.get("eval") else None
-    trainer = SFTTrainer(
-        model=model,
-        args=training_arguments(stage, ctx),
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
-        data_collator=collate(ctx.tokenizer.pad_token_id),
-    )
-    metrics, resumed = train(trainer, stage.name, ctx)
-    if eval_rows:
-        metrics.update(trainer.evaluate())
-    adapter = adapters.save(model, ctx.stage_dir / "adapter")
-    ctx.base = model.unload()  # take the LoRA layers out again: the next stage starts from the bare base
-    return StageOutput(adapter, metrics, resumed)
+    return fit(SFTTrainer, model, stage, ctx, train_rows, eval_rows, collate(ctx.tokenizer.pad_token_id))
