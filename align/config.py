@@ -1,37 +1,29 @@
-"""Recipes: a YAML file becomes typed dataclasses, and every mistake in it names its file, line and key.
+"""Recipes: the typed dataclasses a recipe YAML file becomes, and the references between its stages.
 
-The YAML is read as a node tree (`yaml.compose`) rather than plain dicts so that each value keeps the
-line it came from. Command-line overrides (`stages.dpo.loss.beta=0.05`) are spliced into that tree
-before the dataclasses are built, so a bad override fails exactly like a bad line in the file.
-
-Checks of values live in each dataclass's `__post_init__`, which raises `ConfigError(key=<field>)`
-without a location; the builder catches it and points it at the field's node. Built by hand in Python,
-the dataclasses validate the same way.
+`align.yaml_binding` turns the YAML, with any `dotted.key=value` overrides, into these dataclasses and
+names the file, line and key of every mistake. Checks of values live in each dataclass's `__post_init__`,
+which raises `ConfigError(key=<field>)`; the binder points it at the field's line. Built by hand in
+Python, the dataclasses validate the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode
 
+from align import yaml_binding
 from align.errors import ConfigError
 
 STAGE_OUTPUTS = {"adapter", "dir"}  # what `${stage.output}` may name: runs/<recipe>/<stage>/{adapter/,}
 _REF = re.compile(r"\$\{([^}]*)\}")
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_IDENTIFIER = yaml_binding.IDENTIFIER  # so that `stages.<name>.key` and `${<name>.output}` can name a stage
 _RECIPE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_NULL, _MAP = "tag:yaml.org,2002:null", "tag:yaml.org,2002:map"
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # PyYAML reads `2e-4` as a string
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -158,6 +150,8 @@ class DPOStageConfig(StageConfig):
 
 
 STAGE_KINDS: dict[str, type[StageConfig]] = {"sft": SFTStageConfig, "dpo": DPOStageConfig}
+# A stage's `kind` picks its dataclass: `kind: dpo` builds a DPOStageConfig.
+_VARIANTS = {StageConfig: yaml_binding.Variants("kind", STAGE_KINDS, label="stage kind")}
 
 
 @dataclass(kw_only=True)
@@ -303,218 +297,12 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
 
 def parse_recipe(text: str, source: str = "<string>", overrides: typing.Sequence[str] = ()) -> Recipe:
     """Validate recipe YAML `text`; `source` names it in errors."""
-    try:
-        loader = yaml.SafeLoader(text)
-        loader.name = source  # marks carry this name, so errors name the file
-        try:
-            root = loader.get_single_node()
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        raise ConfigError(f"YAML syntax: {e.problem or e.context}", file=source,
-                          line=mark.line + 1 if mark else None) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(str(e), file=source) from None
+    root = yaml_binding.compose(text, source)
     if root is None:
         raise ConfigError("the recipe is empty", file=source)
     if not isinstance(root, MappingNode):
         raise ConfigError("the recipe must be a mapping of keys (name, model, stages, ...)",
                           file=source, line=root.start_mark.line + 1)
     for override in overrides:
-        _apply_override(root, override)
-    return _build(Recipe, root, "")
-
-
-class _CommandLine(yaml.Mark):
-    """Stands in for a file position on nodes that a command-line override put into the tree."""
-
-    def __init__(self, override: str):
-        super().__init__("command line", 0, 0, 0, None, None)
-        self.override = override
-
-
-def _error(node: Node, key: str, message: str) -> ConfigError:
-    mark = node.start_mark
-    if isinstance(mark, _CommandLine):
-        return ConfigError(f"{message} (override '{mark.override}')", file=mark.name, key=key)
-    return ConfigError(message, file=mark.name, line=mark.line + 1, key=key)
-
-
-def _split_key(key: str) -> list[str]:
-    return re.findall(r"[^.\[\]]+", key)  # stages[1].loss.beta and stages.1.loss.beta alike
-
-
-def _child(node: Node, part: str) -> Node | None:
-    """The value under `part`: a mapping's key, or a list item by index or by its `name`."""
-    if isinstance(node, MappingNode):
-        return next((v for k, v in node.value if k.value == part), None)
-    if isinstance(node, SequenceNode):
-        for item in node.value:
-            if isinstance(item, MappingNode) and any(
-                    k.value == "name" and getattr(v, "value", None) == part for k, v in item.value):
-                return item
-        if part.isdigit() and int(part) < len(node.value):
-            return node.value[int(part)]
-    return None
-
-
-def _locate(node: Node, key: str) -> Node:
-    """The node at relative `key`, or the deepest one on the way (a field left at its default has none)."""
-    for part in _split_key(key):
-        child = _child(node, part)
-        if child is None:
-            break
-        node = child
-    return node
-
-
-def _apply_override(root: MappingNode, override: str) -> None:
-    mark = _CommandLine(override)
-    key, eq, text = override.partition("=")
-    parts = _split_key(key)
-    if not eq or not parts:
-        raise ConfigError(f"expected key=value, got '{override}'", file=mark.name)
-    try:
-        value = yaml.compose(text, Loader=yaml.SafeLoader) or _null(mark)
-    except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or e
-        raise ConfigError(f"cannot parse the value of '{override}': {problem}", file=mark.name, key=key) from None
-    for n in _walk(value):
-        n.start_mark = n.end_mark = mark
-    node = root
-    for i, part in enumerate(parts):
-        last, here = i == len(parts) - 1, ".".join(parts[:i]) or "the recipe"
-        if isinstance(node, SequenceNode):
-            child = _child(node, part)
-            if child is None:
-                raise _error(value, key, f"{here} has no item named or numbered '{part}'")
-            if last:
-                node.value[node.value.index(child)] = value
-            node = child
-        elif isinstance(node, MappingNode):
-            pairs = node.value
-            index = next((j for j, (k, _) in enumerate(pairs) if k.value == part), None)
-            if index is None:
-                pairs.append((ScalarNode("tag:yaml.org,2002:str", part, mark, mark), _null(mark)))
-                index = len(pairs) - 1
-            if last or _is_null(pairs[index][1]):  # a null or new section (eval_data: null) gets keys
-                pairs[index] = (pairs[index][0], value if last else MappingNode(_MAP, [], mark, mark))
-            node = pairs[index][1]
-        else:
-            raise _error(value, key, f"cannot set '{part}': {here} is not a mapping")
-
-
-def _walk(node: Node):
-    yield node
-    children = node.value if isinstance(node, SequenceNode) else [] if isinstance(node, ScalarNode) else [
-        n for pair in node.value for n in pair]
-    for child in children:
-        yield from _walk(child)
-
-
-def _null(mark: yaml.Mark) -> ScalarNode:
-    return ScalarNode(_NULL, "", mark, mark)
-
-
-def _is_null(node: Node) -> bool:
-    return isinstance(node, ScalarNode) and node.tag == _NULL
-
-
-def _describe(node: Node) -> str:
-    if isinstance(node, ScalarNode):
-        return f"'{node.value}'" if node.value else "nothing"
-    return "a list" if isinstance(node, SequenceNode) else "a mapping"
-
-
-def _build(cls: type, node: Node, key: str):
-    """An instance of dataclass `cls` from mapping `node` found at dotted `key`."""
-    if not isinstance(node, MappingNode):
-        raise _error(node, key, f"expected a mapping of keys, got {_describe(node)}")
-    if cls is StageConfig:  # the kind picks the dataclass, so it is read first
-        kind = _child(node, "kind")
-        if not isinstance(kind, ScalarNode) or kind.value not in STAGE_KINDS:
-            raise _error(kind or node, f"{key}.kind", ("missing required key 'kind'" if kind is None else
-                         f"unknown stage kind {_describe(kind)}") + f"; choose from: {', '.join(STAGE_KINDS)}")
-        cls = STAGE_KINDS[kind.value]
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
-    values, prefix = {}, f"{key}." if key else ""
-    for key_node, value_node in node.value:
-        name = key_node.value
-        if name in values:
-            raise _error(key_node, prefix + name, f"duplicate key '{name}'")
-        if name not in fields:
-            raise _error(key_node, prefix + name, _unknown_key(cls, name, list(fields)))
-        values[name] = _convert(hints[name], value_node, prefix + name)
-    for name, f in fields.items():
-        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise _error(node, prefix + name, f"missing required key '{name}'")
-    try:
-        return cls(**values)
-    except ConfigError as e:
-        if e.file is not None:
-            raise
-        raise _error(_locate(node, e.key), prefix + e.key, e.message) from None
-
-
-def _unknown_key(cls: type, name: str, valid: list[str]) -> str:
-    if issubclass(cls, StageConfig):
-        kinds = [k for k, c in STAGE_KINDS.items() if name in {f.name for f in dataclasses.fields(c)}]
-        if kinds:
-            return f"'{name}' is not valid for kind {cls.kind}, only for kind {', '.join(kinds)}"
-    close = difflib.get_close_matches(name, valid, n=1)
-    return f"unknown key '{name}'; " + (f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}")
-
-
-def _convert(tp, node: Node, key: str):
-    """The value of type `tp` held by `node`."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if _is_null(node) and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:
-            return _convert(options[0], node, key)
-        # str | list[str]: the node's shape picks the type
-        shape = {ScalarNode: str, SequenceNode: list, MappingNode: dict}[type(node)]
-        for option in options:
-            if (typing.get_origin(option) or option) is shape:
-                return _convert(option, node, key)
-        raise _error(node, key, f"expected a string or a list of strings, got {_describe(node)}")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, node, key)
-    if origin is list:
-        if not isinstance(node, SequenceNode):
-            raise _error(node, key, f"expected a list, got {_describe(node)}")
-        return [_convert(args[0], item, _item_key(key, i, item)) for i, item in enumerate(node.value)]
-    if isinstance(node, ScalarNode):
-        try:
-            value = yaml.constructor.SafeConstructor().construct_document(node)
-        except (yaml.YAMLError, ValueError):  # an unknown !tag, or a date like 2024-13-45
-            value = node.value
-        if origin is Literal and value in args:
-            return value
-        if tp is str and value is not None and not isinstance(value, bool):
-            return node.value  # `name: 2024` is a name, not a number
-        if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value):
-            value = float(value)
-        if tp is float and type(value) in (int, float) and math.isfinite(value):  # a bool is no number
-            return float(value)
-        if tp in (int, bool) and type(value) is tp:
-            return value
-    raise _error(node, key, f"expected {_expected(tp)}, got {_describe(node)}")
-
-
-def _item_key(key: str, i: int, item: Node) -> str:
-    # stages.dpo.loss.beta reads better than stages[1].loss.beta, and is how overrides spell it
-    name = _child(item, "name") if isinstance(item, MappingNode) else None
-    if isinstance(name, ScalarNode) and _IDENTIFIER.fullmatch(name.value):
-        return f"{key}.{name.value}"
-    return f"{key}[{i}]"
-
-
-def _expected(tp) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(typing.get_args(tp))
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[tp]
+        yaml_binding.apply_override(root, override)
+    return yaml_binding.build(Recipe, root, _VARIANTS)
