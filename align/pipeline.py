@@ -214,6 +214,6 @@ def _strings(obj):
 
 
 def run_recipe(recipe, quiet: bool = False) -> dict:
-    if recipe.stages and any(s.kind not in STAGES for s in recipe.stages):
+    if any(s.kind not in STAGES for s in recipe.stages):
         raise AlignError(f"stage kinds available in this version: {', '.join(STAGES)}")
     return Pipeline(recipe, quiet).run()

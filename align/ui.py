@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -61,15 +60,6 @@ class StageProgress(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.stop()
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.time()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.time() - self.start
 
 
 def _fmt(value) -> str:

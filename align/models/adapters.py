@@ -55,7 +55,8 @@ def using(model, name: str | None):
         yield model
     finally:
         model.set_adapter(active)
-        model.set_requires_grad(name, requires_grad=False) if name != active else None
+        if name != active:  # set_adapter(active) may leave `name` trainable; the reference stays frozen
+            model.set_requires_grad(name, requires_grad=False)
 
 
 def save(model, out_dir: str | Path, name: str = POLICY) -> Path:

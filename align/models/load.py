@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -181,8 +180,3 @@ def load_base(model_cfg, resolved: ResolvedBase | None = None):
     model.requires_grad_(False)
     return model, tokenizer
 
-
-def describe(model) -> dict:
-    """What stage.json records about the base."""
-    params = sum(p.numel() for p in model.parameters())
-    return {"class": type(model).__name__, "parameters": params, "config": json.loads(model.config.to_json_string())["model_type"]}
