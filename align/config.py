@@ -149,7 +149,104 @@ class DPOStageConfig(StageConfig):
     loss: DPOLossConfig = field(default_factory=DPOLossConfig)
 
 
-STAGE_KINDS: dict[str, type[StageConfig]] = {"sft": SFTStageConfig, "dpo": DPOStageConfig}
+@dataclass(kw_only=True)
+class RewardLossConfig:
+    """The reward model's Bradley–Terry loss; a pair's optional `margin` column is subtracted as in Llama 2."""
+
+    # Weight of mean((r_chosen + r_rejected)^2), which keeps scores centred on 0 (Eisenstein et al. 2023;
+    # TRL's center_rewards_coefficient, where 0.01 is the suggested value).
+    center_coef: float = 0.0
+
+    def __post_init__(self):
+        _require(self.center_coef >= 0, "center_coef", f"must be >= 0, got {self.center_coef}")
+
+
+@dataclass(kw_only=True)
+class RMStageConfig(StageConfig):
+    """A reward model: a LoRA adapter plus a scalar score head, trained on preference pairs."""
+
+    kind: str = "rm"
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+
+
+@dataclass(kw_only=True)
+class RewardSource:
+    """One weighted term of PPO's reward: a learned reward model or a rule-based reward."""
+
+    model: str | None = None  # an rm stage's adapter (${rm.adapter}) or any folder an rm stage wrote
+    rule: str | None = None  # a rule-reward file, or the name of one in reward_models/
+    weight: float = 1.0
+
+    def __post_init__(self):
+        _require((self.model is None) != (self.rule is None), "model",
+                 "give exactly one of 'model' (a reward model adapter) or 'rule' (a rule-reward file)")
+        if self.rule is not None:
+            from align.rewards import REWARD_MODELS_DIR, find_rule_file
+
+            names = ", ".join(sorted(p.stem for p in REWARD_MODELS_DIR.glob("*.yaml")))
+            _require(find_rule_file(self.rule) is not None, "rule",
+                     f"no rule-reward file '{self.rule}': give a path, or a name in reward_models/ ({names})")
+
+
+@dataclass(kw_only=True)
+class PPOConfig:
+    """PPO's own settings; the defaults follow Huang et al.'s "N implementation details" where they apply."""
+
+    rollout_batch_size: int = 16  # prompts sampled per PPO step
+    minibatch_size: int = 8  # responses per gradient step
+    ppo_epochs: int = 4  # passes over each rollout batch
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # sampling temperature, also applied to the logits of every log-prob
+    kl_coef: float = 0.05  # initial weight of the per-token KL penalty against the reference
+    kl_target: float | None = None  # summed per-sequence KL to aim for; set = adaptive controller
+    kl_horizon: int = 10000  # adaptive controller's horizon, in episodes (Ziegler et al. 2019)
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
+    clip: float = 0.2  # policy ratio clip
+    clip_value: float = 0.2  # value clip
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    normalize_rewards: bool = True  # scores scaled by their running mean and std
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ends
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        for name in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.rollout_batch_size >= 2, "rollout_batch_size",
+                 f"must be >= 2: rewards are normalised and advantages whitened over the batch, got {self.rollout_batch_size}")
+        _require(self.rollout_batch_size % self.minibatch_size == 0, "minibatch_size",
+                 f"must divide rollout_batch_size ({self.rollout_batch_size}), got {self.minibatch_size}")
+        _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        _require(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+        _require(self.kl_target is None or self.kl_target > 0, "kl_target", f"must be > 0, got {self.kl_target}")
+        _require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
+        _require(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        _require(self.clip > 0 and self.clip_value > 0, "clip", "clip and clip_value must be > 0")
+
+
+@dataclass(kw_only=True)
+class PPOStageConfig(StageConfig):
+    """PPO against learned and/or rule-based rewards; policy, value, reward and reference are adapters
+    on the one base. `data` holds prompts (any format with a prompt; a `rule` feeds rule rewards)."""
+
+    kind: str = "ppo"
+    reference: str | None = None  # frozen KL reference, e.g. ${sft.adapter}; None = `init`
+    value_init: str | None = None  # the value adapter's start; None = the first reward model's, else `init`
+    rewards: list[RewardSource]  # required, summed with their weights
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(bool(self.rewards), "rewards", "PPO needs at least one reward (model: or rule:)")
+
+
+STAGE_KINDS: dict[str, type[StageConfig]] = {
+    "sft": SFTStageConfig,
+    "rm": RMStageConfig,
+    "dpo": DPOStageConfig,
+    "ppo": PPOStageConfig,
+}
 # A stage's `kind` picks its dataclass: `kind: dpo` builds a DPOStageConfig.
 _VARIANTS = {StageConfig: yaml_binding.Variants("kind", STAGE_KINDS, label="stage kind")}
 
@@ -277,6 +374,18 @@ def resolve_refs(text: str, outputs: dict[str, dict[str, str]]) -> str:
             raise ConfigError(f"'{ref}' is not available: stage '{ref.stage}' has not produced it") from None
 
     return _REF.sub(substitute, text)
+
+
+def resolve_all_refs(value, outputs: dict[str, dict[str, str]]):
+    """A copy of `value` (a stage config, or any dataclass, list or string) with every reference resolved."""
+    if isinstance(value, str):
+        return resolve_refs(value, outputs)
+    if isinstance(value, list):
+        return [resolve_all_refs(v, outputs) for v in value]
+    if dataclasses.is_dataclass(value):
+        changes = {f.name: resolve_all_refs(getattr(value, f.name), outputs) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **changes)
+    return value
 
 
 # --- loading --------------------------------------------------------------------------------------

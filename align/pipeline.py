@@ -21,17 +21,17 @@ from pathlib import Path
 import transformers
 from rich.markup import escape
 
-from align.config import parse_refs, resolve_refs
+from align.config import parse_refs, resolve_all_refs, resolve_refs
 from align.data.formats import load_examples
 from align.errors import AlignError
 from align.models import adapters
 from align.models.load import compute_dtype, load_base, resolve_base
-from align.stages import dpo, sft
+from align.stages import dpo, ppo, reward, sft
 from align.stages.engine import StageContext
 from align.ui import console, heldout_table, stages_table
 
-STAGES = {"sft": sft, "dpo": dpo}
-DATA_KIND = {"sft": "sft", "dpo": "preference"}
+STAGES = {"sft": sft, "rm": reward, "dpo": dpo, "ppo": ppo}
+DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt"}
 LIBRARIES = ("align", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
 
 
@@ -122,12 +122,11 @@ class Pipeline:
             "started_at": state.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         _write_json(stage_dir / "stage.json", state)
-        inputs = {key: resolve_refs(getattr(stage, key), self.outputs) for key in ("init", "reference") if getattr(stage, key, None)}
-        ctx = StageContext(self.recipe, self.ensure_base(), self.tokenizer, stage_dir, inputs, self.dtype, self.quiet)
+        ctx = StageContext(self.recipe, self.ensure_base(), self.tokenizer, stage_dir, self.dtype, self.quiet)
         transformers.set_seed(stage.train.seed if stage.train.seed is not None else self.recipe.seed)
         start = time.time()
         try:
-            out = STAGES[stage.kind].run(stage, ctx, data)
+            out = STAGES[stage.kind].run(resolve_all_refs(stage, self.outputs), ctx, data)
         except BaseException:
             state["status"] = "interrupted"
             _write_json(stage_dir / "stage.json", state)
@@ -184,11 +183,18 @@ class Pipeline:
         for stage in self.recipe.stages:
             state = self.run_stage(stage)
             summary["stages"][stage.name] = {k: state.get(k) for k in ("kind", "status", "seconds", "metrics", "adapter", "resumed_from")}
-        heldout: dict = {"rewards": {}}
+        heldout: dict = {"rewards": {}, "ppo_scores": {}}
         for name, st in summary["stages"].items():
             m = st.get("metrics") or {}
-            if "eval_rewards/accuracies" in m:
+            if "eval_rewards/accuracies" in m:  # dpo
                 heldout["rewards"][name] = {"accuracy": m["eval_rewards/accuracies"], "margin": m["eval_rewards/margins"]}
+            if "eval_accuracy" in m:  # rm
+                heldout["rewards"][name] = {"accuracy": m["eval_accuracy"], "margin": m["eval_margin"]}
+            if "eval_objective/scores" in m:  # ppo: held-out reward of the starting policy and of the trained one
+                heldout["ppo_scores"][name] = {
+                    "init": {k.removeprefix("eval_init_"): v for k, v in m.items() if k.startswith("eval_init_")},
+                    "final": {k.removeprefix("eval_"): v for k, v in m.items() if k.startswith("eval_") and not k.startswith("eval_init_")},
+                }
         if self.recipe.eval:
             results = self.evaluate()
             heldout["task_accuracy"] = {name: r["accuracy"] for name, r in results.items()}

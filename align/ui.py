@@ -13,8 +13,8 @@ console = Console(stderr=True)
 
 
 class StageProgress(TrainerCallback):
-    """A bar per stage showing step, loss, reward margin (preference stages) and ETA; plain log lines
-    instead when `quiet` (for CI logs and files)."""
+    """A bar per stage showing step, loss, reward margin (preference stages) or score and KL (PPO) and
+    ETA; plain log lines instead when `quiet` (for CI logs and files)."""
 
     def __init__(self, stage_name: str, quiet: bool = False):
         self.stage_name, self.quiet = stage_name, quiet
@@ -48,6 +48,8 @@ class StageProgress(TrainerCallback):
         parts = [f"loss {logs['loss']:.4f}"] if "loss" in logs else []
         if "rewards/margins" in logs:
             parts.append(f"margin {logs['rewards/margins']:+.3f}")
+        if "objective/scores" in logs:
+            parts.append(f"score {logs['objective/scores']:+.3f} kl {logs['objective/kl']:.2f}")
         if "eval_rewards/accuracies" in logs:
             parts.append(f"eval acc {logs['eval_rewards/accuracies']:.2f}")
         if not parts:
@@ -70,16 +72,22 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _heldout_cell(metrics: dict) -> str:
+    if "eval_rewards/accuracies" in metrics:  # dpo
+        return f"reward acc {metrics['eval_rewards/accuracies']:.2f}, margin {metrics['eval_rewards/margins']:+.2f}"
+    if "eval_accuracy" in metrics:  # rm
+        return f"reward acc {metrics['eval_accuracy']:.2f}, margin {metrics['eval_margin']:+.2f}"
+    if "eval_objective/scores" in metrics:  # ppo: the starting policy's held-out score, then the trained one's
+        return f"score {metrics['eval_init_objective/scores']:+.3f} -> {metrics['eval_objective/scores']:+.3f}"
+    return f"loss {metrics['eval_loss']:.3f}" if "eval_loss" in metrics else "-"
+
+
 def stages_table(summary: dict) -> Table:
     table = Table(title=f"run {summary['recipe']}  ({summary['run_dir']})")
     for col in ("stage", "kind", "status", "steps", "time", "train loss", "held-out"):
         table.add_column(col)
     for name, st in summary["stages"].items():
         metrics = st.get("metrics") or {}
-        if "eval_rewards/accuracies" in metrics:
-            heldout = f"reward acc {metrics['eval_rewards/accuracies']:.2f}, margin {metrics['eval_rewards/margins']:+.2f}"
-        else:
-            heldout = f"loss {metrics['eval_loss']:.3f}" if "eval_loss" in metrics else "-"
         seconds = st.get("seconds")
         table.add_row(
             name,
@@ -88,7 +96,7 @@ def stages_table(summary: dict) -> Table:
             _fmt(metrics.get("global_step")),
             f"{seconds // 60:.0f}m{seconds % 60:02.0f}s" if seconds is not None else "-",
             _fmt(metrics.get("train_loss")),
-            heldout,
+            _heldout_cell(metrics),
         )
     return table
 

@@ -1,4 +1,8 @@
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,10 +17,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def tiny_recipe(output_dir, quantization: str = "none", dpo_steps: int = 12, save_steps: int = 50, extra_dpo: str = "") -> str:
-    """A two-stage SFT -> DPO recipe on the tiny random model and the embedded synthetic task."""
+def _tiny_head(name: str, output_dir, quantization: str, sft_steps: int) -> str:
+    """The model section and SFT stage that the tiny recipes share."""
     return f"""
-name: tiny
+name: {name}
 output_dir: {output_dir}
 model:
   base: builtin:tiny
@@ -26,7 +30,13 @@ stages:
   - name: sft
     kind: sft
     data: {{path: "synthetic:sft", max_rows: 64}}
-    train: {{max_steps: 8, lr: 3.0e-3, batch_size: 8, max_length: 96, max_prompt_length: 64}}
+    train: {{max_steps: {sft_steps}, lr: 3.0e-3, batch_size: 8, max_length: 96, max_prompt_length: 64}}
+"""
+
+
+def tiny_recipe(output_dir, quantization: str = "none", dpo_steps: int = 12, save_steps: int = 50, extra_dpo: str = "") -> str:
+    """A two-stage SFT -> DPO recipe on the tiny random model and the embedded synthetic task."""
+    return _tiny_head("tiny", output_dir, quantization, sft_steps=8) + f"""\
   - name: dpo
     kind: dpo
     init: ${{sft.adapter}}
@@ -36,3 +46,46 @@ stages:
     train: {{max_steps: {dpo_steps}, lr: 3.0e-3, batch_size: 8, max_length: 96, max_prompt_length: 64, save_steps: {save_steps}}}
 {extra_dpo}
 """
+
+
+def tiny_ppo_recipe(output_dir, quantization: str = "none", ppo_steps: int = 3, save_steps: int = 50, rewards: str = "",
+                    ppo_eval: bool = True) -> str:
+    """SFT -> RM -> PPO on the tiny random model and the embedded synthetic task, rule + learned rewards."""
+    rewards = rewards or '[{rule: synthetic_tasks, weight: 1.0}, {model: "${rm.adapter}", weight: 0.5}]'
+    eval_data = '\n    eval_data: {path: "synthetic:heldout", max_rows: 8}' if ppo_eval else ""
+    return _tiny_head("tinyppo", output_dir, quantization, sft_steps=6) + f"""\
+  - name: rm
+    kind: rm
+    init: ${{sft.adapter}}
+    data: {{path: "synthetic:preference", max_rows: 64}}
+    eval_data: {{path: "synthetic:preference_heldout", max_rows: 16}}
+    train: {{max_steps: 6, lr: 3.0e-3, batch_size: 8, max_length: 96, max_prompt_length: 64}}
+  - name: ppo
+    kind: ppo
+    init: ${{sft.adapter}}
+    data: {{path: "synthetic:prompts", max_rows: 32}}{eval_data}
+    rewards: {rewards}
+    ppo: {{rollout_batch_size: 8, minibatch_size: 4, ppo_epochs: 2, max_new_tokens: 8, kl_coef: 0.05}}
+    train: {{max_steps: {ppo_steps}, lr: 3.0e-3, max_length: 96, max_prompt_length: 64, save_steps: {save_steps}}}
+"""
+
+
+def kill_run_after(recipe_path, ready, timeout: float = 240, linger: float = 0.0) -> list[str]:
+    """Start `align run recipe_path --quiet`, SIGKILL it once `ready()` is true (and `linger` seconds
+    more), and return the command, to run again for the resume."""
+    cmd = [sys.executable, "-m", "align.cli", "run", str(recipe_path), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(linger)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return cmd
+
+
+def rerun(cmd: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -154,6 +154,13 @@ def test_inspect_renders_a_task_file(capsys):
     assert "task / task" in err and "<|im_start|>assistant" in err
 
 
+def test_inspect_renders_a_file_of_bare_prompts(capsys):
+    path = write_lines("prompts.jsonl", [{"prompt": "Say hi."}, {"prompt": "Say bye."}])
+    code, err = inspect(capsys, path)
+    assert code == 0, err
+    assert "prompt / prompt" in err and "Say hi." in err
+
+
 def test_task_rule_of_unknown_kind_is_a_data_error():
     path = write_lines("tasks.jsonl", [{"prompt": "q", "rule": {"kind": "exact", "answer": "1"}},
                                        {"prompt": "q", "rule": {"kind": "regex", "pattern": "a"}}])
@@ -223,7 +230,7 @@ def test_typo_key_suggests_the_right_one(capsys):
     assert_error(*validate(capsys, path), "typo.yaml:15:", "'stages.dpo.loss.betta'", "did you mean 'beta'?")
 
 
-def test_wrong_type(capsys):
+def test_wrong_type_in_a_recipe(capsys):
     path = recipe("lr.yaml", "lr: 1.0e-3", "lr: fast")
     assert_error(*validate(capsys, path), "lr.yaml:9:", "'stages.sft.train.lr'", "expected a number, got 'fast'")
 

@@ -105,7 +105,8 @@ def test_dataclasses_validate_when_built_in_python():
 
 
 def test_registry_lists_kinds():
-    assert STAGE_KINDS == {"sft": SFTStageConfig, "dpo": DPOStageConfig}
+    assert set(STAGE_KINDS) == {"sft", "rm", "dpo", "ppo"}
+    assert STAGE_KINDS["sft"] is SFTStageConfig and STAGE_KINDS["dpo"] is DPOStageConfig
 
 
 def test_unknown_stage_lookup():
@@ -128,7 +129,7 @@ def test_unknown_key_without_a_close_one_lists_valid_keys(tmp_path):
 
 def test_dpo_key_on_sft_stage(tmp_path):
     e = error(tmp_path, RECIPE.replace("    train: {lr: 2e-4, max_steps: 3}", "    loss: {beta: 0.1}"))
-    assert_at(e, 8, "stages.sft.loss", "kind sft", "kind dpo")
+    assert_at(e, 8, "stages.sft.loss", "kind sft", "kind rm, dpo")
 
 
 def test_wrong_type_number(tmp_path):
@@ -165,12 +166,12 @@ def test_missing_required_key(tmp_path):
 
 def test_missing_kind(tmp_path):
     e = error(tmp_path, RECIPE.replace("    kind: dpo\n", ""))
-    assert_at(e, 9, "stages.dpo.kind", "missing", "sft, dpo")
+    assert_at(e, 9, "stages.dpo.kind", "missing", "sft, rm, dpo, ppo")
 
 
 def test_unknown_kind(tmp_path):
-    e = error(tmp_path, RECIPE.replace("kind: dpo", "kind: ppo"))
-    assert_at(e, 10, "stages.dpo.kind", "'ppo'", "sft, dpo")
+    e = error(tmp_path, RECIPE.replace("kind: dpo", "kind: grpo"))
+    assert_at(e, 10, "stages.dpo.kind", "'grpo'", "sft, rm, dpo, ppo")
 
 
 def test_duplicate_stage_names(tmp_path):
@@ -291,7 +292,7 @@ def test_override_fills_a_null_section():
 @pytest.mark.parametrize("override, key, words", [
     ("stages.dpo.loss.bta=0.05", "stages.dpo.loss.bta", ["did you mean 'beta'?"]),
     ("stages.ppo.loss.beta=0.05", "stages.ppo.loss.beta", ["'ppo'"]),
-    ("stages.sft.loss.beta=0.05", "stages.sft.loss", ["kind dpo"]),
+    ("stages.sft.loss.beta=0.05", "stages.sft.loss", ["kind rm, dpo"]),
     ("model.lora.r=abc", "model.lora.r", ["expected an integer"]),
     ("model.base.x=1", "model.base.x", ["not a mapping"]),
     ("stages.sft.train.lr=0", "stages.sft.train.lr", ["must be > 0"]),

@@ -61,9 +61,13 @@ PREF_CASES = [
      PreferenceExample([user("q")], [bot("good")], [bot("bad")])),
     ("preference", {"prompt": [user("q")], "chosen": [bot("good")], "rejected": [bot("bad")]},
      PreferenceExample([user("q")], [bot("good")], [bot("bad")])),
+    ("preference", {"prompt": "q", "chosen": "good", "rejected": "bad", "margin": 2},
+     PreferenceExample([user("q")], [bot("good")], [bot("bad")], margin=2.0)),
     ("implicit_prompt", {"chosen": [user("q"), bot("a"), user("q2"), bot("good")],
                          "rejected": [user("q"), bot("a"), user("q2"), bot("bad")]},
      PreferenceExample([user("q"), bot("a"), user("q2")], [bot("good")], [bot("bad")])),
+    ("implicit_prompt", {"chosen": [user("q"), bot("good")], "rejected": [user("q"), bot("bad")], "margin": -0.5},
+     PreferenceExample([user("q")], [bot("good")], [bot("bad")], margin=-0.5)),
     # HH: the prompt is every turn before the LAST Assistant turn; the single space after the marker
     # goes, the rest of the text (inner newlines, trailing spaces) stays exactly.
     ("hh_rlhf", {"chosen": "\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2 \n\nAssistant: line1\nline2 ",
@@ -72,10 +76,20 @@ PREF_CASES = [
 ]
 TASK_CASES = [("task", {"prompt": "2+2?", "rule": {"kind": "exact", "answer": "4"}},
                TaskExample([user("2+2?")], {"kind": "exact", "answer": "4"}))]
+# The prompt kind: task rows keep their rule, bare prompts and every preference and SFT row give their prompt.
+PROMPT_CASES = [
+    *TASK_CASES,
+    ("prompt", {"prompt": "2+2?"}, TaskExample([user("2+2?")], {})),
+    ("prompt", {"prompt": [SYS, user("hi")], "id": 7}, TaskExample([SYS, user("hi")], {})),
+    # sft's hh_rlhf (a lone `chosen` transcript) is not a prompt format: the preference one has the name.
+    *[(name, row, TaskExample(expected.prompt, {})) for name, row, expected in PREF_CASES + SFT_CASES
+      if (name, row, expected) not in SFT_CASES or name != "hh_rlhf"],
+]
 
 
 @pytest.mark.parametrize("kind, name, row, expected", [("sft", *c) for c in SFT_CASES]
-                         + [("preference", *c) for c in PREF_CASES] + [("task", *c) for c in TASK_CASES])
+                         + [("preference", *c) for c in PREF_CASES] + [("task", *c) for c in TASK_CASES]
+                         + [("prompt", *c) for c in PROMPT_CASES])
 def test_format_converts_and_is_detected(tmp_path, kind, name, row, expected):
     data = load_one(tmp_path, row, kind)
     assert data.format == name
@@ -102,9 +116,30 @@ def test_explicit_format_overrides_detection(tmp_path):
 
 
 def test_registry_and_description_cover_every_format():
-    for kind in ("sft", "preference", "task"):
+    for kind in ("sft", "preference", "task", "prompt"):
         names = [name for (k, name) in FORMATS if k == kind]
         assert names and all(f"  {name}: " in describe_formats(kind) for name in names)
+
+
+def test_prompt_kind_tries_task_then_bare_prompts_then_preference_then_sft_formats():
+    assert [name for (k, name) in FORMATS if k == "prompt"] == [
+        "task", "prompt", "preference", "implicit_prompt", "hh_rlhf", "messages", "prompt_completion", "alpaca",
+        "sharegpt"]
+
+
+def test_prompt_kind_reads_hh_transcripts_as_preference_pairs(tmp_path):
+    # The reply in `chosen` invents a turn: read as SFT it would move the prompt; the shared prefix does not.
+    row = {"chosen": "\n\nHuman: q\n\nAssistant: a\n\nHuman: more?\n\nAssistant: b",
+           "rejected": "\n\nHuman: q\n\nAssistant: c"}
+    assert load_one(tmp_path, row, "sft").examples[0].prompt != [user("q")]
+    data = load_one(tmp_path, row, "prompt")
+    assert data.format == "hh_rlhf" and data.examples == [TaskExample([user("q")], {})]
+
+
+def test_margin_defaults_to_none(tmp_path):
+    for row in (OK_PAIR, {**OK_PAIR, "margin": None}):
+        assert load_one(tmp_path, row, "preference").examples[0].margin is None
+    assert load_one(tmp_path, {**OK_PAIR, "margin": 1.5}, "preference").examples[0].margin == 1.5
 
 
 # --- errors name file, row and field -----------------------------------------------------------------
@@ -140,6 +175,14 @@ HH_OK = "\n\nHuman: q\n\nAssistant: a"
     ("sft", "hh_rlhf", {"chosen": "\n\nHuman: only a question"}, "chosen", "no 'Assistant:' turn"),
     ("task", "task", {"prompt": "q", "rule": {"answer": "4"}}, "rule.kind", "expected one of"),
     ("task", "task", {"prompt": "q", "rule": "exact"}, "rule", "expected"),
+    ("preference", "preference", {**OK_PAIR, "margin": "high"}, "margin", "expected a finite number"),
+    ("preference", "preference", {**OK_PAIR, "margin": True}, "margin", "expected a finite number"),
+    ("preference", "preference", {**OK_PAIR, "margin": float("nan")}, "margin", "expected a finite number"),
+    ("preference", "implicit_prompt", {"chosen": [user("q"), bot("a")], "rejected": [user("q"), bot("b")],
+                                       "margin": [1]}, "margin", "expected a finite number"),
+    ("prompt", "prompt", {"prompt": 3}, "prompt", "expected"),
+    ("prompt", "task", {"prompt": "q", "rule": {"kind": "exact"}}, "rule.answer", "needs 'answer'"),
+    ("prompt", "alpaca", {"instruction": "I"}, "output", "missing"),
 ])
 def test_bad_row_names_file_row_and_field(tmp_path, kind, format, bad_row, field, words):
     path = tmp_path / "d.jsonl"
@@ -167,6 +210,10 @@ def test_unknown_format_lists_formats_and_keys(tmp_path):
     for text in ("['answer', 'question']", "implicit_prompt", "hh_rlhf", "prompt, chosen, rejected", "data.format"):
         assert text in err.message
     assert "data.format" in raises(tmp_path, [OK_PAIR], "preference", format="ultrafeedback").message
+    # A row with a prompt and part of a pair is no bare prompt: which format it meant is unclear.
+    err = raises(tmp_path, [{"prompt": "q", "chosen": "a"}], "prompt")
+    for text in ("['chosen', 'prompt']", "without rule", "implicit_prompt", "alpaca"):
+        assert text in err.message
 
 
 def test_missing_file_and_unsupported_type_list_what_is_supported(tmp_path):

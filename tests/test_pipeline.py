@@ -1,19 +1,13 @@
 """End-to-end runs of SFT -> DPO on the tiny model: outputs, reference choice, QLoRA, skip and resume."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from align.config import parse_recipe
 from align.pipeline import run_recipe
-from tests.conftest import tiny_recipe
+from tests.conftest import kill_run_after, rerun, tiny_recipe
 
 
 def _run(text):
@@ -90,20 +84,12 @@ def test_nf4_qlora_path_runs_sft_then_dpo(tmp_path):
 def test_sigkill_during_dpo_resumes_from_checkpoint(tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(tiny_recipe(tmp_path / "runs", dpo_steps=60, save_steps=5))
-    cmd = [sys.executable, "-m", "align.cli", "run", str(recipe), "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "runs" / "tiny" / "dpo" / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
-        assert proc.poll() is None, "the run ended before the first DPO checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    cmd = kill_run_after(recipe, lambda: list(checkpoints.glob("checkpoint-*/trainer_state.json")))
     state = json.loads((tmp_path / "runs" / "tiny" / "dpo" / "stage.json").read_text())
     assert state["status"] == "running"  # SIGKILL leaves no chance to write anything else
 
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rerun(cmd)
     state = json.loads((tmp_path / "runs" / "tiny" / "dpo" / "stage.json").read_text())
     assert state["status"] == "done"
     assert state["resumed_from"] and "checkpoint-" in state["resumed_from"]

@@ -37,3 +37,31 @@ stages:
     metrics = summary["stages"]["dpo"]["metrics"]
     assert summary["stages"]["dpo"]["status"] == "done" and metrics["global_step"] == 3
     assert "rewards/margins" in metrics and metrics["train_loss"] > 0
+
+
+def test_rm_then_ppo_on_hh_in_nf4(tmp_path):
+    """A few reward-model steps on HH pairs with held-out accuracy, then one PPO step on HH prompts
+    scored by that reward model: the real model and data through the whole RM -> PPO path."""
+    recipe = parse_recipe(f"""
+name: hhppo
+output_dir: {tmp_path}
+model: {{base: {GGUF}, quantization: nf4, lora: {{r: 8, alpha: 16, dropout: 0.0}}}}
+stages:
+  - name: rm
+    kind: rm
+    data: {{path: {HH}, skip_bad_rows: true, max_rows: 8}}
+    eval_data: {{path: {HH}, skip_bad_rows: true, max_rows: 16}}
+    train: {{max_steps: 2, batch_size: 4, lr: 1.0e-4, max_length: 96, max_prompt_length: 64}}
+  - name: ppo
+    kind: ppo
+    data: {{path: {HH}, skip_bad_rows: true, max_rows: 4}}
+    rewards: [{{model: "${{rm.adapter}}"}}, {{rule: concise, weight: 0.5}}]
+    ppo: {{rollout_batch_size: 4, minibatch_size: 2, ppo_epochs: 1, max_new_tokens: 8}}
+    train: {{max_steps: 1, lr: 1.0e-5, max_length: 160, max_prompt_length: 128}}
+""")
+    summary = run_recipe(recipe, quiet=True)
+    rm = summary["stages"]["rm"]["metrics"]
+    assert 0.0 <= rm["eval_accuracy"] <= 1.0 and "eval_margin" in rm
+    assert (tmp_path / "hhppo" / "rm" / "adapter" / "head.safetensors").is_file()
+    ppo = summary["stages"]["ppo"]["metrics"]
+    assert ppo["global_step"] == 1 and "reward/model:rm" in ppo and "reward/rule:concise" in ppo

@@ -8,7 +8,7 @@ from align.data.schemas import PreferenceExample, SFTExample, TaskExample
 from align.eval.rules import RULE_KINDS, check
 
 SCHEMA = {"sft": SFTExample, "preference": PreferenceExample, "task": TaskExample}
-TRAIN_SPLITS = ("sft", "preference")
+TRAIN_SPLITS = ("sft", "preference", "prompts")
 HELDOUT_SPLITS = ("heldout", "preference_heldout")
 
 
@@ -22,10 +22,11 @@ def prompt_text(example) -> str:
 def test_split_kind_size_and_determinism(split):
     kind = synthetic.SPLIT_KINDS[split]
     examples = synthetic.load(split, kind)
-    assert len(examples) == synthetic.SPLIT_SIZES[split]
+    assert len({prompt_text(e) for e in examples}) == synthetic.SPLIT_SIZES[split]  # distinct prompts
     assert all(type(e) is SCHEMA[kind] for e in examples)
     assert synthetic.load(split, kind) == examples  # same examples on every load
-    assert len({prompt_text(e) for e in examples}) == len(examples)  # distinct prompts
+    if split != "preference_all":  # which pairs each prompt with every bad answer
+        assert len(examples) == synthetic.SPLIT_SIZES[split]
     loaded = load_examples(f"synthetic:{split}", kind)
     assert (loaded.examples, loaded.format, loaded.skipped) == (examples, "synthetic", [])
     assert loaded.fingerprint == load_examples(f"synthetic:{split}", kind).fingerprint
@@ -36,7 +37,7 @@ def test_examples_are_well_formed():
         assert [m["role"] for m in e.completion] == ["assistant"] and e.completion[0]["content"].strip()
     for split in ("preference", "preference_heldout"):
         for e in synthetic.load(split, "preference"):
-            assert e.chosen[0]["content"] != e.rejected[0]["content"]
+            assert e.chosen[0]["content"] != e.rejected[0]["content"] and e.margin is None
     for e in synthetic.load("heldout", "task"):
         assert e.rule["kind"] in RULE_KINDS and e.rule["family"] in synthetic.FAMILIES
 
@@ -52,6 +53,27 @@ def test_wrong_kind_or_unknown_split_raises():
         synthetic.load("sft", "preference")
     with pytest.raises(ValueError, match="unknown synthetic split"):
         synthetic.load("nope", "sft")
+    with pytest.raises(ValueError, match="holds task examples"):
+        synthetic.load("prompts", "sft")
+
+
+@pytest.mark.parametrize("split", list(synthetic.SPLIT_KINDS))
+def test_every_split_loads_as_prompts_with_their_rules(split):
+    expected = [TaskExample([{"role": "user", "content": prompt}], {**rule, "family": family})
+                for family, (prompt, _good, _bads, rule) in synthetic.instances(split)]
+    assert synthetic.load(split, "prompt") == expected
+    loaded = load_examples(f"synthetic:{split}", "prompt", max_rows=5)
+    assert (loaded.examples, loaded.format) == (expected[:5], "synthetic")
+
+
+def test_prompts_split_is_ppo_prompts_of_its_own():
+    assert synthetic.SPLIT_SIZES["prompts"] == 448 and synthetic.SPLIT_KINDS["prompts"] == "task"
+    prompts = load_examples("synthetic:prompts", "prompt").examples
+    assert len(prompts) == 448 and load_examples("synthetic:prompts", "task").examples == prompts
+    assert {e.rule["family"] for e in prompts} == set(synthetic.FAMILIES)
+    texts = {prompt_text(e) for e in prompts}
+    for split in ("sft", "preference"):  # its own stream: a few prompts recur by chance, most do not
+        assert len(texts & {prompt_text(e) for e in synthetic.load(split, "prompt")}) < len(texts) // 4
 
 
 def test_heldout_prompts_never_appear_in_training_splits():
@@ -153,3 +175,17 @@ def test_unknown_rule_kind_raises():
         check({"kind": "regex", "pattern": "a"}, "a")
     with pytest.raises(ValueError, match="unknown rule kind"):
         check({}, "a")
+
+
+def test_preference_all_pairs_every_bad_answer_of_the_preference_prompts():
+    pairs = synthetic.load("preference_all", "preference")
+    one_each = synthetic.load("preference", "preference")
+    prompts = {p.prompt[0]["content"] for p in one_each}
+    assert {p.prompt[0]["content"] for p in pairs} == prompts
+    by_prompt = {}
+    for p in pairs:
+        by_prompt.setdefault(p.prompt[0]["content"], set()).add(p.rejected[0]["content"])
+    for p in one_each:  # the single pair DPO sees is one of the comparisons the reward model sees
+        assert p.rejected[0]["content"] in by_prompt[p.prompt[0]["content"]]
+    assert len(pairs) > 2 * len(one_each)
+    assert len(synthetic.load("preference_all", "preference", n=10)) == 10

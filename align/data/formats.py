@@ -1,7 +1,7 @@
 """Detect a data file's format and convert its rows into the schema objects stages accept.
 
 Each format is one `Format` entry in `FORMATS`, keyed by (kind, name): the kind is what a stage asks
-for ("sft", "preference", "task"), the name is what a user writes in `data.format`. New formats
+for ("sft", "preference", "task", "prompt"), the name is what a user writes in `data.format`. New formats
 (ranked lists, OASST trees, ratings) are new entries; detection tries a kind's entries in order, so
 more specific formats come first. Converters are pure: they take one row and raise
 `DataError(field=...)`; `load_examples` adds the file and row number.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,7 +22,7 @@ from align.errors import DataError
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-KINDS = ("sft", "preference", "task")
+KINDS = ("sft", "preference", "task", "prompt")
 
 
 @dataclass(frozen=True)
@@ -164,10 +165,21 @@ def _sharegpt(row: dict) -> SFTExample:
     return _split_last_assistant(_messages(turns, "conversations", "from", "value", SHAREGPT_ROLES), "conversations")
 
 
+def _margin(row: dict) -> float | None:
+    """The optional `margin` key (TRL's RewardTrainer column): how much better `chosen` is."""
+    margin = row.get("margin")
+    if margin is None:
+        return None
+    # bool is an int to Python, but `true` is no margin; NaN or infinity would poison the loss.
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise DataError(f"expected a finite number, got {type(margin).__name__} {_short(margin)}", field="margin")
+    return float(margin)
+
+
 def _preference(row: dict) -> PreferenceExample:
     chosen, rejected = (_nonempty(_turns(row, key, "assistant"), key) for key in ("chosen", "rejected"))
     _check_differ(chosen, rejected)
-    return PreferenceExample(_turns(row, "prompt", "user"), chosen, rejected)
+    return PreferenceExample(_turns(row, "prompt", "user"), chosen, rejected, _margin(row))
 
 
 def _implicit_prompt(row: dict) -> PreferenceExample:
@@ -182,7 +194,8 @@ def _implicit_prompt(row: dict) -> PreferenceExample:
             raise DataError(f"is '{messages[shared]['role']}' where the conversations part; they may differ only "
                             "from an assistant reply on", field=f"{key}[{shared}].role")
         _nonempty(messages[shared:], key)
-    return PreferenceExample(prompt=chosen[:shared], chosen=chosen[shared:], rejected=rejected[shared:])
+    return PreferenceExample(prompt=chosen[:shared], chosen=chosen[shared:], rejected=rejected[shared:],
+                             margin=_margin(row))
 
 
 def _task(row: dict) -> TaskExample:
@@ -199,6 +212,15 @@ def _task(row: dict) -> TaskExample:
     return TaskExample(prompt=prompt, rule=rule)
 
 
+def _bare_prompt(row: dict) -> TaskExample:
+    return TaskExample(prompt=_turns(row, "prompt", "user"), rule={})
+
+
+def _prompt_of(fmt: Format) -> Format:
+    """`fmt` for the prompt kind: the row's prompt (the conversation before the reply), with no rule."""
+    return Format(fmt.expects, fmt.detect, lambda row: TaskExample(prompt=fmt.convert(row).prompt, rule={}))
+
+
 # Detectors. HH and implicit-prompt rows share keys with TRL's rows, so those look at the values too.
 def _has(*keys: str) -> Callable[[dict], bool]:
     return lambda row: all(k in row for k in keys)
@@ -212,6 +234,11 @@ def _lists(*keys: str) -> Callable[[dict], bool]:
     return lambda row: all(isinstance(row.get(k), list) for k in keys)
 
 
+def _is_bare_prompt(row: dict) -> bool:
+    # Tried before the preference and SFT formats: a row with their keys besides `prompt` is theirs.
+    return "prompt" in row and not row.keys() & {"rule", "chosen", "rejected", "completion"}
+
+
 # Detection order within a kind matters: the first match wins, so more specific formats come first.
 HH = "'\\n\\nHuman: ...\\n\\nAssistant: ...'"
 FORMATS: dict[tuple[str, str], Format] = {
@@ -223,14 +250,31 @@ FORMATS: dict[tuple[str, str], Format] = {
     ("sft", "sharegpt"): Format("conversations: [{from: human|gpt|system, value}, ...]",
                                 _has("conversations"), _sharegpt),
     ("sft", "hh_rlhf"): Format(f"chosen: a {HH} transcript", _is_hh("chosen"), _hh_sft),
-    ("preference", "preference"): Format("prompt, chosen, rejected (strings or message lists)",
+    ("preference", "preference"): Format("prompt, chosen, rejected (strings or message lists), optional margin",
                                          _has("prompt", "chosen", "rejected"), _preference),
-    ("preference", "implicit_prompt"): Format("chosen, rejected: message lists that share their first (prompt) turns",
-                                              _lists("chosen", "rejected"), _implicit_prompt),
+    ("preference", "implicit_prompt"): Format("chosen, rejected: message lists that share their first (prompt) turns, "
+                                              "optional margin", _lists("chosen", "rejected"), _implicit_prompt),
     ("preference", "hh_rlhf"): Format(f"chosen, rejected: {HH} transcripts",
                                       _is_hh("chosen", "rejected"), _hh_preference),
     ("task", "task"): Format("prompt (string or message list), rule: {kind, ...}", _has("prompt", "rule"), _task),
 }
+
+
+def _prompt_kind() -> dict[tuple[str, str], Format]:
+    """The prompt kind (what PPO samples responses for): task rows keep their rule; bare prompts and the
+    prompt of every preference and SFT row get none. Where both kinds have a name (hh_rlhf), the preference
+    one wins: its prompt is the prefix both transcripts share, which a reply that invents turns cannot move."""
+    out = {("prompt", "task"): FORMATS[("task", "task")],
+           ("prompt", "prompt"): Format("prompt (string or message list), without rule, chosen, rejected or completion",
+                                        _is_bare_prompt, _bare_prompt)}
+    for source in ("preference", "sft"):
+        for (kind, name), fmt in FORMATS.items():
+            if kind == source:
+                out.setdefault(("prompt", name), _prompt_of(fmt))
+    return out
+
+
+FORMATS.update(_prompt_kind())
 
 
 def formats_for(kind: str) -> dict[str, Format]:

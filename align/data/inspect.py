@@ -19,7 +19,7 @@ from align.data.sources import read_rows
 from align.errors import AlignError, DataError
 from align.ui import console
 
-KINDS = ("preference", "sft", "task")
+KINDS = ("preference", "sft", "task", "prompt")  # auto tries them in this order: bare prompts last
 
 
 def _load_any_kind(path, kind, format, skip_bad_rows):

@@ -21,16 +21,25 @@ class SFTExample:
 
 @dataclass
 class PreferenceExample:
-    """One prompt with a preferred (`chosen`) and a dispreferred (`rejected`) completion."""
+    """One prompt with a preferred (`chosen`) and a dispreferred (`rejected`) completion.
+
+    `margin`, where the data gives one, says how much better `chosen` is; a reward model's loss then asks
+    for at least that gap between the two rewards (TRL's RewardTrainer `margin`, Llama 2's margin loss).
+    """
 
     prompt: list[Message]
     chosen: list[Message]
     rejected: list[Message]
+    margin: float | None = None
 
 
 @dataclass
 class TaskExample:
-    """A prompt whose answer a rule can check (see `align.eval.rules`): held-out task accuracy."""
+    """A prompt, with a rule that checks its answer (see `align.eval.rules`) or `{}` for none.
+
+    The `task` kind (held-out task accuracy) always has a rule; the `prompt` kind (the prompts PPO samples
+    responses for) has one where rule-based rewards can use it.
+    """
 
     prompt: list[Message]
-    rule: dict = field(default_factory=dict)  # e.g. {"kind": "exact", "answer": "12"}
+    rule: dict = field(default_factory=dict)  # e.g. {"kind": "exact", "answer": "12"}; {} = no rule

@@ -7,8 +7,13 @@ content (off by one, the wrong item, one repetition too many) or the right conte
 
 - `sft`: good answers as SFT completions;
 - `preference`: good against a plausible bad answer, for DPO;
+- `preference_all`: the same prompts with every bad answer, one pair each: all the comparisons a prompt
+  offers, as InstructGPT trains its reward model (more near misses for a reward model to tell apart);
+- `prompts`: training prompts with their checking rule, for PPO to sample responses for;
 - `heldout`: prompts with their checking rule (`align.eval.rules`), for task accuracy;
 - `preference_heldout`: pairs on held-out prompts, for reward accuracy and margin.
+
+Every split also loads as the `prompt` kind: its prompts, each with its rule.
 
 Held-out prompts never occur in a training split: every prompt is assigned to one side by a hash of
 its text, so the split is the same on every machine and every run.
@@ -119,8 +124,10 @@ FAMILIES: dict[str, Callable[[random.Random], Instance]] = {
     "json": _json_object,
     "sort": _sort,
 }
-SPLIT_SIZES = {"sft": 448, "preference": 448, "heldout": 70, "preference_heldout": 70}
-SPLIT_KINDS = {"sft": "sft", "preference": "preference", "heldout": "task", "preference_heldout": "preference"}
+SPLIT_SIZES = {"sft": 448, "preference": 448, "preference_all": 448, "prompts": 448, "heldout": 70,
+               "preference_heldout": 70}  # in prompts
+SPLIT_KINDS = {"sft": "sft", "preference": "preference", "preference_all": "preference", "prompts": "task",
+               "heldout": "task", "preference_heldout": "preference"}
 
 
 def _is_heldout(prompt: str) -> bool:
@@ -131,8 +138,8 @@ def instances(split: str, n: int | None = None, seed: int = 0) -> list[tuple[str
     """`n` distinct (family, instance) on the split's side of the held-out line, families in turn."""
     n = SPLIT_SIZES[split] if n is None else n
     heldout = split in ("heldout", "preference_heldout")
-    # Each split draws from its own stream, so SFT and DPO see different prompts.
-    rng = random.Random(f"{split}:{seed}")
+    # Each split draws from its own stream, so SFT, DPO and PPO see different prompts.
+    rng = random.Random(f"{'preference' if split == 'preference_all' else split}:{seed}")
     names = list(FAMILIES)
     seen: set[str] = set()
     out: list[tuple[str, Instance]] = []
@@ -158,19 +165,23 @@ def _assistant(text: str) -> list[dict]:
 
 
 def load(split: str, kind: str, n: int | None = None, seed: int = 0) -> list:
-    """Examples of one split as schema objects (`kind` must be the split's kind)."""
+    """Examples of one split as schema objects (`kind` must be the split's kind, or "prompt")."""
     if split not in SPLIT_KINDS:
         raise ValueError(f"unknown synthetic split '{split}'; known: {', '.join(SPLIT_KINDS)}")
-    if SPLIT_KINDS[split] != kind:
-        raise ValueError(f"synthetic:{split} holds {SPLIT_KINDS[split]} examples, not {kind}")
+    if kind not in (SPLIT_KINDS[split], "prompt"):
+        raise ValueError(f"synthetic:{split} holds {SPLIT_KINDS[split]} examples (or prompts), not {kind}")
     rng = random.Random(f"bad:{split}:{seed}")
     examples: list = []
+    if split == "preference_all" and kind == "preference":  # `n` counts pairs here, not prompts
+        for _, (prompt, good, bads, _) in instances(split, seed=seed):
+            examples.extend(PreferenceExample(_user(prompt), _assistant(good), _assistant(bad)) for bad in bads)
+        return examples[:n]
     for family, (prompt, good, bads, rule) in instances(split, n, seed):
         if kind == "sft":
             examples.append(SFTExample(_user(prompt), _assistant(good)))
         elif kind == "preference":
             examples.append(PreferenceExample(_user(prompt), _assistant(good), _assistant(rng.choice(bads))))
-        else:
+        else:  # task or prompt: every instance has its rule
             examples.append(TaskExample(_user(prompt), {**rule, "family": family}))
     return examples
 

@@ -1,5 +1,5 @@
-"""Named LoRA adapters on one frozen base: `policy` (trained), `ref` (frozen reference), and later
-`reward` and `value`. The base weights exist once in memory whatever the number of roles.
+"""Named LoRA adapters on one frozen base: `policy` (trained), `ref` (frozen reference), `value`
+(PPO's critic, trained) and `reward` (frozen). The base weights exist once in memory whatever the number of roles.
 
 The reference of a preference stage is the SFT adapter itself, loaded frozen under the name `ref`. The
 base with adapters disabled is the pre-SFT model, which is the right reference only when no SFT stage
@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-POLICY, REF = "policy", "ref"
+POLICY, REF, VALUE = "policy", "ref", "value"
 
 
 def lora_config(lora_cfg):

@@ -107,8 +107,8 @@ def attach_reference_logps(model, rows, ref, ctx: StageContext, stage, name: str
 
 
 def run(stage, ctx: StageContext, data) -> StageOutput:
-    init = ctx.inputs.get("init")
-    reference = ctx.inputs.get("reference") or init
+    init = stage.init
+    reference = stage.reference or init
     model = adapters.with_policy(ctx.base, ctx.recipe.model.lora, init=init)
     ref = None
     if reference:

@@ -26,7 +26,6 @@ class StageContext:
     base: object  # the frozen base model (nf4 or plain), shared by every stage of the run
     tokenizer: object
     stage_dir: Path
-    inputs: dict[str, str] = field(default_factory=dict)  # resolved init/reference adapter paths
     dtype: torch.dtype = torch.float32
     quiet: bool = False
 

@@ -30,7 +30,7 @@ def collate(pad_id: int):
 
 def run(stage, ctx: StageContext, data) -> StageOutput:
     """`data` is {"train": LoadedData, "eval": LoadedData | None}, loaded (and fingerprinted) by the pipeline."""
-    model = adapters.with_policy(ctx.base, ctx.recipe.model.lora, init=ctx.inputs.get("init"))
+    model = adapters.with_policy(ctx.base, ctx.recipe.model.lora, init=stage.init)
     train_rows = encode_sft(data["train"].examples, ctx.tokenizer, stage.train)
     eval_rows = encode_sft(data["eval"].examples, ctx.tokenizer, stage.train) if data.get("eval") else None
     return fit(SFTTrainer, model, stage, ctx, train_rows, eval_rows, collate(ctx.tokenizer.pad_token_id))

@@ -1,0 +1,259 @@
+"""The `ppo` stage: PPO for RLHF with policy, value, reward and reference as adapters on one base.
+
+Roles (all LoRA adapters on the one frozen, usually 4-bit, base; `align.models.adapters`):
+- `policy`: trained, starts as `init` (the SFT adapter);
+- `value`: trained, starts as `value_init`, by default the first reward model's adapter as in Huang et
+  al. and OpenRLHF (else `init`), with a value head that starts at zero;
+- `ref`: frozen KL reference, `reference` (default `init`);
+- `reward<i>`: each learned reward's frozen adapter and score head; rule rewards need no weights.
+
+Each step samples one rollout batch (`ppo_rollout.make_experience`), then runs `ppo_epochs` passes of
+clipped policy and value updates over shuffled minibatches. Huang et al.'s details followed in the loop:
+dropout off during rollouts and updates; Adam with eps 1e-5; the learning rate annealed over all
+updates; gradients clipped per role; no entropy bonus; KL coefficient fixed, or adaptive towards
+`kl_target` (Ziegler et al.). The policy and value losses are backpropagated one after the other because
+switching the active adapter changes which LoRA weights require grad.
+
+Checkpoints (`checkpoints/step-N/state.pt`, written to a temporary folder and renamed, so a kill never
+leaves a half one) hold the two trained adapters, the value head, the optimizer and scheduler, the KL
+controller, the reward statistics, every RNG and the step: a resumed run continues exactly where the
+checkpoint was taken, with the same prompt order. This is a single-process loop; only adapter weights
+are saved, where accelerate's save_state would also write the whole quantized base.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import get_scheduler
+
+from align.data.collate import encode_prompt
+from align.errors import AlignError, DataError
+from align.eval.tasks import generate
+from align.losses.ppo import RunningMoments, kl_controller, policy_loss, value_loss
+from align.models import adapters, heads
+from align.rewards import LearnedReward, RuleReward, load_reward
+from align.stages.engine import StageContext, StageOutput
+from align.stages.ppo_rollout import make_experience, response_logprobs, response_values
+from align.ui import StageProgress
+
+
+@dataclass
+class Roles:
+    value_head: torch.nn.Linear
+    rewards: list[tuple[object, float, str]]  # (reward, weight, label)
+    ref: str | None
+
+
+def build_roles(stage, ctx: StageContext):
+    """The PeftModel with every role's adapter on the shared base, and the roles' heads and rewards."""
+    model = adapters.with_policy(ctx.base, ctx.recipe.model.lora, init=stage.init)
+    reference = stage.reference or stage.init
+    if reference:
+        adapters.add_frozen(model, reference, adapters.REF)
+    rewards, learned = [], []
+    for i, source in enumerate(stage.rewards):
+        if source.model:
+            reward = LearnedReward(model, ctx.tokenizer, source.model, f"reward{i}", stage.train.max_length)
+            learned.append(source.model)
+            folder = Path(source.model)  # runs/<recipe>/<stage>/adapter is called by its stage's name
+            rewards.append((reward, source.weight, f"model:{folder.parent.name if folder.name == 'adapter' else folder.name}"))
+        else:
+            reward = load_reward(source.rule)
+            if not isinstance(reward, RuleReward):
+                raise AlignError(f"stages.{stage.name}.rewards[{i}].rule: '{source.rule}' is not a rule file")
+            rewards.append((reward, source.weight, f"rule:{reward.spec.name}"))
+    value_init = stage.value_init or (learned[0] if learned else stage.init)
+    if value_init:
+        model.load_adapter(value_init, adapter_name=adapters.VALUE, is_trainable=True)
+    else:
+        model.add_adapter(adapters.VALUE, adapters.lora_config(ctx.recipe.model.lora))
+    # The head starts at 0 even on the reward adapter: scores are normalised to mean 0 during PPO, so a
+    # copy of the reward head would start every value off by the reward model's raw mean.
+    value_head = heads.new_head(heads.hidden_size(model))
+    torch.nn.init.zeros_(value_head.weight)
+    model.set_adapter(adapters.POLICY)
+    return model, Roles(value_head.to(model.device), rewards, adapters.REF if reference else None)
+
+
+def role_parameters(model, name: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
+def check_rules(roles: Roles, loaded) -> None:
+    if any(getattr(r, "needs_rules", False) for r, _, _ in roles.rewards):
+        for row, ex in enumerate(loaded.examples, 1):
+            if not ex.rule:
+                raise DataError("has no 'rule', which a rule reward with a 'task' check needs",
+                                file=loaded.source, row=row, field="rule")
+
+
+def ppo_update(model, roles: Roles, rollout, optimizer, scheduler, cfg, groups) -> dict[str, float]:
+    """`ppo_epochs` passes of clipped updates over shuffled minibatches; metrics averaged over them."""
+    stats: dict[str, list[float]] = defaultdict(list)
+    size = rollout.query_response.shape[0]
+    for _ in range(cfg.ppo_epochs):
+        for idx in torch.randperm(size).split(cfg.minibatch_size):
+            mb = rollout.select(idx)
+            model.set_adapter(adapters.POLICY)
+            logprobs, _ = response_logprobs(model, mb.query_response, mb.attention_mask, mb.prompt_width, cfg.temperature)
+            pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip)
+            pg_loss.backward()
+            model.set_adapter(adapters.VALUE)
+            values = response_values(model, roles.value_head, mb.query_response, mb.attention_mask, mb.prompt_width)
+            vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask, cfg.clip_value)
+            (cfg.vf_coef * vf_loss).backward()
+            for params in groups:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats["loss/policy"].append(float(pg_loss.detach()))
+            stats["loss/value"].append(float(vf_loss.detach()))
+            stats["policy/clipfrac"].append(pg_stats["clipfrac"])
+            stats["policy/approxkl"].append(pg_stats["approxkl"])
+            stats["val/clipfrac"].append(vf_stats["clipfrac"])
+    model.set_adapter(adapters.POLICY)
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def _checkpoints(stage_dir: Path) -> list[Path]:
+    found = [p for p in (stage_dir / "checkpoints").glob("step-*") if (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(stage_dir: Path, step: int, model, roles: Roles, optimizer, scheduler, kl_ctl, moments) -> None:
+    state = {
+        "step": step,
+        "policy": get_peft_model_state_dict(model, adapter_name=adapters.POLICY),
+        "value": get_peft_model_state_dict(model, adapter_name=adapters.VALUE),
+        "value_head": roles.value_head.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "kl": kl_ctl.state_dict(),
+        "moments": moments.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+        },
+    }
+    final = stage_dir / "checkpoints" / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / "state.pt")
+    tmp.rename(final)
+    for old in _checkpoints(stage_dir)[:-2]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(path: Path, model, roles: Roles, optimizer, scheduler, kl_ctl, moments) -> int:
+    state = torch.load(path / "state.pt", weights_only=False)  # our own file: it holds Python RNG state
+    set_peft_model_state_dict(model, state["policy"], adapter_name=adapters.POLICY)
+    set_peft_model_state_dict(model, state["value"], adapter_name=adapters.VALUE)
+    roles.value_head.load_state_dict(state["value_head"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    kl_ctl.load_state_dict(state["kl"])
+    moments.load_state_dict(state["moments"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    return state["step"]
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """A killed run may have logged steps after its last checkpoint; the resumed run logs them again."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def evaluate_policy(model, roles: Roles, tokenizer, loaded, cfg) -> dict[str, float]:
+    """Mean reward of greedy responses to held-out prompts, per reward and weighted in total."""
+    examples = loaded.examples
+    texts = generate(model, tokenizer, [ex.prompt for ex in examples], cfg.max_new_tokens, cfg.rollout_batch_size)
+    total, out = 0.0, {}
+    for reward, weight, label in roles.rewards:
+        part = float(reward.score([ex.prompt for ex in examples], texts, [ex.rule for ex in examples]).mean())
+        out[f"reward/{label}"] = part
+        total += weight * part
+    out["objective/scores"] = total
+    return out
+
+
+def run(stage, ctx: StageContext, data) -> StageOutput:
+    cfg, train = stage.ppo, stage.train
+    model, roles = build_roles(stage, ctx)
+    check_rules(roles, data["train"])
+    if data.get("eval"):
+        check_rules(roles, data["eval"])
+    examples = data["train"].examples
+    prompts = [encode_prompt(ctx.tokenizer, ex.prompt)[-train.max_prompt_length :] for ex in examples]
+    per_epoch = len(examples) // cfg.rollout_batch_size
+    if per_epoch == 0:
+        raise DataError(f"{len(examples)} prompts, fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})",
+                        file=data["train"].source)
+    total = train.max_steps if train.max_steps > 0 else max(1, round(train.epochs * per_epoch))
+    updates = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
+    groups = [role_parameters(model, adapters.POLICY),
+              role_parameters(model, adapters.VALUE) + list(roles.value_head.parameters())]
+    optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=train.lr, eps=1e-5, weight_decay=train.weight_decay)
+    scheduler = get_scheduler(train.lr_scheduler, optimizer, round(train.warmup_ratio * updates), updates)
+    kl_ctl = kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    moments = RunningMoments()
+
+    metrics: dict[str, float] = {}
+    if data.get("eval"):  # the starting (SFT) policy's held-out reward, the baseline PPO must beat
+        metrics.update({f"eval_init_{k}": v for k, v in evaluate_policy(model, roles, ctx.tokenizer, data["eval"], cfg).items()})
+    metrics_file = ctx.stage_dir / "metrics.jsonl"
+    resumed = _checkpoints(ctx.stage_dir)[-1] if _checkpoints(ctx.stage_dir) else None
+    start = load_checkpoint(resumed, model, roles, optimizer, scheduler, kl_ctl, moments) if resumed else 0
+    _keep_metrics_until(metrics_file, start)
+    seed = train.seed if train.seed is not None else ctx.recipe.seed
+
+    progress = StageProgress(stage.name, quiet=ctx.quiet)
+    state = SimpleNamespace(global_step=start, max_steps=total)
+    progress.on_train_begin(None, state, None)
+    try:
+        for step in range(start, total):
+            # The prompt order depends only on the seed and the step, so a resumed run sees the same batches.
+            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + step // per_epoch))
+            idx = order[(step % per_epoch) * cfg.rollout_batch_size :][: cfg.rollout_batch_size].tolist()
+            rollout, _, step_metrics = make_experience(
+                model, roles, ctx.tokenizer, [examples[i] for i in idx], [prompts[i] for i in idx], cfg, kl_ctl.value, moments
+            )
+            step_metrics.update(ppo_update(model, roles, rollout, optimizer, scheduler, cfg, groups))
+            step_metrics["lr"] = scheduler.get_last_lr()[0]
+            kl_ctl.update(step_metrics["objective/kl"], cfg.rollout_batch_size)
+            state.global_step = step + 1
+            with metrics_file.open("a") as f:
+                f.write(json.dumps({"step": step + 1, **step_metrics}) + "\n")
+            progress.on_log(None, state, None, logs=step_metrics)
+            progress.on_step_end(None, state, None)
+            metrics.update(step_metrics)
+            if (step + 1) % train.save_steps == 0 or step + 1 == total:
+                save_checkpoint(ctx.stage_dir, step + 1, model, roles, optimizer, scheduler, kl_ctl, moments)
+    finally:
+        progress.on_train_end(None, state, None)
+    metrics["global_step"] = total
+    if data.get("eval"):
+        metrics.update({f"eval_{k}": v for k, v in evaluate_policy(model, roles, ctx.tokenizer, data["eval"], cfg).items()})
+    adapter = adapters.save(model, ctx.stage_dir / "adapter", adapters.POLICY)
+    value_dir = adapters.save(model, ctx.stage_dir / "value_adapter", adapters.VALUE)
+    heads.save_head(roles.value_head, value_dir)
+    ctx.base = model.unload()
+    return StageOutput(adapter, metrics, str(resumed) if resumed else None)

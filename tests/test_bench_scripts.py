@@ -1,0 +1,50 @@
+"""Smoke tests of scripts/bench_ppo_memory.py on the tiny model: every mode measured, ratios finite, and
+the random Llama it builds loads through align's loader."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.config import ModelConfig
+from align.models.load import load_base
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_ppo_memory.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_ppo_memory", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # six fresh Python processes that each import torch and transformers: ~70 s on 2 busy cores
+def test_bench_ppo_memory_measures_every_mode(tmp_path):
+    out = tmp_path / "bench.json"
+    _bench().main(["--model", "builtin:tiny", "--quantization", "none", "--steps", "1", "--batch", "4",
+                   "--max-new-tokens", "4", "--work-dir", str(tmp_path / "work"), "--json", str(out)])
+    report = json.loads(out.read_text())
+    for mode in ("base", "sft", "ppo", "four_bases"):
+        assert report["results"][mode]["peak_bytes"] > 0, mode
+    assert report["results"]["four_bases"]["loads"] == 4
+    assert report["results"]["ppo"]["loads"] == 1  # sft and rm were skipped as finished, not rerun
+    assert set(report["ratios"]) == {"PPO / SFT peak", "(PPO - base) / (SFT - base)", "four bases / PPO peak"}
+    for name, value in report["ratios"].items():
+        assert value is not None and math.isfinite(value), name
+
+
+def test_random_llama_tiny_builds_a_folder_that_load_base_loads(tmp_path):
+    folder = _bench().build_random_llama("tiny", tmp_path / "llama")
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    model, tokenizer = load_base(ModelConfig(base=str(folder), quantization="none"))
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.num_key_value_heads) == (64, 2, 2)
+    assert not model.config.tie_word_embeddings and model.config.vocab_size == len(tokenizer)
+    assert not torch.isnan(model.lm_head.weight).any()  # initialised, not left empty
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    assert model(ids.to(model.device)).logits.shape == (1, ids.shape[1], len(tokenizer))
+    assert _bench().build_random_llama("tiny", folder) == folder  # kept once built
