@@ -21,7 +21,7 @@ from pathlib import Path
 import transformers
 from rich.markup import escape
 
-from align.config import parse_refs, resolve_all_refs, resolve_refs
+from align.refs import parse_refs, resolve_all_refs, resolve_refs
 from align.data.formats import load_examples
 from align.errors import AlignError
 from align.models import adapters

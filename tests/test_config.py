@@ -12,14 +12,12 @@ from align.config import (
     DPOStageConfig,
     Recipe,
     SFTStageConfig,
-    StageRef,
     TrainConfig,
     load_recipe,
     parse_recipe,
-    parse_refs,
-    resolve_refs,
 )
 from align.errors import ConfigError
+from align.refs import StageRef, parse_refs, resolve_refs
 
 RECIPES = sorted((pathlib.Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 

@@ -177,7 +177,7 @@ def test_sigkill_during_ppo_resumes_from_checkpoint(tmp_path):
 def test_a_ppo_update_moves_the_policy_towards_high_advantage_responses(tmp_path):
     """One rollout, several clipped updates: the responses with positive advantage gain log-probability
     and those with negative advantage lose it (the surrogate objective rises), and the value loss falls."""
-    from align.config import resolve_all_refs
+    from align.refs import resolve_all_refs
     from align.losses.ppo import RunningMoments, value_loss
     from align.stages import ppo
     from align.stages.engine import StageContext
