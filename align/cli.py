@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 
+from align.data.formats import KINDS
 from align.errors import AlignError
 
 
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("inspect", help="format, rows, lengths, and one row through the chat template")
     p.add_argument("file")
     p.add_argument("--model", default="builtin:smollm2-135m-instruct", help="whose tokenizer and chat template to use")
-    p.add_argument("--kind", default="auto", choices=["auto", "sft", "preference", "task", "prompt"])
+    p.add_argument("--kind", default="auto", choices=["auto", *KINDS])
     p.add_argument("--format", default="auto", help="override format detection")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and list them")
     p.add_argument("--row", type=int, default=1, help="which row to render (1-based)")

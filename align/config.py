@@ -100,19 +100,57 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DPOLossConfig:
-    """The DPO-family loss (TRL's names: sigmoid is the DPO paper's loss)."""
+    """The pairwise DPO-family loss (TRL's names: sigmoid is the DPO paper's loss). simpo and orpo need no
+    reference; they want a larger beta than DPO (SimPO: about 2; ORPO's lambda: 0.1)."""
 
-    type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    beta: float = 0.1  # strength of the pull towards the reference
-    label_smoothing: float = 0.0  # assumed fraction of flipped preference labels (cDPO)
+    type: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = "sigmoid"
+    beta: float = 0.1  # strength of the pull towards the reference; simpo: reward scale; orpo: odds-ratio weight
+    label_smoothing: float = 0.0  # assumed fraction of flipped preference labels (cDPO; sigmoid and simpo)
     # Weight of an NLL term on the chosen answer (RPO, Pang et al. 2024, arXiv 2404.19733; TRL's
     # rpo_alpha). It keeps DPO from lowering the chosen answer's likelihood along with the rejected one.
     rpo_alpha: float = 0.0
+    # simpo: the target reward margin gamma as a fraction of beta (the SimPO repo's gamma_beta_ratio; TRL's
+    # simpo_gamma is gamma itself, i.e. gamma_beta_ratio * beta)
+    gamma_beta_ratio: float = 0.5
 
     def __post_init__(self):
         _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         _require(self.rpo_alpha >= 0, "rpo_alpha", f"must be >= 0, got {self.rpo_alpha}")
         _require(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        _require(not self.label_smoothing or self.type in ("sigmoid", "simpo"), "label_smoothing",
+                 f"applies to types sigmoid and simpo only, not {self.type}")
+        _require(self.gamma_beta_ratio >= 0, "gamma_beta_ratio", f"must be >= 0, got {self.gamma_beta_ratio}")
+
+
+@dataclass(kw_only=True)
+class RankLossConfig:
+    """The listwise ranking loss over K responses per prompt (align.losses.rank)."""
+
+    # plackett_luce: listwise DPO (DPO itself at K = 2); lipo: LiPO-lambda; pro and rrhf: reference-free,
+    # on length-normalised log-probs, with an NLL term on the best response
+    type: Literal["plackett_luce", "lipo", "pro", "rrhf"] = "plackett_luce"
+    beta: float = 0.1  # plackett_luce and lipo: scale of the implicit reward beta*(log pi - log ref)
+    # Weight of the NLL of each group's best response. None = the method's own: 1 for pro and rrhf, whose
+    # losses include it; 0 for plackett_luce and lipo (> 0 adds it, as DPO's rpo_alpha does).
+    sft_weight: float | None = None
+
+    def __post_init__(self):
+        _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _require(self.sft_weight is None or self.sft_weight >= 0, "sft_weight", f"must be >= 0, got {self.sft_weight}")
+
+
+@dataclass(kw_only=True)
+class KTOLossConfig:
+    """KTO's loss (Ethayarajh et al. 2024; TRL's names)."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # lambda_D: raise it when desirable examples are the fewer
+    undesirable_weight: float = 1.0  # lambda_U
+
+    def __post_init__(self):
+        _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)
@@ -140,13 +178,36 @@ class SFTStageConfig(StageConfig):
 
 
 @dataclass(kw_only=True)
-class DPOStageConfig(StageConfig):
-    """Direct preference optimisation on (prompt, chosen, rejected) pairs."""
+class PreferenceStageConfig(StageConfig):
+    """What the stages that train against a frozen reference (dpo, rank, kto) share."""
+
+    reference: str | None = None  # frozen reference adapter; None = `init` (the SFT adapter), else the bare base
+    precompute_ref: bool = True  # reference log-probs once before training, not every step
+
+
+@dataclass(kw_only=True)
+class DPOStageConfig(PreferenceStageConfig):
+    """Direct preference optimisation on (prompt, chosen, rejected) pairs; ranked data trains on each
+    group's best against its worst response."""
 
     kind: str = "dpo"
-    reference: str | None = None  # frozen reference adapter, e.g. ${sft.adapter}; None = the bare base
-    precompute_ref: bool = True  # reference log-probs once before training, not every step
     loss: DPOLossConfig = field(default_factory=DPOLossConfig)
+
+
+@dataclass(kw_only=True)
+class RankStageConfig(PreferenceStageConfig):
+    """Listwise preference optimisation on K ranked (or scored, with ties) responses per prompt."""
+
+    kind: str = "rank"
+    loss: RankLossConfig = field(default_factory=RankLossConfig)
+
+
+@dataclass(kw_only=True)
+class KTOStageConfig(PreferenceStageConfig):
+    """KTO on unpaired answers labelled desirable or undesirable (pairs count as one of each)."""
+
+    kind: str = "kto"
+    loss: KTOLossConfig = field(default_factory=KTOLossConfig)
 
 
 @dataclass(kw_only=True)
@@ -245,6 +306,8 @@ STAGE_KINDS: dict[str, type[StageConfig]] = {
     "sft": SFTStageConfig,
     "rm": RMStageConfig,
     "dpo": DPOStageConfig,
+    "rank": RankStageConfig,
+    "kto": KTOStageConfig,
     "ppo": PPOStageConfig,
 }
 # A stage's `kind` picks its dataclass: `kind: dpo` builds a DPOStageConfig.

@@ -26,12 +26,14 @@ from align.data.formats import load_examples
 from align.errors import AlignError
 from align.models import adapters
 from align.models.load import compute_dtype, load_base, resolve_base
-from align.stages import dpo, ppo, reward, sft
+from align.stages import dpo, kto, ppo, rank, reward, sft
 from align.stages.engine import StageContext
 from align.ui import console, heldout_table, stages_table
 
-STAGES = {"sft": sft, "rm": reward, "dpo": dpo, "ppo": ppo}
-DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt"}
+STAGES = {"sft": sft, "rm": reward, "dpo": dpo, "rank": rank, "kto": kto, "ppo": ppo}
+DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "rank": "ranked", "kto": "unpaired", "ppo": "prompt"}
+# DPO is scored on held-out rankings as well as pairs: its pairs are groups of two to the ranking metrics
+EVAL_DATA_KIND = {**DATA_KIND, "dpo": "ranked"}
 LIBRARIES = ("align", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
 
 
@@ -80,11 +82,12 @@ class Pipeline:
         return self.base
 
     def load_data(self, stage) -> dict:
-        def load(section):
+        def load(section, kind):
             path = resolve_refs(section.path, self.outputs)
-            return load_examples(path, DATA_KIND[stage.kind], section.format, section.skip_bad_rows, section.max_rows)
+            return load_examples(path, kind, section.format, section.skip_bad_rows, section.max_rows)
 
-        return {"train": load(stage.data), "eval": load(stage.eval_data) if stage.eval_data else None}
+        return {"train": load(stage.data, DATA_KIND[stage.kind]),
+                "eval": load(stage.eval_data, EVAL_DATA_KIND[stage.kind]) if stage.eval_data else None}
 
     def run_stage(self, stage) -> dict:
         stage_dir = self.run_dir / stage.name
@@ -188,6 +191,9 @@ class Pipeline:
             m = st.get("metrics") or {}
             if "eval_rewards/accuracies" in m:  # dpo
                 heldout["rewards"][name] = {"accuracy": m["eval_rewards/accuracies"], "margin": m["eval_rewards/margins"]}
+            if "eval_rank/kendall_tau" in m:  # dpo and rank: how well the implicit rewards order whole groups
+                heldout["rewards"].setdefault(name, {}).update(
+                    rank_accuracy=m["eval_rank/accuracy"], kendall_tau=m["eval_rank/kendall_tau"])
             if "eval_accuracy" in m:  # rm
                 heldout["rewards"][name] = {"accuracy": m["eval_accuracy"], "margin": m["eval_margin"]}
             if "eval_objective/scores" in m:  # ppo: held-out reward of the starting policy and of the trained one

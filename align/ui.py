@@ -48,10 +48,14 @@ class StageProgress(TrainerCallback):
         parts = [f"loss {logs['loss']:.4f}"] if "loss" in logs else []
         if "rewards/margins" in logs:
             parts.append(f"margin {logs['rewards/margins']:+.3f}")
+        if "rank/kendall_tau" in logs and "rewards/margins" not in logs:  # rank (dpo shows its margin)
+            parts.append(f"tau {logs['rank/kendall_tau']:+.3f}")
         if "objective/scores" in logs:
             parts.append(f"score {logs['objective/scores']:+.3f} kl {logs['objective/kl']:.2f}")
         if "eval_rewards/accuracies" in logs:
             parts.append(f"eval acc {logs['eval_rewards/accuracies']:.2f}")
+        if "eval_rank/kendall_tau" in logs:
+            parts.append(f"eval tau {logs['eval_rank/kendall_tau']:+.2f}")
         if not parts:
             return
         if self.progress is not None:
@@ -73,8 +77,11 @@ def _fmt(value) -> str:
 
 
 def _heldout_cell(metrics: dict) -> str:
+    tau = f", tau {metrics['eval_rank/kendall_tau']:+.2f}" if "eval_rank/kendall_tau" in metrics else ""
     if "eval_rewards/accuracies" in metrics:  # dpo
-        return f"reward acc {metrics['eval_rewards/accuracies']:.2f}, margin {metrics['eval_rewards/margins']:+.2f}"
+        return f"reward acc {metrics['eval_rewards/accuracies']:.2f}, margin {metrics['eval_rewards/margins']:+.2f}{tau}"
+    if tau:  # rank
+        return f"rank acc {metrics['eval_rank/accuracy']:.2f}{tau}"
     if "eval_accuracy" in metrics:  # rm
         return f"reward acc {metrics['eval_accuracy']:.2f}, margin {metrics['eval_margin']:+.2f}"
     if "eval_objective/scores" in metrics:  # ppo: the starting policy's held-out score, then the trained one's
@@ -102,12 +109,14 @@ def stages_table(summary: dict) -> Table:
 
 
 def heldout_table(heldout: dict) -> Table:
-    """Held-out task accuracy per model, and the preference stages' held-out reward accuracy/margin."""
+    """Held-out task accuracy per model, and the preference stages' held-out reward accuracy, margin and
+    Kendall tau (implicit rewards against the given rankings)."""
     table = Table(title="held-out evaluation")
-    for col in ("model", "task accuracy", "reward accuracy", "reward margin"):
+    for col in ("model", "task accuracy", "reward accuracy", "reward margin", "Kendall tau"):
         table.add_column(col)
     pref = heldout.get("rewards", {})
     for name, acc in heldout.get("task_accuracy", {}).items():
         r = pref.get(name, {})
-        table.add_row(name, f"{acc:.1%}", _fmt(r.get("accuracy")), _fmt(r.get("margin")))
+        table.add_row(name, f"{acc:.1%}", _fmt(r.get("accuracy", r.get("rank_accuracy"))), _fmt(r.get("margin")),
+                      _fmt(r.get("kendall_tau")))
     return table

@@ -103,7 +103,7 @@ def test_dataclasses_validate_when_built_in_python():
 
 
 def test_registry_lists_kinds():
-    assert set(STAGE_KINDS) == {"sft", "rm", "dpo", "ppo"}
+    assert set(STAGE_KINDS) == {"sft", "rm", "dpo", "rank", "kto", "ppo"}
     assert STAGE_KINDS["sft"] is SFTStageConfig and STAGE_KINDS["dpo"] is DPOStageConfig
 
 
@@ -164,12 +164,12 @@ def test_missing_required_key(tmp_path):
 
 def test_missing_kind(tmp_path):
     e = error(tmp_path, RECIPE.replace("    kind: dpo\n", ""))
-    assert_at(e, 9, "stages.dpo.kind", "missing", "sft, rm, dpo, ppo")
+    assert_at(e, 9, "stages.dpo.kind", "missing", "sft, rm, dpo, rank, kto, ppo")
 
 
 def test_unknown_kind(tmp_path):
     e = error(tmp_path, RECIPE.replace("kind: dpo", "kind: grpo"))
-    assert_at(e, 10, "stages.dpo.kind", "'grpo'", "sft, rm, dpo, ppo")
+    assert_at(e, 10, "stages.dpo.kind", "'grpo'", "sft, rm, dpo, rank, kto, ppo")
 
 
 def test_duplicate_stage_names(tmp_path):
@@ -314,3 +314,15 @@ NO_RECIPES = pytest.param(None, id="none", marks=pytest.mark.skip(reason="no rec
 def test_shipped_recipe_is_valid(path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe) and recipe.stages
+
+
+@pytest.mark.parametrize("kind, loss, key, words", [
+    ("rank", "type: listnet", "stages.dpo.loss.type", ["'listnet'", "plackett_luce, lipo, pro, rrhf"]),
+    ("rank", "sft_weight: -1", "stages.dpo.loss.sft_weight", ["must be >= 0"]),
+    ("kto", "undesirable_weight: 0", "stages.dpo.loss.undesirable_weight", ["must be > 0"]),
+    ("dpo", "type: ipo, label_smoothing: 0.1", "stages.dpo.loss.label_smoothing", ["sigmoid and simpo only"]),
+    ("dpo", "type: simpo, gamma_beta_ratio: -0.5", "stages.dpo.loss.gamma_beta_ratio", ["must be >= 0"]),
+])
+def test_ranking_and_dpo_family_losses_are_checked(tmp_path, kind, loss, key, words):
+    text = RECIPE.replace("kind: dpo", f"kind: {kind}").replace("    loss:\n      beta: 0.1", f"    loss: {{{loss}}}")
+    assert_at(error(tmp_path, text), 15, key, *words)

@@ -116,15 +116,24 @@ def test_explicit_format_overrides_detection(tmp_path):
 
 
 def test_registry_and_description_cover_every_format():
-    for kind in ("sft", "preference", "task", "prompt"):
+    for kind in ("sft", "preference", "task", "prompt", "ranked", "unpaired"):
         names = [name for (k, name) in FORMATS if k == kind]
         assert names and all(f"  {name}: " in describe_formats(kind) for name in names)
 
 
 def test_prompt_kind_tries_task_then_bare_prompts_then_preference_then_sft_formats():
+    # The preference kind's own formats first, then its ranked ones, so detection of pairs is as it was.
     assert [name for (k, name) in FORMATS if k == "prompt"] == [
-        "task", "prompt", "preference", "implicit_prompt", "hh_rlhf", "messages", "prompt_completion", "alpaca",
-        "sharegpt"]
+        "task", "prompt", "preference", "implicit_prompt", "hh_rlhf", "oasst_tree", "ranked", "ultrafeedback",
+        "scored_responses", "messages", "prompt_completion", "alpaca", "sharegpt"]
+
+
+def test_each_kind_tries_its_own_formats_before_those_it_reads_from_other_kinds():
+    pairs = ["preference", "implicit_prompt", "hh_rlhf"]
+    ranked = ["oasst_tree", "ranked", "ultrafeedback", "scored_responses"]
+    assert [name for (k, name) in FORMATS if k == "preference"] == pairs + ranked
+    assert [name for (k, name) in FORMATS if k == "ranked"] == ranked + pairs
+    assert [name for (k, name) in FORMATS if k == "unpaired"] == ["unpaired"] + pairs + ranked
 
 
 def test_prompt_kind_reads_hh_transcripts_as_preference_pairs(tmp_path):
@@ -209,7 +218,7 @@ def test_unknown_format_lists_formats_and_keys(tmp_path):
     assert err.file == str(tmp_path / "d.jsonl")
     for text in ("['answer', 'question']", "implicit_prompt", "hh_rlhf", "prompt, chosen, rejected", "data.format"):
         assert text in err.message
-    assert "data.format" in raises(tmp_path, [OK_PAIR], "preference", format="ultrafeedback").message
+    assert "data.format" in raises(tmp_path, [OK_PAIR], "preference", format="nectar").message
     # A row with a prompt and part of a pair is no bare prompt: which format it meant is unclear.
     err = raises(tmp_path, [{"prompt": "q", "chosen": "a"}], "prompt")
     for text in ("['chosen', 'prompt']", "without rule", "implicit_prompt", "alpaca"):

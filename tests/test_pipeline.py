@@ -49,23 +49,22 @@ def test_reference_logps_are_the_sft_adapters_not_the_bare_base(tmp_path):
     from align.data import synthetic
     from align.models.logprobs import completion_logprobs
     from align.models.tiny import tiny_model_and_tokenizer
-    from align.stages.dpo import collate, encode_pairs
+    from align.stages.rank import collate_groups, encode_groups
 
     recipe = parse_recipe(tiny_recipe(tmp_path, dpo_steps=1))
     run_recipe(recipe, quiet=True)
-    cached = torch.load(tmp_path / "tiny" / "dpo" / "ref_logps_train.pt")  # [N, 2] chosen, rejected
+    cached = torch.tensor(torch.load(tmp_path / "tiny" / "dpo" / "ref_logps_train.pt"))  # [N, 2] chosen, rejected
 
     base, tokenizer = tiny_model_and_tokenizer()
-    rows = encode_pairs(synthetic.load("preference", "preference")[:8], tokenizer, recipe.stage("dpo").train)
-    batch = collate(tokenizer.pad_token_id)(rows)
+    pairs = [ex.as_ranked() for ex in synthetic.load("preference", "preference")[:8]]
+    batch = collate_groups(tokenizer.pad_token_id)(encode_groups(pairs, tokenizer, recipe.stage("dpo").train))
     args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     with torch.no_grad():
-        bare = completion_logprobs(base, *args)[0]
+        bare = completion_logprobs(base, *args)[0].view(8, 2)  # the batch holds each pair's two answers in turn
         sft = PeftModel.from_pretrained(base, str(tmp_path / "tiny" / "sft" / "adapter"))
-        with_sft = completion_logprobs(sft, *args)[0]
-    expected = torch.stack([with_sft[:8], with_sft[8:]], dim=1)
-    assert torch.allclose(cached[:8], expected, atol=1e-4)
-    assert (cached[:8] - torch.stack([bare[:8], bare[8:]], dim=1)).abs().max() > 1e-2
+        with_sft = completion_logprobs(sft, *args)[0].view(8, 2)
+    assert torch.allclose(cached[:8], with_sft, atol=1e-4)
+    assert (cached[:8] - bare).abs().max() > 1e-2
 
 
 def test_nf4_qlora_path_runs_sft_then_dpo(tmp_path):

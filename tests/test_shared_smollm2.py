@@ -65,3 +65,25 @@ stages:
     assert (tmp_path / "hhppo" / "rm" / "adapter" / "head.safetensors").is_file()
     ppo = summary["stages"]["ppo"]["metrics"]
     assert ppo["global_step"] == 1 and "reward/model:rm" in ppo and "reward/rule:concise" in ppo
+
+
+OASST = SHARED / "data" / "ranked" / "oasst_en_100_trees_0-59.jsonl.gz"
+
+
+@pytest.mark.skipif(not OASST.is_file(), reason="../shared OpenAssistant trees absent")
+def test_a_few_rank_steps_on_oasst_groups_in_nf4(tmp_path):
+    recipe = parse_recipe(f"""
+name: oasst
+output_dir: {tmp_path}
+model: {{base: {GGUF}, quantization: nf4, lora: {{r: 8, alpha: 16}}}}
+stages:
+  - name: rank
+    kind: rank
+    data: {{path: {OASST}, max_rows: 3}}
+    loss: {{type: plackett_luce, beta: 0.1}}
+    train: {{max_steps: 2, batch_size: 2, lr: 1.0e-4, max_length: 96, max_prompt_length: 48}}
+""")
+    summary = run_recipe(recipe, quiet=True)
+    state = summary["stages"]["rank"]
+    assert state["status"] == "done" and state["metrics"]["global_step"] == 2
+    assert {"rank/kendall_tau", "rank/accuracy", "rewards/rank_0", "rewards/rank_2"} <= state["metrics"].keys()

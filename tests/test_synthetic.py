@@ -1,15 +1,20 @@
 """The embedded synthetic task (splits, determinism, the held-out line) and the rules that check answers."""
 
+import dataclasses
+import hashlib
+import json
+
 import pytest
 
 from align.data import synthetic
 from align.data.formats import load_examples
-from align.data.schemas import PreferenceExample, SFTExample, TaskExample
+from align.data.schemas import PreferenceExample, RankedExample, SFTExample, TaskExample, UnpairedExample
 from align.eval.rules import RULE_KINDS, check
 
-SCHEMA = {"sft": SFTExample, "preference": PreferenceExample, "task": TaskExample}
-TRAIN_SPLITS = ("sft", "preference", "prompts")
-HELDOUT_SPLITS = ("heldout", "preference_heldout")
+SCHEMA = {"sft": SFTExample, "preference": PreferenceExample, "task": TaskExample, "ranked": RankedExample}
+TRAIN_SPLITS = ("sft", "preference", "prompts", "ranked")
+HELDOUT_SPLITS = ("heldout", "preference_heldout", "ranked_heldout")
+RANKED_SPLITS = ("ranked", "ranked_heldout")
 
 
 def prompt_text(example) -> str:
@@ -51,6 +56,10 @@ def test_n_and_seed():
 def test_wrong_kind_or_unknown_split_raises():
     with pytest.raises(ValueError, match="holds sft examples"):
         synthetic.load("sft", "preference")
+    with pytest.raises(ValueError, match="holds preference examples; it loads as preference, ranked, unpaired, prompt"):
+        synthetic.load("preference", "sft")
+    pairs = synthetic.load("preference", "preference", n=5)
+    assert synthetic.load("preference", "ranked", n=5) == [p.as_ranked() for p in pairs]  # pairs: rankings of two
     with pytest.raises(ValueError, match="unknown synthetic split"):
         synthetic.load("nope", "sft")
     with pytest.raises(ValueError, match="holds task examples"):
@@ -59,8 +68,8 @@ def test_wrong_kind_or_unknown_split_raises():
 
 @pytest.mark.parametrize("split", list(synthetic.SPLIT_KINDS))
 def test_every_split_loads_as_prompts_with_their_rules(split):
-    expected = [TaskExample([{"role": "user", "content": prompt}], {**rule, "family": family})
-                for family, (prompt, _good, _bads, rule) in synthetic.instances(split)]
+    expected = [TaskExample([{"role": "user", "content": inst.prompt}], {**inst.rule, "family": family})
+                for family, inst in synthetic.instances(split)]
     assert synthetic.load(split, "prompt") == expected
     loaded = load_examples(f"synthetic:{split}", "prompt", max_rows=5)
     assert (loaded.examples, loaded.format) == (expected[:5], "synthetic")
@@ -82,25 +91,27 @@ def test_heldout_prompts_never_appear_in_training_splits():
     assert train and heldout and not train & heldout
     for split in TRAIN_SPLITS + HELDOUT_SPLITS:  # the line is drawn by the prompt's hash, for any seed
         for seed in (0, 1):
-            for _, (prompt, *_rest) in synthetic.instances(split, n=70, seed=seed):
-                assert synthetic._is_heldout(prompt) == (split in HELDOUT_SPLITS)
+            for _, inst in synthetic.instances(split, n=70, seed=seed):
+                assert synthetic._is_heldout(inst.prompt) == (split in HELDOUT_SPLITS)
 
 
 @pytest.mark.parametrize("split", list(synthetic.SPLIT_KINDS))
 def test_good_answers_pass_and_bad_answers_fail(split):
-    for family, (prompt, good, bads, rule) in synthetic.instances(split):
-        assert check(rule, good), (family, prompt, good)
-        assert bads, family
-        for bad in bads:
-            assert not check(rule, bad), (family, prompt, bad)
+    for family, inst in synthetic.instances(split):
+        assert check(inst.rule, inst.good), (family, inst.prompt, inst.good)
+        assert inst.bads and inst.near_misses, family
+        assert set(inst.near_misses) <= set(inst.bads), family
+        for bad in [*inst.bads, inst.chatty]:
+            assert not check(inst.rule, bad), (family, inst.prompt, bad)
+        assert inst.good in inst.chatty, family  # the right content, in the wrong form
 
 
 def test_preference_pairs_are_good_against_one_of_the_bad_answers():
     instances = synthetic.instances("preference")
-    for example, (_, (prompt, good, bads, _rule)) in zip(synthetic.load("preference", "preference"), instances):
-        assert prompt_text(example) == prompt
-        assert example.chosen[0]["content"] == good
-        assert example.rejected[0]["content"] in bads
+    for example, (_, inst) in zip(synthetic.load("preference", "preference"), instances):
+        assert prompt_text(example) == inst.prompt
+        assert example.chosen[0]["content"] == inst.good
+        assert example.rejected[0]["content"] in inst.bads
 
 
 @pytest.mark.parametrize("split", HELDOUT_SPLITS)
@@ -114,8 +125,8 @@ def test_every_family_is_in_the_heldout_split(split):
 
 def test_corpus_covers_prompts_and_answers():
     texts = set(synthetic.corpus())
-    family, (prompt, good, bads, _) = synthetic.instances("heldout")[0]
-    assert {prompt, good, *bads} <= texts
+    _, inst = synthetic.instances("heldout")[0]
+    assert {inst.prompt, inst.good, *inst.bads} <= texts
 
 
 # --- rules ----------------------------------------------------------------------------------------
@@ -189,3 +200,91 @@ def test_preference_all_pairs_every_bad_answer_of_the_preference_prompts():
         assert p.rejected[0]["content"] in by_prompt[p.prompt[0]["content"]]
     assert len(pairs) > 2 * len(one_each)
     assert len(synthetic.load("preference_all", "preference", n=10)) == 10
+
+
+# --- the splits that existed before the ranked ones never change ------------------------------------
+
+# sha256 of json.dumps([asdict(e) for e in synthetic.load(split, kind)]), recorded before the ranked splits
+# were added: these examples (and the tiny tokenizer, trained on the corpus) feed recorded experiments.
+RECORDED = {
+    ("sft", "sft"): "32cedf2ec4391ed1cc8640134ccc4e020fb7965651dd1895744175b31c9db169",
+    ("sft", "prompt"): "35d860d6087d5c4c028f9c795496852f0a08f0599a1d137c3f9e99ea99e68f8d",
+    ("preference", "preference"): "6d765d8e4f80f0da2b39fb9457be59a4b5a92f6c1122c4cb858198ed0c828c28",
+    ("preference", "prompt"): "8d8315a47d8d935dc1a449d27dcf325edc51fd4d6579860ce5164b9268f35691",
+    ("preference_all", "preference"): "0723a05390596bd3d6c7c26a667d0fc2eb15455f8392c9ea632839d2f79e8c33",
+    ("preference_all", "prompt"): "8d8315a47d8d935dc1a449d27dcf325edc51fd4d6579860ce5164b9268f35691",
+    ("prompts", "task"): "ffdb82fd42d042f3d781b94fdc7a3ecee78e4eb27f8129a54af35a835626f29d",
+    ("prompts", "prompt"): "ffdb82fd42d042f3d781b94fdc7a3ecee78e4eb27f8129a54af35a835626f29d",
+    ("heldout", "task"): "e051d4dc495f48a2ea958ef3b13e7d381a4b9c7a6717226ff0f5d273d14955ee",
+    ("heldout", "prompt"): "e051d4dc495f48a2ea958ef3b13e7d381a4b9c7a6717226ff0f5d273d14955ee",
+    ("preference_heldout", "preference"): "bdb3926c49e7b7c6323242c00ca816c52c4428b0d6708e0927ad04b0e76ca6f6",
+    ("preference_heldout", "prompt"): "791915ea2ef0e0501884573108431057000e3d5fb9d8feac763eae28c3f15740",
+}
+RECORDED_CORPUS = "46626878158f652fece0e152c13161268a783400252ea6c1618974de0b3d58c7"
+
+
+def sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("split, kind", list(RECORDED))
+def test_existing_splits_are_byte_identical_to_the_recorded_ones(split, kind):
+    assert sha256_json([dataclasses.asdict(e) for e in synthetic.load(split, kind)]) == RECORDED[(split, kind)]
+
+
+def test_corpus_and_so_the_tiny_tokenizer_is_unchanged():
+    assert sha256_json(synthetic.corpus()) == RECORDED_CORPUS
+
+
+# --- the ranked splits ------------------------------------------------------------------------------
+
+def answers(example: RankedExample) -> list[str]:
+    assert all([m["role"] for m in response] == ["assistant"] for response in example.responses)
+    return [response[0]["content"] for response in example.responses]
+
+
+@pytest.mark.parametrize("split", RANKED_SPLITS)
+def test_ranked_groups_grade_four_answers(split):
+    groups = synthetic.load(split, "ranked")
+    instances = synthetic.instances(split)
+    goods = {}  # family -> the good answers of the split's prompts
+    for family, inst in instances:
+        goods.setdefault(family, set()).add(inst.good)
+    for group, (family, inst) in zip(groups, instances, strict=True):
+        assert prompt_text(group) == inst.prompt
+        texts = answers(group)
+        assert len(set(texts)) == 4 and sorted(group.scores) == [0, 1, 2, 3]
+        graded = dict(zip(group.scores, texts))
+        assert [check(inst.rule, graded[grade]) for grade in (3, 2, 1, 0)] == [True, False, False, False]
+        assert graded[3] == inst.good
+        assert inst.good in graded[2]  # the right content, in the wrong form
+        assert graded[1] in inst.near_misses
+        assert graded[0] in goods[family]  # the good answer to another prompt of the family
+    # the order is shuffled: every grade turns up at every position
+    assert {(position, score) for g in groups for position, score in enumerate(g.scores)} == {
+        (position, score) for position in range(4) for score in range(4)}
+    assert synthetic.load(split, "ranked", n=10) == groups[:10]
+    assert synthetic.load(split, "ranked", seed=1) != groups
+    assert load_examples(f"synthetic:{split}", "ranked").examples == groups
+
+
+@pytest.mark.parametrize("split", RANKED_SPLITS)
+def test_ranked_splits_binarize_to_the_best_against_the_other_prompts_answer(split):
+    for pair, group in zip(synthetic.load(split, "preference"), synthetic.load(split, "ranked"), strict=True):
+        graded = dict(zip(group.scores, group.responses))
+        assert pair == PreferenceExample(group.prompt, graded[3], graded[0])
+
+
+def test_ranked_heldout_prompts_are_not_training_prompts():
+    train = {prompt_text(e) for e in synthetic.load("ranked", "ranked")}
+    heldout = {prompt_text(e) for e in synthetic.load("ranked_heldout", "ranked")}
+    assert len(train) == 448 and len(heldout) == 70 and not train & heldout
+
+
+@pytest.mark.parametrize("split", ["preference", "preference_heldout", "ranked"])
+def test_pairs_load_as_unpaired_chosen_desirable_rejected_not(split):
+    pairs = synthetic.load(split, "preference")
+    expected = [UnpairedExample(p.prompt, completion, desirable)
+                for p in pairs for completion, desirable in ((p.chosen, True), (p.rejected, False))]
+    assert synthetic.load(split, "unpaired") == expected
+    assert load_examples(f"synthetic:{split}", "unpaired", max_rows=3).examples == expected[:6]

@@ -1,10 +1,21 @@
 """Detect a data file's format and convert its rows into the schema objects stages accept.
 
 Each format is one `Format` entry in `FORMATS`, keyed by (kind, name): the kind is what a stage asks
-for ("sft", "preference", "task", "prompt"), the name is what a user writes in `data.format`. New formats
-(ranked lists, OASST trees, ratings) are new entries; detection tries a kind's entries in order, so
-more specific formats come first. Converters are pure: they take one row and raise
-`DataError(field=...)`; `load_examples` adds the file and row number.
+for ("sft", "preference", "task", "prompt", "ranked", "unpaired"), the name is what a user writes in
+`data.format`. New formats are new entries; detection tries a kind's entries in order, so more specific
+formats come first. Converters are pure: they take one row and return one schema object, or a list of
+them (an OASST tree holds many ranked groups, possibly none), or raise `DataError(field=...)`;
+`load_examples` adds the file and row number.
+
+Kinds also read each other's formats, under the same names:
+- ranked (`RankedExample`): OASST trees, ranked lists, UltraFeedback, scored responses; and every pair
+  format, as a ranking of two;
+- preference (`PreferenceExample`): the pair formats; and every ranked format, as its best response
+  against its worst (an OASST tree gives one pair per ranked group);
+- unpaired (`UnpairedExample`, KTO's data): TRL's unpaired rows; and every preference format, each pair
+  as two rows (chosen desirable, rejected undesirable);
+- prompt (`TaskExample`): task rows with their rule; bare prompts, and the prompt of every preference
+  (ranked formats included: one per group) and SFT row, without one.
 """
 
 from __future__ import annotations
@@ -17,28 +28,49 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from align.data import sources
-from align.data.schemas import Message, PreferenceExample, SFTExample, TaskExample
+from align.data.schemas import (
+    Message,
+    PreferenceExample,
+    RankedExample,
+    SFTExample,
+    TaskExample,
+    UnpairedExample,
+)
 from align.errors import DataError
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-KINDS = ("sft", "preference", "task", "prompt")
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+KINDS = ("sft", "preference", "task", "prompt", "ranked", "unpaired")
 
 
 @dataclass(frozen=True)
 class Format:
     expects: str  # the keys a row needs, for error messages and --help
     detect: Callable[[dict], bool]  # does this (first) row look like this format?
-    convert: Callable[[dict], object]  # row -> schema object, or DataError naming the field
+    convert: Callable[[dict], object]  # row -> schema object or list of them, or DataError naming the field
 
 
 # field helpers: every check names the field it looked at
-def _get(row: dict, key: str, types: type | tuple, what: str):
+def _at(within: str, key: str) -> str:
+    """The name of field `key` of the object at field `within` ("" for the row itself)."""
+    return f"{within}.{key}" if within else key
+
+
+def _get(row: dict, key: str, types: type | tuple, what: str, within: str = ""):
+    """`row[key]`, checked; `within` names where `row` sits, when it is an object inside the row."""
     if key not in row or row[key] is None:
-        raise DataError(f"missing; this format needs {what}", field=key)
+        raise DataError(f"missing; this format needs {what}", field=_at(within, key))
     if not isinstance(row[key], types):
-        raise DataError(f"expected {what}, got {type(row[key]).__name__} {_short(row[key])}", field=key)
+        raise DataError(f"expected {what}, got {type(row[key]).__name__} {_short(row[key])}", field=_at(within, key))
     return row[key]
+
+
+def _finite(value: object, field: str) -> float:
+    # bool is an int to Python, but `true` is no number; NaN or infinity would poison the loss.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"expected a finite number, got {type(value).__name__} {_short(value)}", field=field)
+    return float(value)
 
 
 def _short(value: object) -> str:
@@ -62,10 +94,18 @@ def _messages(value: list, field: str, role_key="role", content_key="content", r
     return out
 
 
-def _turns(row: dict, key: str, role: str) -> list[Message]:
+def _as_messages(value: object, field: str, role: str) -> list[Message]:
     """TRL's standard format holds a plain string (one `role` message); its conversational format a list."""
-    value = _get(row, key, (str, list), "a string or a list of messages")
-    return [{"role": role, "content": value}] if isinstance(value, str) else _messages(value, key)
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return _messages(value, field)
+    raise DataError(f"expected a string or a list of messages, got {type(value).__name__} {_short(value)}",
+                    field=field)
+
+
+def _turns(row: dict, key: str, role: str) -> list[Message]:
+    return _as_messages(_get(row, key, (str, list), "a string or a list of messages"), key, role)
 
 
 def _nonempty(messages: list[Message], field: str) -> list[Message]:
@@ -168,12 +208,7 @@ def _sharegpt(row: dict) -> SFTExample:
 def _margin(row: dict) -> float | None:
     """The optional `margin` key (TRL's RewardTrainer column): how much better `chosen` is."""
     margin = row.get("margin")
-    if margin is None:
-        return None
-    # bool is an int to Python, but `true` is no margin; NaN or infinity would poison the loss.
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise DataError(f"expected a finite number, got {type(margin).__name__} {_short(margin)}", field="margin")
-    return float(margin)
+    return None if margin is None else _finite(margin, "margin")
 
 
 def _preference(row: dict) -> PreferenceExample:
@@ -216,9 +251,108 @@ def _bare_prompt(row: dict) -> TaskExample:
     return TaskExample(prompt=_turns(row, "prompt", "user"), rule={})
 
 
-def _prompt_of(fmt: Format) -> Format:
-    """`fmt` for the prompt kind: the row's prompt (the conversation before the reply), with no rule."""
-    return Format(fmt.expects, fmt.detect, lambda row: TaskExample(prompt=fmt.convert(row).prompt, rule={}))
+# ranked formats: K >= 2 responses to one prompt, each with a score
+def _ranking(prompt: list[Message], responses: list[list[Message]], scores: list[float], responses_field: str,
+             scores_field: str) -> RankedExample:
+    """The checks on a whole group, once each response and score has been read and checked."""
+    if len(responses) < 2:
+        raise DataError(f"has {len(responses)} response(s); a ranking needs at least 2", field=responses_field)
+    if len(set(scores)) == 1:
+        raise DataError(f"all {len(scores)} responses have the same score; a ranking needs at least two different "
+                        "scores", field=scores_field)
+    return RankedExample(prompt, responses, scores)
+
+
+def _rank_score(rank: float) -> float:
+    return 0.0 - rank  # rank 0 is the best; `-rank` would make it -0.0, which prints as "-0"
+
+
+def _listed(row: dict, responses_key: str, scores_key: str, ranks: bool = False) -> RankedExample:
+    """A prompt, a list of responses and a parallel list of scores (or of ranks, 0 = best)."""
+    values = _get(row, responses_key, list, "a list of responses (strings or message lists)")
+    responses = [_nonempty(_as_messages(value, f"{responses_key}[{i}]", "assistant"), f"{responses_key}[{i}]")
+                 for i, value in enumerate(values)]
+    numbers = _get(row, scores_key, list, "a list of numbers, one per response")
+    if len(numbers) != len(responses):
+        raise DataError(f"has {len(numbers)} entries for the {len(responses)} responses in '{responses_key}'; "
+                        "give one per response", field=scores_key)
+    scores = [_finite(number, f"{scores_key}[{i}]") for i, number in enumerate(numbers)]
+    scores = [_rank_score(rank) for rank in scores] if ranks else scores
+    return _ranking(_turns(row, "prompt", "user"), responses, scores, responses_key, scores_key)
+
+
+def _ranked(row: dict) -> RankedExample:
+    # A null counts as absent: a Parquet file with both columns has one of them null in every row.
+    has_ranks, has_scores = row.get("ranks") is not None, row.get("scores") is not None
+    if has_ranks == has_scores:
+        raise DataError("give exactly one of 'ranks' (0 = best) and 'scores' (higher is better)",
+                        field="scores" if has_ranks else "ranks")
+    return _listed(row, "responses", "ranks", ranks=True) if has_ranks else _listed(row, "responses", "scores")
+
+
+def _scored_responses(row: dict) -> RankedExample:
+    return _listed(row, "all_generated_responses", "all_rm_scores")
+
+
+def _ultrafeedback(row: dict) -> RankedExample:
+    prompt = [{"role": "user", "content": _get(row, "instruction", str, "a string")}]
+    responses, scores = [], []
+    for i, completion in enumerate(_get(row, "completions", list, "a list of {response, overall_score} objects")):
+        where = f"completions[{i}]"
+        if not isinstance(completion, dict):
+            raise DataError(f"expected an object {{response, overall_score}}, got {_short(completion)}", field=where)
+        text = _get(completion, "response", str, "a string", within=where)
+        responses.append(_nonempty([{"role": "assistant", "content": text}], _at(where, "response")))
+        # UltraFeedback's overall score (the critique's) is its headline rating; the mean of the
+        # fine-grained ratings stands in where a dataset has only that.
+        key = "overall_score" if completion.get("overall_score") is not None else "fine-grained_score"
+        if completion.get(key) is None:
+            raise DataError("missing, and so is 'fine-grained_score'; every completion needs a score",
+                            field=_at(where, "overall_score"))
+        scores.append(_finite(completion[key], _at(where, key)))
+    return _ranking(prompt, responses, scores, "completions", "completions")
+
+
+def _oasst_tree(row: dict) -> list[RankedExample]:
+    """Every ranked group in an OpenAssistant message tree, at any depth; a tree may have none."""
+    # Exports hold {message_tree_id, prompt: root message}; some give the root message as the row itself.
+    root, field = (row["prompt"], "prompt") if isinstance(row.get("prompt"), dict) else (row, "")
+    groups: list[RankedExample] = []
+    _oasst_walk(root, field, [], groups)
+    return groups
+
+
+def _oasst_walk(node: object, field: str, path: list[Message], groups: list[RankedExample]) -> None:
+    """Collect the groups at and below `node`; `path` is the conversation from the root down to its parent."""
+    path = [*path, _oasst_message(node, field)]
+    replies = node.get("replies", [])
+    if not isinstance(replies, list):
+        raise DataError(f"expected a list of messages, got {_short(replies)}", field=_at(field, "replies"))
+    # Moderators deleted these messages: neither they nor the conversations under them are used.
+    kept = [(f"{_at(field, 'replies')}[{i}]", reply) for i, reply in enumerate(replies)
+            if not (isinstance(reply, dict) and reply.get("deleted"))]
+    ranked = [(where, reply) for where, reply in kept if isinstance(reply, dict) and reply.get("rank") is not None]
+    # Humans ranked the assistant replies to a prompter message; one ranked reply has nothing to beat.
+    if path[-1]["role"] == "user" and len(ranked) >= 2:
+        responses = [_nonempty([_oasst_message(reply, where)], _at(where, "text")) for where, reply in ranked]
+        scores = [_rank_score(_finite(reply["rank"], _at(where, "rank"))) for where, reply in ranked]
+        groups.append(_ranking(path, responses, scores, _at(field, "replies"), _at(field, "replies")))
+    for where, reply in kept:
+        _oasst_walk(reply, where, path, groups)
+
+
+def _oasst_message(node: object, field: str) -> Message:
+    if not isinstance(node, dict):
+        raise DataError(f"expected a message object {{text, role, replies}}, got {_short(node)}", field=field)
+    role = node.get("role")
+    if role not in OASST_ROLES:
+        raise DataError(f"unknown role {_short(role)}; expected one of {list(OASST_ROLES)}", field=_at(field, "role"))
+    return {"role": OASST_ROLES[role], "content": _get(node, "text", str, "a string", within=field)}
+
+
+def _unpaired(row: dict) -> UnpairedExample:
+    completion = _nonempty(_turns(row, "completion", "assistant"), "completion")
+    return UnpairedExample(_turns(row, "prompt", "user"), completion, _get(row, "label", bool, "true or false"))
 
 
 # Detectors. HH and implicit-prompt rows share keys with TRL's rows, so those look at the values too.
@@ -235,8 +369,14 @@ def _lists(*keys: str) -> Callable[[dict], bool]:
 
 
 def _is_bare_prompt(row: dict) -> bool:
-    # Tried before the preference and SFT formats: a row with their keys besides `prompt` is theirs.
-    return "prompt" in row and not row.keys() & {"rule", "chosen", "rejected", "completion"}
+    # Tried before the preference and SFT formats: a row with their keys besides `prompt` is theirs, and an
+    # object as `prompt` is an OASST tree's first message.
+    return ("prompt" in row and not row.keys() & {"rule", "chosen", "rejected", "completion"}
+            and not isinstance(row["prompt"], dict))
+
+
+def _is_oasst_tree(row: dict) -> bool:
+    return isinstance(row.get("prompt"), dict) or _has("role", "text", "replies")(row)
 
 
 # Detection order within a kind matters: the first match wins, so more specific formats come first.
@@ -257,24 +397,21 @@ FORMATS: dict[tuple[str, str], Format] = {
     ("preference", "hh_rlhf"): Format(f"chosen, rejected: {HH} transcripts",
                                       _is_hh("chosen", "rejected"), _hh_preference),
     ("task", "task"): Format("prompt (string or message list), rule: {kind, ...}", _has("prompt", "rule"), _task),
+    ("ranked", "oasst_tree"): Format("an OpenAssistant message tree {message_tree_id, prompt: {text, role: prompter|"
+                                     "assistant, replies: [...]}} or its root message alone; the replies to a "
+                                     "prompter message that have a rank (0 = best) form a group",
+                                     _is_oasst_tree, _oasst_tree),
+    ("ranked", "ranked"): Format("prompt, responses (strings or message lists), and either ranks (0 = best, ties "
+                                 "allowed) or scores (higher is better), one per response",
+                                 _has("prompt", "responses"), _ranked),
+    ("ranked", "ultrafeedback"): Format("instruction, completions: [{response, overall_score or fine-grained_score}, "
+                                        "...]", _has("instruction", "completions"), _ultrafeedback),
+    ("ranked", "scored_responses"): Format("prompt, all_generated_responses, all_rm_scores (as SimPO's on-policy "
+                                           "UltraFeedback)", _has("prompt", "all_generated_responses", "all_rm_scores"),
+                                           _scored_responses),
+    ("unpaired", "unpaired"): Format("prompt, completion (strings or message lists), label: true (desirable) or false",
+                                     _has("prompt", "completion", "label"), _unpaired),
 }
-
-
-def _prompt_kind() -> dict[tuple[str, str], Format]:
-    """The prompt kind (what PPO samples responses for): task rows keep their rule; bare prompts and the
-    prompt of every preference and SFT row get none. Where both kinds have a name (hh_rlhf), the preference
-    one wins: its prompt is the prefix both transcripts share, which a reply that invents turns cannot move."""
-    out = {("prompt", "task"): FORMATS[("task", "task")],
-           ("prompt", "prompt"): Format("prompt (string or message list), without rule, chosen, rejected or completion",
-                                        _is_bare_prompt, _bare_prompt)}
-    for source in ("preference", "sft"):
-        for (kind, name), fmt in FORMATS.items():
-            if kind == source:
-                out.setdefault(("prompt", name), _prompt_of(fmt))
-    return out
-
-
-FORMATS.update(_prompt_kind())
 
 
 def formats_for(kind: str) -> dict[str, Format]:
@@ -288,9 +425,58 @@ def describe_formats(kind: str) -> str:
     return "\n".join(f"  {name}: {fmt.expects}" for name, fmt in formats_for(kind).items())
 
 
+# Kinds that read other kinds' formats (see the module docstring). Each derived format keeps its name
+# and detector and converts the source format's objects; derived entries come after a kind's own.
+def _as_list(converted: object) -> list:
+    return converted if isinstance(converted, list) else [converted]
+
+
+def _derived(fmt: Format, convert: Callable[[object], object]) -> Format:
+    """`fmt` read as another kind: `convert` maps each object `fmt` gives to one or a list of that kind's."""
+    return Format(fmt.expects, fmt.detect,
+                  lambda row: [out for example in _as_list(fmt.convert(row)) for out in _as_list(convert(example))])
+
+
+def _prompt_only(example) -> TaskExample:
+    return TaskExample(prompt=example.prompt, rule={})
+
+
+PAIR_FORMATS = tuple(formats_for("preference"))  # the preference kind's own formats, before ranked ones join it
+
+
+def _derived_kinds() -> dict[tuple[str, str], Format]:
+    pairs, rankings = formats_for("preference"), formats_for("ranked")
+    binarized = {name: _derived(fmt, RankedExample.best_vs_worst) for name, fmt in rankings.items()}
+    derived = {("ranked", name): _derived(fmt, PreferenceExample.as_ranked) for name, fmt in pairs.items()}
+    derived.update({("preference", name): fmt for name, fmt in binarized.items()})
+    for name, fmt in {**pairs, **binarized}.items():
+        derived[("unpaired", name)] = _derived(fmt, PreferenceExample.as_unpaired)
+    return derived
+
+
+FORMATS.update(_derived_kinds())
+
+
+def _prompt_kind() -> dict[tuple[str, str], Format]:
+    """The prompt kind (what PPO samples responses for): task rows keep their rule; bare prompts and the
+    prompt of every preference (ranked formats included: one per group) and SFT row get none. Where both
+    kinds have a name (hh_rlhf), the preference one wins: its prompt is the prefix both transcripts share,
+    which a reply that invents turns cannot move."""
+    out = {("prompt", "task"): FORMATS[("task", "task")],
+           ("prompt", "prompt"): Format("prompt (string or message list), without rule, chosen, rejected or completion",
+                                        _is_bare_prompt, _bare_prompt)}
+    for source in ("preference", "sft"):
+        for name, fmt in formats_for(source).items():
+            out.setdefault(("prompt", name), _derived(fmt, _prompt_only))
+    return out
+
+
+FORMATS.update(_prompt_kind())
+
+
 @dataclass
 class LoadedData:
-    examples: list  # schema objects (SFTExample, PreferenceExample, TaskExample)
+    examples: list  # schema objects (SFTExample, PreferenceExample, TaskExample, RankedExample, UnpairedExample)
     format: str
     source: str  # the path as given
     rows_read: int  # rows seen, good and bad (blank JSONL lines are not rows)
@@ -329,7 +515,7 @@ def load_examples(
             if isinstance(row, DataError):
                 raise row
             picked = picked or _detect(row, kind, available, path)
-            examples.append(available[picked].convert(row))
+            examples.extend(_as_list(available[picked].convert(row)))
         except DataError as e:
             if e.file is None:  # converters name the field; the file and row are known here
                 e = DataError(e.message, file=path, row=number, field=e.field)
@@ -337,7 +523,10 @@ def load_examples(
                 raise e from None
             skipped.append(e)
     if not examples:
-        reason = f"all {rows_read} rows are bad; the first: {skipped[0]}" if skipped else "no rows in the file"
+        if skipped:
+            reason = f"all {rows_read} rows are bad; the first: {skipped[0]}"
+        else:  # rows that give none: OASST trees without a ranked group
+            reason = f"its {rows_read} rows hold none" if rows_read else "no rows in the file"
         raise DataError(f"no usable {kind} examples: {reason}", file=path)
     return LoadedData(examples, picked, path, rows_read, skipped, sources.fingerprint(path))
 

@@ -14,12 +14,16 @@ from rich.table import Table
 from rich.text import Text
 
 from align.data.collate import encode, encode_prompt
-from align.data.formats import describe_formats, load_examples
+from align.data.formats import PAIR_FORMATS, describe_formats, load_examples
 from align.data.sources import read_rows
 from align.errors import AlignError, DataError
 from align.ui import console
 
-KINDS = ("preference", "sft", "task", "prompt")  # auto tries them in this order: bare prompts last
+# Auto tries the kinds in this order, bare prompts last. Ranked and unpaired come before the kinds that
+# also read their files (preference reads ranked files, sft reads {prompt, completion, label}), so their
+# files show as what they are; the pair files that they too read are left to the preference kind.
+KINDS = ("ranked", "preference", "unpaired", "sft", "task", "prompt")
+READ_FROM_PAIRS = ("ranked", "unpaired")
 
 
 def _load_any_kind(path, kind, format, skip_bad_rows):
@@ -28,9 +32,12 @@ def _load_any_kind(path, kind, format, skip_bad_rows):
     errors = []
     for candidate in KINDS:
         try:
-            return candidate, load_examples(path, candidate, format, skip_bad_rows)
+            loaded = load_examples(path, candidate, format, skip_bad_rows)
         except DataError as err:
             errors.append(err)
+            continue
+        if not (candidate in READ_FROM_PAIRS and loaded.format in PAIR_FORMATS):
+            return candidate, loaded
     row_errors = [e for e in errors if e.row is not None]
     if row_errors:  # a kind whose format matched and then met a bad row: that is the user's problem
         raise max(row_errors, key=lambda e: e.row)
@@ -56,6 +63,11 @@ def _completions(example, kind):
         return [("completion", example.completion)]
     if kind == "preference":
         return [("chosen", example.chosen), ("rejected", example.rejected)]
+    if kind == "ranked":
+        return [(f"response {i} (score {score:g})", response)
+                for i, (response, score) in enumerate(zip(example.responses, example.scores), start=1)]
+    if kind == "unpaired":
+        return [(f"completion ({'desirable' if example.desirable else 'undesirable'})", example.completion)]
     return []
 
 
@@ -82,7 +94,10 @@ def inspect_file(path, model, kind="auto", format="auto", skip_bad_rows=False, r
 
     summary = Table(title=f"{path}", show_header=False)
     summary.add_row("kind / format", f"{kind} / {loaded.format}")
-    summary.add_row("rows", f"{len(loaded.examples)} usable, {len(loaded.skipped)} skipped")
+    rows = f"{len(loaded.examples)} usable, {len(loaded.skipped)} skipped"
+    if len(loaded.examples) != loaded.rows_read - len(loaded.skipped):  # a row may give several (OASST trees)
+        rows += f", from {loaded.rows_read} rows read"
+    summary.add_row("rows", rows)
     summary.add_row("tokenizer", model_desc)
     summary.add_row("prompt tokens min/mean/max", _stats(prompt_lens))
     summary.add_row("completion tokens min/mean/max", _stats(completion_lens))

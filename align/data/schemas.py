@@ -32,6 +32,42 @@ class PreferenceExample:
     rejected: list[Message]
     margin: float | None = None
 
+    def as_ranked(self) -> RankedExample:
+        """The pair as a ranking of two (the margin, a gap between rewards, has no place in one)."""
+        return RankedExample(self.prompt, [self.chosen, self.rejected], [1.0, 0.0])
+
+    def as_unpaired(self) -> list[UnpairedExample]:
+        """The pair as two unpaired examples, KTO's way: `chosen` desirable, `rejected` not."""
+        return [UnpairedExample(self.prompt, self.chosen, True), UnpairedExample(self.prompt, self.rejected, False)]
+
+
+@dataclass
+class RankedExample:
+    """One prompt with K >= 2 responses, each with a score (higher is better, equal = tie).
+
+    Compare scores only within one example: each format keeps its own scale (OASST's rank r becomes -r,
+    UltraFeedback's ratings stay as given).
+    """
+
+    prompt: list[Message]
+    responses: list[list[Message]]
+    scores: list[float]
+
+    def best_vs_worst(self) -> PreferenceExample:
+        """The pair with the widest gap: the first highest-scored against the last lowest-scored response."""
+        best = self.scores.index(max(self.scores))
+        worst = len(self.scores) - 1 - self.scores[::-1].index(min(self.scores))
+        return PreferenceExample(self.prompt, self.responses[best], self.responses[worst])
+
+
+@dataclass
+class UnpairedExample:
+    """One prompt and one completion labelled desirable or not (KTO's data)."""
+
+    prompt: list[Message]
+    completion: list[Message]
+    desirable: bool
+
 
 @dataclass
 class TaskExample:

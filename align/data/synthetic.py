@@ -11,9 +11,14 @@ content (off by one, the wrong item, one repetition too many) or the right conte
   offers, as InstructGPT trains its reward model (more near misses for a reward model to tell apart);
 - `prompts`: training prompts with their checking rule, for PPO to sample responses for;
 - `heldout`: prompts with their checking rule (`align.eval.rules`), for task accuracy;
-- `preference_heldout`: pairs on held-out prompts, for reward accuracy and margin.
+- `preference_heldout`: pairs on held-out prompts, for reward accuracy and margin;
+- `ranked`, `ranked_heldout`: each prompt with four answers in shuffled order, scored 3 (the good answer),
+  2 (the right content in the wrong form: a chatty sentence around the good answer), 1 (a near miss in
+  the content) and 0 (the good answer to another prompt of the family), for listwise preference training.
 
-Every split also loads as the `prompt` kind: its prompts, each with its rule.
+Every split also loads as the `prompt` kind: its prompts, each with its rule. The ranked splits also load
+as `preference` (each group's best against its worst answer), the preference splits as `ranked` (rankings
+of two), and both as `unpaired` (each pair as a desirable and an undesirable completion, for KTO).
 
 Held-out prompts never occur in a training split: every prompt is assigned to one side by a hash of
 its text, so the split is the same on every machine and every run.
@@ -24,9 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from align.data.schemas import PreferenceExample, SFTExample, TaskExample
+from align.data.schemas import PreferenceExample, RankedExample, SFTExample, TaskExample
 
 WORDS = (
     "apple river stone cloud garden window silver forest candle rabbit orange pencil rocket castle "
@@ -36,82 +41,103 @@ WORDS = (
 ).split()
 JSON_KEYS = "id count age score level total year size".split()
 
-Instance = tuple[str, str, list[str], dict]  # prompt, good answer, bad answers, rule
+class Instance(NamedTuple):
+    prompt: str
+    good: str
+    bads: list[str]  # plausible bad answers, for the preference splits
+    rule: dict
+    chatty: str  # the right content in the wrong form: the good answer inside a sentence
+    near_misses: list[str]  # bad answers that are wrong in their content: off by one, the wrong item
 
 
 def _add(rng: random.Random) -> Instance:
     a, b = rng.randint(2, 49), rng.randint(2, 49)
     s = a + b
-    return (
+    near_misses, chatty = [str(s + 1), str(s - 1)], f"The answer is {s}."
+    return Instance(
         f"What is {a} + {b}? Reply with the number only.",
         str(s),
-        [str(s + 1), str(s - 1), f"{a} + {b} = {s}", f"The answer is {s}."],
+        [*near_misses, f"{a} + {b} = {s}", chatty],
         {"kind": "exact", "answer": str(s)},
+        chatty, near_misses,
     )
 
 
 def _capitals(rng: random.Random) -> Instance:
     w = " ".join(rng.sample(WORDS, rng.randint(1, 2)))
-    return (
+    near_misses, chatty = [w, w.title()], f"In capital letters: {w.upper()}."
+    return Instance(
         f"Write '{w}' in capital letters. Reply with the capitalized text only.",
         w.upper(),
-        [w, w.title(), f"In capital letters: {w.upper()}."],
+        [*near_misses, chatty],
         {"kind": "exact", "answer": w.upper()},
+        chatty, near_misses,
     )
 
 
 def _repeat(rng: random.Random) -> Instance:
     w, n = rng.choice(WORDS), rng.randint(2, 5)
     good = " ".join([w] * n)
-    return (
+    near_misses, chatty = [" ".join([w] * (n + 1)), " ".join([w] * (n - 1))], f"Sure! {good}"
+    return Instance(
         f"Repeat the word '{w}' {n} times, separated by spaces.",
         good,
-        [" ".join([w] * (n + 1)), " ".join([w] * (n - 1)), f"Sure! {good}"],
+        [*near_misses, chatty],
         {"kind": "exact", "answer": good},
+        chatty, near_misses,
     )
 
 
 def _first_item(rng: random.Random) -> Instance:
     items = rng.sample(WORDS, rng.randint(3, 4))
     listed = ", ".join(items)
-    return (
+    near_misses, chatty = [items[1], items[-1]], f"The first item is {items[0]}."
+    return Instance(
         f"What is the first item in this list: {listed}? Reply with the item only.",
         items[0],
-        [items[1], items[-1], f"The first item is {items[0]}."],
+        [*near_misses, chatty],
         {"kind": "exact", "answer": items[0]},
+        chatty, near_misses,
     )
 
 
 def _larger(rng: random.Random) -> Instance:
     a, b = rng.sample(range(1, 100), 2)
     hi, lo = max(a, b), min(a, b)
-    return (
+    near_misses, chatty = [str(lo)], f"{hi} is larger than {lo}."
+    return Instance(
         f"Which number is larger, {a} or {b}? Reply with the number only.",
         str(hi),
-        [str(lo), f"{hi} is larger than {lo}."],
+        [*near_misses, chatty],
         {"kind": "exact", "answer": str(hi)},
+        chatty, near_misses,
     )
 
 
 def _json_object(rng: random.Random) -> Instance:
     k, v = rng.choice(JSON_KEYS), rng.randint(1, 99)
-    return (
+    near_misses, chatty = [json.dumps({k: v + 1})], f"Here is the JSON: {json.dumps({k: v})}"
+    return Instance(
         f'Return a JSON object with the key "{k}" set to {v}. Reply with the JSON only.',
         json.dumps({k: v}),
-        [f"{{{k}: {v}}}", json.dumps({k: v + 1}), f"Here is the JSON: {json.dumps({k: v})}"],
+        [f"{{{k}: {v}}}", *near_misses, chatty],  # the first: JSON without quotes, neither content nor chat
         {"kind": "json", "answer": {k: v}},
+        chatty, near_misses,
     )
 
 
 def _sort(rng: random.Random) -> Instance:
     nums = rng.sample(range(1, 60), 3)
     ordered = sorted(nums)
-    return (
+    good = ", ".join(map(str, ordered))
+    near_misses = [", ".join(map(str, reversed(ordered))), ", ".join(map(str, [ordered[1], ordered[0], ordered[2]]))]
+    return Instance(
         f"Sort these numbers from smallest to largest: {nums[0]}, {nums[1]}, {nums[2]}. "
         "Reply with the numbers separated by commas.",
-        ", ".join(map(str, ordered)),
-        [", ".join(map(str, reversed(ordered))), ", ".join(map(str, [ordered[1], ordered[0], ordered[2]]))],
-        {"kind": "exact", "answer": ", ".join(map(str, ordered))},
+        good,
+        near_misses,  # without the chatty answer, which came later: the preference splits' data stays as it was
+        {"kind": "exact", "answer": good},
+        f"Sorted: {good}.", near_misses,
     )
 
 
@@ -125,9 +151,12 @@ FAMILIES: dict[str, Callable[[random.Random], Instance]] = {
     "sort": _sort,
 }
 SPLIT_SIZES = {"sft": 448, "preference": 448, "preference_all": 448, "prompts": 448, "heldout": 70,
-               "preference_heldout": 70}  # in prompts
+               "preference_heldout": 70, "ranked": 448, "ranked_heldout": 70}  # in prompts
 SPLIT_KINDS = {"sft": "sft", "preference": "preference", "preference_all": "preference", "prompts": "task",
-               "heldout": "task", "preference_heldout": "preference"}
+               "heldout": "task", "preference_heldout": "preference", "ranked": "ranked", "ranked_heldout": "ranked"}
+HELDOUT_SPLITS = ("heldout", "preference_heldout", "ranked_heldout")
+# The kinds a split's examples also load as, besides "prompt"
+ALSO_LOADS_AS = {"preference": ("ranked", "unpaired"), "ranked": ("preference", "unpaired")}
 
 
 def _is_heldout(prompt: str) -> bool:
@@ -137,7 +166,7 @@ def _is_heldout(prompt: str) -> bool:
 def instances(split: str, n: int | None = None, seed: int = 0) -> list[tuple[str, Instance]]:
     """`n` distinct (family, instance) on the split's side of the held-out line, families in turn."""
     n = SPLIT_SIZES[split] if n is None else n
-    heldout = split in ("heldout", "preference_heldout")
+    heldout = split in HELDOUT_SPLITS
     # Each split draws from its own stream, so SFT, DPO and PPO see different prompts.
     rng = random.Random(f"{'preference' if split == 'preference_all' else split}:{seed}")
     names = list(FAMILIES)
@@ -147,11 +176,11 @@ def instances(split: str, n: int | None = None, seed: int = 0) -> list[tuple[str
         family = names[len(out) % len(names)]
         for _ in range(1000):
             inst = FAMILIES[family](rng)
-            if inst[0] not in seen and _is_heldout(inst[0]) == heldout:
+            if inst.prompt not in seen and _is_heldout(inst.prompt) == heldout:
                 break
         else:
             raise ValueError(f"synthetic split {split}: family {family} has too few distinct prompts for n={n}")
-        seen.add(inst[0])
+        seen.add(inst.prompt)
         out.append((family, inst))
     return out
 
@@ -164,32 +193,62 @@ def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
+def _ranked(split: str, n: int | None, seed: int) -> list[RankedExample]:
+    """Each prompt's four answers, graded 3 to 0 (see the module docstring), in shuffled order."""
+    rng = random.Random(f"grades:{split}:{seed}")  # a stream of its own: the other splits stay as they were
+    pool = instances(split, seed=seed)  # grade 0 answers another prompt of the whole split, whatever `n` is
+    groups = []
+    for family, inst in instances(split, n, seed):
+        scores = {inst.good: 3.0, inst.chatty: 2.0, rng.choice(inst.near_misses): 1.0}
+        # Another prompt of the family may have the same answer (the same sum, say), or a near miss's.
+        others = [other.good for other_family, other in pool if other_family == family and other.good not in scores]
+        scores[rng.choice(others)] = 0.0
+        order = list(scores)
+        rng.shuffle(order)  # so that no position tells the grade
+        groups.append(RankedExample(_user(inst.prompt), [_assistant(a) for a in order], [scores[a] for a in order]))
+    return groups
+
+
 def load(split: str, kind: str, n: int | None = None, seed: int = 0) -> list:
-    """Examples of one split as schema objects (`kind` must be the split's kind, or "prompt")."""
+    """Examples of one split as schema objects (`kind` must be one the split loads as, see the docstring)."""
     if split not in SPLIT_KINDS:
         raise ValueError(f"unknown synthetic split '{split}'; known: {', '.join(SPLIT_KINDS)}")
-    if kind not in (SPLIT_KINDS[split], "prompt"):
-        raise ValueError(f"synthetic:{split} holds {SPLIT_KINDS[split]} examples (or prompts), not {kind}")
+    loads_as = (SPLIT_KINDS[split], *ALSO_LOADS_AS.get(SPLIT_KINDS[split], ()), "prompt")
+    if kind not in loads_as:
+        raise ValueError(f"synthetic:{split} holds {SPLIT_KINDS[split]} examples; it loads as {', '.join(loads_as)}, "
+                         f"not {kind}")
+    if kind == "unpaired":
+        return [half for pair in load(split, "preference", n, seed) for half in pair.as_unpaired()]
+    if kind == "ranked" and SPLIT_KINDS[split] == "preference":  # pairs are rankings of two
+        return [pair.as_ranked() for pair in load(split, "preference", n, seed)]
+    if SPLIT_KINDS[split] == "ranked" and kind != "prompt":
+        groups = _ranked(split, n, seed)
+        return groups if kind == "ranked" else [group.best_vs_worst() for group in groups]
     rng = random.Random(f"bad:{split}:{seed}")
     examples: list = []
     if split == "preference_all" and kind == "preference":  # `n` counts pairs here, not prompts
-        for _, (prompt, good, bads, _) in instances(split, seed=seed):
-            examples.extend(PreferenceExample(_user(prompt), _assistant(good), _assistant(bad)) for bad in bads)
+        for _, inst in instances(split, seed=seed):
+            examples.extend(PreferenceExample(_user(inst.prompt), _assistant(inst.good), _assistant(bad))
+                            for bad in inst.bads)
         return examples[:n]
-    for family, (prompt, good, bads, rule) in instances(split, n, seed):
+    for family, inst in instances(split, n, seed):
         if kind == "sft":
-            examples.append(SFTExample(_user(prompt), _assistant(good)))
+            examples.append(SFTExample(_user(inst.prompt), _assistant(inst.good)))
         elif kind == "preference":
-            examples.append(PreferenceExample(_user(prompt), _assistant(good), _assistant(rng.choice(bads))))
+            bad = rng.choice(inst.bads)
+            examples.append(PreferenceExample(_user(inst.prompt), _assistant(inst.good), _assistant(bad)))
         else:  # task or prompt: every instance has its rule
-            examples.append(TaskExample(_user(prompt), {**rule, "family": family}))
+            examples.append(TaskExample(_user(inst.prompt), {**inst.rule, "family": family}))
     return examples
 
 
 def corpus() -> list[str]:
-    """Every text the task can show a model: the tiny tokenizer is trained on it."""
+    """Every text the task can show a model: the tiny tokenizer is trained on it.
+
+    The ranked splits' new answers (sort's chatty one) are not in it: the tokenizer stays as it was.
+    """
     texts = []
     for split in ("sft", "heldout"):
-        for _, (prompt, good, bads, _) in instances(split):
-            texts.extend([prompt, good, *bads])
+        for _, inst in instances(split):
+            texts.extend([inst.prompt, inst.good, *inst.bads])
     return texts + ["system", "user", "assistant", "You are a helpful assistant."]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from align.data.collate import pad_sequences
+from align.data.collate import encode, pad_sequences
 from align.losses.reward import reward_loss, reward_metrics
 from align.models import adapters, heads
-from align.stages.dpo import encode_pairs
 from align.stages.engine import AlignTrainer, StageContext, StageOutput, fit
 
 
@@ -32,9 +31,12 @@ def collate(pad_id: int):
 
 
 def encode_scored_pairs(examples, tokenizer, train_cfg) -> list[dict]:
-    rows = encode_pairs(examples, tokenizer, train_cfg)
-    for row, ex in zip(rows, examples):
-        row["margin"] = ex.margin
+    rows = []
+    for ex in examples:
+        chosen = encode(tokenizer, ex.prompt, ex.chosen, train_cfg.max_length, train_cfg.max_prompt_length)
+        rejected = encode(tokenizer, ex.prompt, ex.rejected, train_cfg.max_length, train_cfg.max_prompt_length)
+        rows.append({"prompt_ids": chosen.prompt_ids, "chosen_ids": chosen.completion_ids,
+                     "rejected_ids": rejected.completion_ids, "margin": ex.margin})
     return rows
 
 

@@ -1,0 +1,80 @@
+"""The `kto` stage: Kahneman–Tversky optimisation on unpaired examples, each a prompt and one answer
+labelled desirable or undesirable (pairs split into one of each also work).
+
+It runs on the group batch of `align.stages.rank`: each example is a group of two sequences, its own
+answer (scored 1 if desirable, 0 if not) and the answer of another example under its prompt, which
+only serves KTO's reference point z0, an estimate of KL(policy || reference) from mismatched pairs (as
+TRL builds it). The mismatched sequences go through the policy without gradients. The reference and its
+cached log-probs are those of `dpo`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align.data.collate import encode
+from align.losses.dpo import kto_kl_estimate, kto_loss
+from align.models import adapters
+from align.models.logprobs import completion_logprobs
+from align.stages.engine import StageContext, StageOutput, fit
+from align.stages.rank import GroupTrainer, collate_groups, prepare
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "completion_mask")
+
+
+def _mismatched(examples, i: int):
+    """The answer of the next example with another prompt (pairs put two answers of one prompt side by side)."""
+    for k in range(1, len(examples)):
+        other = examples[(i + k) % len(examples)]
+        if other.prompt != examples[i].prompt:
+            return other.completion
+    return examples[i].completion  # a single prompt: no mismatched pair exists
+
+
+def encode_unpaired(examples, tokenizer, train_cfg) -> list[dict]:
+    """Rows {prompt_ids, responses: [own answer, another prompt's answer], scores: [desirable, 0]}."""
+    rows = []
+    for i, ex in enumerate(examples):
+        own = encode(tokenizer, ex.prompt, ex.completion, train_cfg.max_length, train_cfg.max_prompt_length)
+        mismatched = encode(tokenizer, ex.prompt, _mismatched(examples, i), train_cfg.max_length, train_cfg.max_prompt_length)
+        rows.append({"prompt_ids": own.prompt_ids, "responses": [own.completion_ids, mismatched.completion_ids],
+                     "scores": [float(ex.desirable), 0.0]})
+    return rows
+
+
+class KTOTrainer(GroupTrainer):
+    def __init__(self, *args, loss_cfg, **kwargs):
+        super().__init__(*args, objective=None, needs_ref=True, **kwargs)
+        self.loss_cfg = loss_cfg
+
+    def loss_and_metrics(self, model, batch):
+        own = [batch[k][0::2] for k in SEQUENCE_KEYS]  # groups are (own answer, mismatched answer)
+        mismatched = [batch[k][1::2] for k in SEQUENCE_KEYS]
+        logps, _ = completion_logprobs(model, *own)  # [B]
+        with torch.no_grad():
+            kl_logps, _ = completion_logprobs(model, *mismatched)  # [B]
+            ref_logps = batch.get("ref_logps")  # [B, 2]
+            if ref_logps is None:
+                with adapters.using(model, self.ref):
+                    ref_logps = torch.stack([completion_logprobs(model, *own)[0],
+                                             completion_logprobs(model, *mismatched)[0]], dim=1)
+        kl = kto_kl_estimate(kl_logps, ref_logps[:, 1])
+        desirable = batch["scores"][:, 0] > 0
+        out = kto_loss(logps, ref_logps[:, 0], desirable, kl, beta=self.loss_cfg.beta,
+                       desirable_weight=self.loss_cfg.desirable_weight, undesirable_weight=self.loss_cfg.undesirable_weight)
+        metrics = {"kl": float(kl)}
+        for name, chosen in (("chosen", desirable), ("rejected", ~desirable)):
+            if chosen.any():
+                metrics[f"rewards/{name}"] = out.rewards[chosen].mean().item()
+                metrics[f"logps/{name}"] = logps[chosen].detach().mean().item()
+        return out.losses.mean(), metrics
+
+
+def run(stage, ctx: StageContext, data) -> StageOutput:
+    train_rows = encode_unpaired(data["train"].examples, ctx.tokenizer, stage.train)
+    eval_rows = encode_unpaired(data["eval"].examples, ctx.tokenizer, stage.train) if data.get("eval") else None
+    model, ref, reference = prepare(stage, ctx, train_rows, eval_rows, needs_ref=True)
+    out = fit(KTOTrainer, model, stage, ctx, train_rows, eval_rows, collate_groups(ctx.tokenizer.pad_token_id),
+              ref=ref, loss_cfg=stage.loss)
+    out.extra["reference"] = reference
+    return out
