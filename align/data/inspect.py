@@ -64,8 +64,9 @@ def _completions(example, kind):
     if kind == "preference":
         return [("chosen", example.chosen), ("rejected", example.rejected)]
     if kind == "ranked":
-        return [(f"response {i} (score {score:g})", response)
-                for i, (response, score) in enumerate(zip(example.responses, example.scores), start=1)]
+        scores = example.scores  # ranks are stored as -rank, so show the place in the ranking as well
+        return [(f"response {i} (rank {1 + sum(s > score for s in scores)} of {len(scores)}, score {score:g})", response)
+                for i, (response, score) in enumerate(zip(example.responses, scores), start=1)]
     if kind == "unpaired":
         return [(f"completion ({'desirable' if example.desirable else 'undesirable'})", example.completion)]
     return []
