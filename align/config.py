@@ -21,7 +21,8 @@ from align import yaml_binding
 from align.errors import ConfigError
 from align.refs import parse_refs
 
-STAGE_OUTPUTS = {"adapter", "dir"}  # what `${stage.output}` may name: runs/<recipe>/<stage>/{adapter/,}
+# what `${stage.output}` may name: runs/<recipe>/<stage>/{adapter/, , replay/buffer.jsonl}
+STAGE_OUTPUTS = {"adapter", "dir", "replay"}
 _IDENTIFIER = yaml_binding.IDENTIFIER  # so that `stages.<name>.key` and `${<name>.output}` can name a stage
 _RECIPE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -154,6 +155,33 @@ class KTOLossConfig:
 
 
 @dataclass(kw_only=True)
+class ReplayOutConfig:
+    """The sample of a stage's training answers it keeps in replay/buffer.jsonl for later stages' replay."""
+
+    size: int = 2000  # examples, reservoir-sampled
+
+    def __post_init__(self):
+        _require(self.size >= 1, "size", f"must be >= 1, got {self.size}")
+
+
+@dataclass(kw_only=True)
+class ReplayConfig:
+    """Earlier data mixed into a dpo, rank, kto or ppo stage against forgetting (align.replay): each step adds
+    the NLL of buffer sequences, `fraction` of all the step's sequences, weighted by `coef`."""
+
+    source: str | None = None  # ${stage.replay}, or an SFT-format corpus; None = the last sft stage's buffer
+    format: str = "auto"  # of a corpus
+    fraction: float = 0.2  # share of each step's sequences that come from the buffer
+    coef: float = 1.0  # weight of their NLL (InstructGPT's ptx coefficient)
+    size: int | None = None  # reservoir-sample the source down to this many examples; None = all of it
+
+    def __post_init__(self):
+        _require(0 < self.fraction < 1, "fraction", f"must be in (0, 1), got {self.fraction}")
+        _require(self.coef > 0, "coef", f"must be > 0, got {self.coef}")
+        _require(self.size is None or self.size >= 1, "size", f"must be >= 1, got {self.size}")
+
+
+@dataclass(kw_only=True)
 class StageConfig:
     """Fields every stage has; each kind subclasses it and is registered in STAGE_KINDS."""
 
@@ -163,6 +191,7 @@ class StageConfig:
     eval_data: DataConfig | None = None
     init: str | None = None  # adapter to start from, e.g. ${sft.adapter}; None = a fresh adapter
     train: TrainConfig = field(default_factory=TrainConfig)
+    replay_out: ReplayOutConfig | None = field(default_factory=ReplayOutConfig)  # None = keep no sample
 
     def __post_init__(self):
         _require(_IDENTIFIER.fullmatch(self.name) is not None, "name",
@@ -183,6 +212,7 @@ class PreferenceStageConfig(StageConfig):
 
     reference: str | None = None  # frozen reference adapter; None = `init` (the SFT adapter), else the bare base
     precompute_ref: bool = True  # reference log-probs once before training, not every step
+    replay: ReplayConfig | None = None  # earlier data mixed in against forgetting; None = none
 
 
 @dataclass(kw_only=True)
@@ -296,10 +326,13 @@ class PPOStageConfig(StageConfig):
     value_init: str | None = None  # the value adapter's start; None = the first reward model's, else `init`
     rewards: list[RewardSource]  # required, summed with their weights
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    replay: ReplayConfig | None = None  # SFT data mixed into the policy loss, InstructGPT's "ptx" term
+    replay_out: ReplayOutConfig | None = None  # PPO trains on prompts: it has no answers to keep
 
     def __post_init__(self):
         super().__post_init__()
         _require(bool(self.rewards), "rewards", "PPO needs at least one reward (model: or rule:)")
+        _require(self.replay_out is None, "replay_out", "a ppo stage trains on prompts: it has no answers to keep")
 
 
 STAGE_KINDS: dict[str, type[StageConfig]] = {
@@ -329,6 +362,25 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class ForgettingConfig:
+    """What every stage's starting and trained policy are measured on, to show what the stage made the
+    model forget (align.eval.forgetting). A set left out falls back as noted; one with no fallback is
+    not measured."""
+
+    enabled: bool = True
+    retention: DataConfig | None = None  # held-out SFT-format data, for NLL; None = the first sft stage's eval_data
+    tasks: DataConfig | None = None  # rule-checked tasks, for accuracy; None = eval.tasks
+    prompts: DataConfig | None = None  # general prompts, for KL to the start; None = those of retention, else tasks
+    max_rows: int = 64  # of each set
+    max_new_tokens: int = 32
+    batch_size: int = 16
+
+    def __post_init__(self):
+        for name in ("max_rows", "max_new_tokens", "batch_size"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
 class Recipe:
     """A whole pipeline: one base model and a chain of stages, each writing runs/<name>/<stage>/."""
 
@@ -338,6 +390,7 @@ class Recipe:
     model: ModelConfig  # required
     stages: list[StageConfig]  # required, non-empty
     eval: EvalConfig | None = None
+    forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
     path: str | None = field(default=None, init=False)  # the file it was loaded from
 
     def __post_init__(self):
@@ -356,7 +409,21 @@ class Recipe:
             for i, name in enumerate(self.eval.stages):
                 _require(name == "base" or name in names, f"eval.stages[{i}]",
                          f"unknown stage '{name}'; choose from: base, {', '.join(names)}")
+        self._default_replay_sources()
         self._check_refs(names)
+
+    def _default_replay_sources(self) -> None:
+        """A stage's replay without a source replays the buffer of the last sft stage before it."""
+        last_sft = None
+        for stage in self.stages:
+            replay = getattr(stage, "replay", None)
+            if replay is not None and replay.source is None:
+                _require(last_sft is not None, f"stages.{stage.name}.replay.source",
+                         "no sft stage runs before this one to replay: name a source, "
+                         "${<stage>.replay} or an SFT-format file")
+                replay.source = f"${{{last_sft}.replay}}"
+            if stage.kind == "sft" and stage.replay_out is not None:
+                last_sft = stage.name
 
     def _check_refs(self, names: list[str]) -> None:
         # A stage may use the outputs of the stages before it, eval those of all, the model none.
@@ -375,6 +442,8 @@ class Recipe:
                         problem = f"only outputs of stages that run before {scope} can be used"
                     elif ref.output not in STAGE_OUTPUTS:
                         problem = f"unknown output '{ref.output}' (outputs: {', '.join(sorted(STAGE_OUTPUTS))})"
+                    elif ref.output == "replay" and self.stage(ref.stage).replay_out is None:
+                        problem = f"stage '{ref.stage}' keeps no replay buffer (its replay_out is off)"
                     else:
                         continue
                     raise ConfigError(f"'{ref}': {problem}", key=key)

@@ -21,6 +21,7 @@ from pathlib import Path
 import transformers
 from rich.markup import escape
 
+from align import replay
 from align.refs import parse_refs, resolve_all_refs, resolve_refs
 from align.data.formats import load_examples
 from align.errors import AlignError
@@ -28,7 +29,8 @@ from align.models import adapters
 from align.models.load import compute_dtype, load_base, resolve_base
 from align.stages import dpo, kto, ppo, rank, reward, sft
 from align.stages.engine import StageContext
-from align.ui import console, heldout_table, stages_table
+from align.eval.forgetting import load_sets, stage_forgetting
+from align.ui import console, forgetting_table, heldout_table, stages_table
 
 STAGES = {"sft": sft, "rm": reward, "dpo": dpo, "rank": rank, "kto": kto, "ppo": ppo}
 DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "rank": "ranked", "kto": "unpaired", "ppo": "prompt"}
@@ -74,6 +76,7 @@ class Pipeline:
         self.base = self.tokenizer = None
         self.outputs: dict[str, dict[str, str]] = {}
         self.hashes: dict[str, str] = {}
+        self.forgetting_sets = load_sets(recipe)
 
     def ensure_base(self):
         if self.base is None:
@@ -86,8 +89,11 @@ class Pipeline:
             path = resolve_refs(section.path, self.outputs)
             return load_examples(path, kind, section.format, section.skip_bad_rows, section.max_rows)
 
-        return {"train": load(stage.data, DATA_KIND[stage.kind]),
+        data = {"train": load(stage.data, DATA_KIND[stage.kind]),
                 "eval": load(stage.eval_data, EVAL_DATA_KIND[stage.kind]) if stage.eval_data else None}
+        if getattr(stage, "replay", None):
+            data["replay"] = load_examples(resolve_refs(stage.replay.source, self.outputs), "sft", stage.replay.format)
+        return data
 
     def run_stage(self, stage) -> dict:
         stage_dir = self.run_dir / stage.name
@@ -103,7 +109,8 @@ class Pipeline:
             }
         )
         self.hashes[stage.name] = config_hash
-        self.outputs[stage.name] = {"adapter": str(stage_dir / "adapter"), "dir": str(stage_dir)}
+        self.outputs[stage.name] = {"adapter": str(stage_dir / "adapter"), "dir": str(stage_dir),
+                                    "replay": str(stage_dir / "replay" / f"{replay.BUFFER}.jsonl")}
         state = _read_json(stage_dir / "stage.json")
         if state.get("status") == "done" and state.get("config_hash") == config_hash:
             console.print(f"[green]skip[/] {stage.name}: finished, config unchanged")
@@ -125,7 +132,11 @@ class Pipeline:
             "started_at": state.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         _write_json(stage_dir / "stage.json", state)
+        if stage.replay_out:  # before training: it is the data's sample, whatever becomes of the run
+            replay.keep_stage_sample(stage_dir, stage.name, data["train"], stage.replay_out.size, stage.train.seed)
         ctx = StageContext(self.recipe, self.ensure_base(), self.tokenizer, stage_dir, self.dtype, self.quiet)
+        if "replay" in data:
+            ctx.replay = replay.stage_mixer(stage, stage_dir, self.tokenizer, data["replay"])
         transformers.set_seed(stage.train.seed if stage.train.seed is not None else self.recipe.seed)
         start = time.time()
         try:
@@ -147,6 +158,28 @@ class Pipeline:
         )
         _write_json(stage_dir / "stage.json", state)
         return state
+
+    def measure_forgetting(self, stage, state: dict) -> None:
+        """Add to `state` (and stage.json) what the stage's policy kept and lost: the policy it started
+        from against the one it made, on the recipe's held-out retention sets (align.eval.forgetting)."""
+        if self.forgetting_sets is None:
+            return
+        start = resolve_refs(stage.init, self.outputs) if stage.init else None
+        key = _hash({"sets": self.forgetting_sets.fingerprint, "stage": state["config_hash"]})
+        if state.get("forgetting", {}).get("key") == key:
+            return
+        if stage.kind == "rm":
+            state["forgetting"] = {"key": key, "skipped": "a reward model trains an adapter of its own: no policy changed"}
+            _write_json(self.run_dir / stage.name / "stage.json", state)
+            return
+        console.print(f"measuring what [bold]{stage.name}[/] forgot (from {escape(start or 'the base')})")
+        cache_path = self.run_dir / "forgetting_cache.json"
+        cache = _read_json(cache_path)
+        result, self.base = stage_forgetting(self.ensure_base(), self.tokenizer, stage, start, state["adapter"],
+                                             self.forgetting_sets, self.recipe.forgetting, cache)
+        _write_json(cache_path, cache)
+        state["forgetting"] = {"key": key, "start": start or "base", **result}
+        _write_json(self.run_dir / stage.name / "stage.json", state)
 
     def evaluate(self) -> dict:
         """Held-out task accuracy of the base and each listed stage; cached until a stage changes."""
@@ -183,9 +216,13 @@ class Pipeline:
         summary = {"recipe": self.recipe.name, "run_dir": str(self.run_dir), "base": self.resolved.description, "stages": {}}
         if self.resolved.tiny:
             summary["warning"] = "tiny random model: no pretrained model was found"
+        summary["forgetting"] = {}
         for stage in self.recipe.stages:
             state = self.run_stage(stage)
+            self.measure_forgetting(stage, state)
             summary["stages"][stage.name] = {k: state.get(k) for k in ("kind", "status", "seconds", "metrics", "adapter", "resumed_from")}
+            if "forgetting" in state:
+                summary["forgetting"][stage.name] = {k: v for k, v in state["forgetting"].items() if k != "key"}
         heldout: dict = {"rewards": {}, "ppo_scores": {}}
         for name, st in summary["stages"].items():
             m = st.get("metrics") or {}
@@ -211,6 +248,8 @@ class Pipeline:
         console.print(stages_table(summary))
         if "task_accuracy" in heldout:
             console.print(heldout_table(heldout))
+        if summary["forgetting"]:
+            console.print(forgetting_table(summary["forgetting"]))
         return summary
 
 

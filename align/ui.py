@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -119,4 +120,26 @@ def heldout_table(heldout: dict) -> Table:
         r = pref.get(name, {})
         table.add_row(name, f"{acc:.1%}", _fmt(r.get("accuracy", r.get("rank_accuracy"))), _fmt(r.get("margin")),
                       _fmt(r.get("kendall_tau")))
+    return table
+
+
+def _change(before, after, fmt: str) -> str:
+    if before is None or after is None:
+        return "-"
+    return f"{before:{fmt}} -> {after:{fmt}}"
+
+
+def forgetting_table(forgetting: dict) -> Table:
+    """Per stage: the retention set's NLL and the retention tasks' accuracy of the policy the stage started
+    from and of the one it made, and the per-token KL between the two on general prompts."""
+    table = Table(title="forgetting: each stage's policy against the one it started from")
+    for col in ("stage", "started from", "retention NLL", "retention task accuracy", "KL to start / token"):
+        table.add_column(col)
+    for name, f in forgetting.items():
+        if "skipped" in f:  # a reward model stage
+            continue
+        before, after = f["before"], f["after"]
+        start = f["start"] if f["start"] == "base" else Path(f["start"]).parent.name
+        table.add_row(name, start, _change(before.get("retention_nll"), after.get("retention_nll"), ".3f"),
+                      _change(before.get("task_accuracy"), after.get("task_accuracy"), ".1%"), _fmt(f["kl_to_start"]))
     return table

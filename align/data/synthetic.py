@@ -15,6 +15,13 @@ content (off by one, the wrong item, one repetition too many) or the right conte
 - `ranked`, `ranked_heldout`: each prompt with four answers in shuffled order, scored 3 (the good answer),
   2 (the right content in the wrong form: a chatty sentence around the good answer), 1 (a near miss in
   the content) and 0 (the good answer to another prompt of the family), for listwise preference training.
+- `chatty_preference`, `chatty_heldout`: preferences of raters who like friendly full sentences, the
+  chatty answer chosen over the bare one that the prompt asks for, and held-out prompts whose rule
+  wants the chatty answer: preference data that pulls a model away from what SFT taught, to show
+  forgetting and what replay does against it.
+
+`<split>?families=a,b` keeps the named families only (`synthetic:sft?families=json,repeat`), drawn from
+a stream of their own.
 
 Every split also loads as the `prompt` kind: its prompts, each with its rule. The ranked splits also load
 as `preference` (each group's best against its worst answer), the preference splits as `ranked` (rankings
@@ -151,25 +158,30 @@ FAMILIES: dict[str, Callable[[random.Random], Instance]] = {
     "sort": _sort,
 }
 SPLIT_SIZES = {"sft": 448, "preference": 448, "preference_all": 448, "prompts": 448, "heldout": 70,
-               "preference_heldout": 70, "ranked": 448, "ranked_heldout": 70}  # in prompts
+               "preference_heldout": 70, "ranked": 448, "ranked_heldout": 70,
+               "chatty_preference": 448, "chatty_heldout": 70}  # in prompts
 SPLIT_KINDS = {"sft": "sft", "preference": "preference", "preference_all": "preference", "prompts": "task",
-               "heldout": "task", "preference_heldout": "preference", "ranked": "ranked", "ranked_heldout": "ranked"}
-HELDOUT_SPLITS = ("heldout", "preference_heldout", "ranked_heldout")
-# The kinds a split's examples also load as, besides "prompt"
-ALSO_LOADS_AS = {"preference": ("ranked", "unpaired"), "ranked": ("preference", "unpaired")}
+               "heldout": "task", "preference_heldout": "preference", "ranked": "ranked", "ranked_heldout": "ranked",
+               "chatty_preference": "preference", "chatty_heldout": "task"}
+HELDOUT_SPLITS = ("heldout", "preference_heldout", "ranked_heldout", "chatty_heldout")
+# The kinds a split's examples also load as, besides "prompt"; task splits load as SFT with their right answer
+ALSO_LOADS_AS = {"preference": ("ranked", "unpaired"), "ranked": ("preference", "unpaired"), "task": ("sft",)}
 
 
 def _is_heldout(prompt: str) -> bool:
     return hashlib.sha256(prompt.encode()).digest()[0] < 52  # about one prompt in five
 
 
-def instances(split: str, n: int | None = None, seed: int = 0) -> list[tuple[str, Instance]]:
-    """`n` distinct (family, instance) on the split's side of the held-out line, families in turn."""
+def instances(split: str, n: int | None = None, seed: int = 0, families: tuple[str, ...] = ()) -> list[tuple[str, Instance]]:
+    """`n` distinct (family, instance) on the split's side of the held-out line, families (all, or the
+    named ones) in turn."""
     n = SPLIT_SIZES[split] if n is None else n
     heldout = split in HELDOUT_SPLITS
-    # Each split draws from its own stream, so SFT, DPO and PPO see different prompts.
-    rng = random.Random(f"{'preference' if split == 'preference_all' else split}:{seed}")
-    names = list(FAMILIES)
+    # Each split draws from its own stream, so SFT, DPO and PPO see different prompts; so does each choice
+    # of families (the whole split's stream stays as it was).
+    stream = "preference" if split == "preference_all" else split
+    rng = random.Random(f"{stream}:{seed}" + (f":{','.join(families)}" if families else ""))
+    names = list(families or FAMILIES)
     seen: set[str] = set()
     out: list[tuple[str, Instance]] = []
     while len(out) < n:
@@ -193,12 +205,12 @@ def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def _ranked(split: str, n: int | None, seed: int) -> list[RankedExample]:
+def _ranked(split: str, n: int | None, seed: int, families: tuple[str, ...]) -> list[RankedExample]:
     """Each prompt's four answers, graded 3 to 0 (see the module docstring), in shuffled order."""
     rng = random.Random(f"grades:{split}:{seed}")  # a stream of its own: the other splits stay as they were
-    pool = instances(split, seed=seed)  # grade 0 answers another prompt of the whole split, whatever `n` is
+    pool = instances(split, seed=seed, families=families)  # grade 0 answers another prompt of the whole split
     groups = []
-    for family, inst in instances(split, n, seed):
+    for family, inst in instances(split, n, seed, families):
         scores = {inst.good: 3.0, inst.chatty: 2.0, rng.choice(inst.near_misses): 1.0}
         # Another prompt of the family may have the same answer (the same sum, say), or a near miss's.
         others = [other.good for other_family, other in pool if other_family == family and other.good not in scores]
@@ -209,36 +221,56 @@ def _ranked(split: str, n: int | None, seed: int) -> list[RankedExample]:
     return groups
 
 
-def load(split: str, kind: str, n: int | None = None, seed: int = 0) -> list:
-    """Examples of one split as schema objects (`kind` must be one the split loads as, see the docstring)."""
+def parse_split(spec: str) -> tuple[str, tuple[str, ...]]:
+    """"heldout?families=json,sort" -> ("heldout", ("json", "sort"))."""
+    split, _, query = spec.partition("?")
     if split not in SPLIT_KINDS:
         raise ValueError(f"unknown synthetic split '{split}'; known: {', '.join(SPLIT_KINDS)}")
+    if not query:
+        return split, ()
+    key, _, value = query.partition("=")
+    families = tuple(f.strip() for f in value.split(",") if f.strip())
+    if key != "families" or not families:
+        raise ValueError(f"synthetic:{spec}: after '?' only 'families=<family>,...' is understood")
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"synthetic:{spec}: unknown families {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
+    return split, families
+
+
+def load(spec: str, kind: str, n: int | None = None, seed: int = 0) -> list:
+    """Examples of one split (`spec`: a split name, optionally with `?families=...`) as schema objects;
+    `kind` must be one the split loads as (see the module docstring)."""
+    split, families = parse_split(spec)
     loads_as = (SPLIT_KINDS[split], *ALSO_LOADS_AS.get(SPLIT_KINDS[split], ()), "prompt")
     if kind not in loads_as:
         raise ValueError(f"synthetic:{split} holds {SPLIT_KINDS[split]} examples; it loads as {', '.join(loads_as)}, "
                          f"not {kind}")
     if kind == "unpaired":
-        return [half for pair in load(split, "preference", n, seed) for half in pair.as_unpaired()]
+        return [half for pair in load(spec, "preference", n, seed) for half in pair.as_unpaired()]
     if kind == "ranked" and SPLIT_KINDS[split] == "preference":  # pairs are rankings of two
-        return [pair.as_ranked() for pair in load(split, "preference", n, seed)]
+        return [pair.as_ranked() for pair in load(spec, "preference", n, seed)]
     if SPLIT_KINDS[split] == "ranked" and kind != "prompt":
-        groups = _ranked(split, n, seed)
+        groups = _ranked(split, n, seed, families)
         return groups if kind == "ranked" else [group.best_vs_worst() for group in groups]
     rng = random.Random(f"bad:{split}:{seed}")
     examples: list = []
     if split == "preference_all" and kind == "preference":  # `n` counts pairs here, not prompts
-        for _, inst in instances(split, seed=seed):
+        for _, inst in instances(split, seed=seed, families=families):
             examples.extend(PreferenceExample(_user(inst.prompt), _assistant(inst.good), _assistant(bad))
                             for bad in inst.bads)
         return examples[:n]
-    for family, inst in instances(split, n, seed):
+    chatty = split.startswith("chatty")
+    for family, inst in instances(split, n, seed, families):
+        answer = inst.chatty if chatty else inst.good
         if kind == "sft":
-            examples.append(SFTExample(_user(inst.prompt), _assistant(inst.good)))
+            examples.append(SFTExample(_user(inst.prompt), _assistant(answer)))
         elif kind == "preference":
-            bad = rng.choice(inst.bads)
-            examples.append(PreferenceExample(_user(inst.prompt), _assistant(inst.good), _assistant(bad)))
+            bad = inst.good if chatty else rng.choice(inst.bads)
+            examples.append(PreferenceExample(_user(inst.prompt), _assistant(answer), _assistant(bad)))
         else:  # task or prompt: every instance has its rule
-            examples.append(TaskExample(_user(inst.prompt), {**inst.rule, "family": family}))
+            rule = {"kind": "exact", "answer": answer} if chatty else inst.rule
+            examples.append(TaskExample(_user(inst.prompt), {**rule, "family": family}))
     return examples
 
 

@@ -15,6 +15,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from align.models import adapters
+from align.replay import ReplayMixer
 from align.ui import StageProgress
 
 
@@ -28,6 +29,7 @@ class StageContext:
     stage_dir: Path
     dtype: torch.dtype = torch.float32
     quiet: bool = False
+    replay: ReplayMixer | None = None  # earlier data to mix into this stage's steps (align.replay)
 
 
 @dataclass
@@ -92,17 +94,31 @@ class MetricsFile(TrainerCallback):
 class AlignTrainer(Trainer):
     """Trainer whose subclasses implement `loss_and_metrics(model, batch) -> (loss, {name: float})`.
     Training metrics are averaged over the steps between two logs, as TRL does; `evaluate` runs the
-    same function over the eval set (the Trainer's own evaluation needs labels we do not have)."""
+    same function over the eval set (the Trainer's own evaluation needs labels we do not have). With a
+    `replay` mixer, every training micro-step adds the NLL of its share of buffer sequences."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, replay: ReplayMixer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._stored: dict[str, list[float]] = defaultdict(list)
+        self.replay = replay
+        self._micro_step = (-1, 0)  # (global step, micro-steps taken in it)
 
     def loss_and_metrics(self, model, batch):
         raise NotImplementedError
 
+    def _replay_position(self) -> int:
+        """The micro-step's index in the whole stage: restored with the global step on resume."""
+        step, taken = self._micro_step
+        taken = taken if step == self.state.global_step else 0
+        self._micro_step = (self.state.global_step, taken + 1)
+        return self.state.global_step * self.args.gradient_accumulation_steps + taken
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.loss_and_metrics(model, inputs)
+        if self.replay is not None and model.training:
+            replay_loss, replay_metrics = self.replay.loss(model, self._replay_position(), len(inputs["input_ids"]))
+            loss = loss + replay_loss
+            metrics.update(replay_metrics)
         for k, v in metrics.items():
             self._stored[k].append(v)
         return (loss, None) if return_outputs else loss
@@ -145,6 +161,7 @@ def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=collator,
+        replay=ctx.replay,
         **kwargs,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts when tqdm is off; the progress bar shows them

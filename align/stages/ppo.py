@@ -97,17 +97,25 @@ def check_rules(roles: Roles, loaded) -> None:
                                 file=loaded.source, row=row, field="rule")
 
 
-def ppo_update(model, roles: Roles, rollout, optimizer, scheduler, cfg, groups) -> dict[str, float]:
-    """`ppo_epochs` passes of clipped updates over shuffled minibatches; metrics averaged over them."""
+def ppo_update(model, roles: Roles, rollout, optimizer, scheduler, cfg, groups, replay=None, step: int = 0) -> dict[str, float]:
+    """`ppo_epochs` passes of clipped updates over shuffled minibatches; metrics averaged over them.
+    With `replay`, each minibatch's policy loss gains the NLL of buffer sequences (InstructGPT's ptx)."""
     stats: dict[str, list[float]] = defaultdict(list)
     size = rollout.query_response.shape[0]
-    for _ in range(cfg.ppo_epochs):
-        for idx in torch.randperm(size).split(cfg.minibatch_size):
+    minibatches = -(-size // cfg.minibatch_size)
+    for epoch in range(cfg.ppo_epochs):
+        for i, idx in enumerate(torch.randperm(size).split(cfg.minibatch_size)):
             mb = rollout.select(idx)
             model.set_adapter(adapters.POLICY)
             logprobs, _ = response_logprobs(model, mb.query_response, mb.attention_mask, mb.prompt_width, cfg.temperature)
             pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip)
-            pg_loss.backward()
+            loss = pg_loss
+            if replay is not None:
+                ptx_loss, ptx_stats = replay.loss(model, (step * cfg.ppo_epochs + epoch) * minibatches + i, len(idx))
+                loss = loss + ptx_loss
+                for k, v in ptx_stats.items():
+                    stats[k].append(v)
+            loss.backward()
             model.set_adapter(adapters.VALUE)
             values = response_values(model, roles.value_head, mb.query_response, mb.attention_mask, mb.prompt_width)
             vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask, cfg.clip_value)
@@ -236,7 +244,7 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
             rollout, _, step_metrics = make_experience(
                 model, roles, ctx.tokenizer, [examples[i] for i in idx], [prompts[i] for i in idx], cfg, kl_ctl.value, moments
             )
-            step_metrics.update(ppo_update(model, roles, rollout, optimizer, scheduler, cfg, groups))
+            step_metrics.update(ppo_update(model, roles, rollout, optimizer, scheduler, cfg, groups, ctx.replay, step))
             step_metrics["lr"] = scheduler.get_last_lr()[0]
             kl_ctl.update(step_metrics["objective/kl"], cfg.rollout_batch_size)
             state.global_step = step + 1

@@ -1,0 +1,165 @@
+"""Forgetting: what a stage cost the policy it started from, measured on held-out data it did not train on.
+
+Preference stages move a policy towards what their data rewards and nothing holds the rest in place
+(InstructGPT's "alignment tax"). Every stage's starting policy (its `init`, or the bare base) and the
+policy it made are measured on the recipe's `forgetting` sets:
+- `retention`: held-out SFT data, NLL per completion token (and perplexity): how likely the answers the
+  model was taught still are;
+- `tasks`: held-out prompts whose answers a rule checks (`align.eval.rules`), accuracy of greedy answers;
+- `prompts`: general prompts, the exact per-token KL(trained || start) of the next-token distributions
+  along the trained policy's own greedy replies: how far the stage moved the model where it was not asked to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from align.data.collate import encode, encode_prompt, left_pad, pad_sequences
+from align.data.formats import load_examples
+from align.data.sources import fingerprint
+from align.eval.tasks import task_accuracy
+from align.models import adapters
+from align.models.logprobs import _decoder_and_head, completion_logprobs
+
+
+@torch.no_grad()
+def retention_nll(model, tokenizer, examples, max_length: int, max_prompt_length: int, batch_size: int) -> dict:
+    """Mean NLL per completion token of SFT examples under the model as it is (each token weighs the same)."""
+    was_training = model.training
+    model.eval()
+    rows = [encode(tokenizer, ex.prompt, ex.completion, max_length, max_prompt_length) for ex in examples]
+    total, tokens = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = pad_sequences([(r.prompt_ids, r.completion_ids) for r in rows[start : start + batch_size]],
+                              tokenizer.pad_token_id)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        logps, counts = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        total, tokens = total - float(logps.sum()), tokens + int(counts.sum())
+    model.train(was_training)
+    nll = total / max(tokens, 1)
+    return {"nll": nll, "perplexity": math.exp(nll), "tokens": tokens}
+
+
+def _reply_distributions(model, batch: dict) -> torch.Tensor:
+    """[N, V] log-probs of the next token at every position that predicts a reply token."""
+    decoder, head = _decoder_and_head(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # [B, T, H]
+    return head(hidden[:, :-1][batch["completion_mask"][:, 1:].bool()]).float().log_softmax(-1)  # [N, V]
+
+
+@torch.no_grad()
+def kl_to_reference(model, tokenizer, prompts, policy: str | None, reference: str | None, max_new_tokens: int,
+                    batch_size: int) -> dict:
+    """Per-token KL(policy || reference) along the policy's greedy replies to `prompts` (adapter names of a
+    PeftModel; None = the bare base). A reply ends with its EOS token when it produces one."""
+    was_training = model.training
+    model.eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    total, per_reply, tokens = 0.0, [], 0
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+        prompt_batch = {k: v.to(model.device) for k, v in left_pad(encoded, pad).items()}
+        with adapters.using(model, policy):
+            out = model.generate(**prompt_batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=eos)
+        replies = []
+        for ids in out[:, prompt_batch["input_ids"].shape[1] :].tolist():
+            end = ids.index(eos) + 1 if eos in ids else len(ids)
+            replies.append(ids[:end])
+        batch = {k: v.to(model.device) for k, v in pad_sequences(list(zip(encoded, replies)), pad).items()}
+        with adapters.using(model, policy):
+            policy_logps = _reply_distributions(model, batch)  # [N, V]
+        with adapters.using(model, reference):
+            reference_logps = _reply_distributions(model, batch)  # [N, V]
+        kl = (policy_logps.exp() * (policy_logps - reference_logps)).sum(-1)  # [N]
+        per_reply += [float(part.sum()) for part in kl.split([len(r) for r in replies])]
+        total, tokens = total + float(kl.sum()), tokens + kl.numel()
+    model.train(was_training)
+    return {"kl": total / max(tokens, 1), "kl_per_reply": sum(per_reply) / max(len(per_reply), 1), "tokens": tokens}
+
+
+# --- per stage: the policy a stage starts from against the one it produces ---------------------------
+
+
+@dataclass
+class ForgettingSets:
+    """The held-out sets a recipe's stages are measured on (each None where the recipe gives none)."""
+
+    retention: object | None  # LoadedData of SFT examples: NLL
+    tasks: object | None  # LoadedData of rule-checked tasks: accuracy
+    prompts: list | None  # chat prompts: KL of the stage's policy to its start
+    fingerprint: str  # of all three and the settings: measurements are cached under it
+
+
+def load_sets(recipe) -> ForgettingSets | None:
+    """The sets of `recipe.forgetting`, with their fallbacks; None when there is nothing to measure on."""
+    cfg = recipe.forgetting
+    if not cfg.enabled:
+        return None
+    first_sft = next((s for s in recipe.stages if s.kind == "sft" and s.eval_data), None)
+    retention_cfg = cfg.retention or (first_sft.eval_data if first_sft else None)
+    tasks_cfg = cfg.tasks or (recipe.eval.tasks if recipe.eval else None)
+
+    def load(section, kind):
+        if section is None:
+            return None
+        rows = min(cfg.max_rows, section.max_rows or cfg.max_rows)
+        return load_examples(section.path, kind, section.format, section.skip_bad_rows, rows)
+
+    retention, tasks = load(retention_cfg, "sft"), load(tasks_cfg, "task")
+    prompts = load(cfg.prompts, "prompt") or retention or tasks
+    if prompts is None:
+        return None
+    fingerprint = hashlib.sha256(json.dumps(
+        [asdict(cfg), *(d.fingerprint if d else None for d in (retention, tasks, prompts))], default=str
+    ).encode()).hexdigest()[:16]
+    return ForgettingSets(retention, tasks, [ex.prompt for ex in prompts.examples], fingerprint)
+
+
+def measure_policy(model, tokenizer, sets: ForgettingSets, cfg, train_cfg) -> dict:
+    """Retention NLL and perplexity, and task accuracy, of the model as it is."""
+    out: dict = {}
+    if sets.retention:
+        nll = retention_nll(model, tokenizer, sets.retention.examples, train_cfg.max_length,
+                            train_cfg.max_prompt_length, cfg.batch_size)
+        out.update(retention_nll=nll["nll"], retention_perplexity=nll["perplexity"])
+    if sets.tasks:
+        acc = task_accuracy(model, tokenizer, sets.tasks.examples, cfg.max_new_tokens, cfg.batch_size)
+        out.update(task_accuracy=acc["accuracy"], task_per_family=acc["per_family"])
+    return out
+
+
+def adapter_fingerprint(path: str | None) -> str:
+    return fingerprint(path) if path else "base"
+
+
+def stage_forgetting(base, tokenizer, stage, start: str | None, trained: str, sets: ForgettingSets, cfg,
+                     cache: dict) -> tuple[dict, object]:
+    """{"before", "after", "change", "kl_to_start"} for a stage that turned adapter `start` (None: the
+    bare base) into `trained`. `cache` maps a measurement's key to its result, so that a policy that ends
+    one stage and starts the next is measured once. Returns the result and the bare base again."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, trained, adapter_name="after")
+    if start:
+        model.load_adapter(start, adapter_name="before")
+    keys = {name: f"{sets.fingerprint}:{adapter_fingerprint(path)}" for name, path in (("before", start), ("after", trained))}
+    result = {}
+    for name in ("before", "after"):
+        if keys[name] not in cache:
+            with adapters.using(model, name if name == "after" or start else None):
+                cache[keys[name]] = measure_policy(model, tokenizer, sets, cfg, stage.train)
+        result[name] = cache[keys[name]]
+    kl_key = f"kl:{keys['after']}:{keys['before']}"
+    if kl_key not in cache:
+        cache[kl_key] = kl_to_reference(model, tokenizer, sets.prompts, "after", "before" if start else None,
+                                        cfg.max_new_tokens, cfg.batch_size)
+    result["kl_to_start"] = cache[kl_key]["kl"]
+    result["change"] = {k: result["after"][k] - result["before"][k] for k in result["after"]
+                        if isinstance(result["after"][k], float)}
+    return result, model.unload()
