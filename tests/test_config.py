@@ -312,8 +312,19 @@ NO_RECIPES = pytest.param(None, id="none", marks=pytest.mark.skip(reason="no rec
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.name) for p in RECIPES] or [NO_RECIPES])
 def test_shipped_recipe_is_valid(path):
+    from align.data.formats import load_examples
+    from align.pipeline import DATA_KIND, EVAL_DATA_KIND
+
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe) and recipe.stages
+    # The embedded data a recipe names exists, as the kind its stage reads: a misspelt split or family fails here.
+    sections = [(s.data, DATA_KIND[s.kind]) for s in recipe.stages]
+    sections += [(s.eval_data, EVAL_DATA_KIND[s.kind]) for s in recipe.stages if s.eval_data]
+    sections += [(recipe.eval.tasks, "task")] if recipe.eval else []
+    sections += [(recipe.forgetting.retention, "sft"), (recipe.forgetting.tasks, "task")]
+    for section, kind in sections:
+        if section is not None and section.path.startswith("synthetic:"):
+            assert load_examples(section.path, kind, max_rows=2).examples
 
 
 @pytest.mark.parametrize("kind, loss, key, words", [
