@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 
-def _decoder_and_head(model):
+def decoder_and_head(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
 
@@ -20,7 +20,7 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
     input_ids, attention_mask, completion_mask: [B, T]; completion_mask marks tokens to score.
     """
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
     targets_mask = completion_mask[:, 1:].bool()  # [B, T-1]: position t predicts token t+1
     selected = hidden[:, :-1][targets_mask]  # [N, H]
