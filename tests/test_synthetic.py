@@ -62,13 +62,37 @@ def test_wrong_kind_or_unknown_split_raises():
     assert synthetic.load("preference", "ranked", n=5) == [p.as_ranked() for p in pairs]  # pairs: rankings of two
     with pytest.raises(ValueError, match="unknown synthetic split"):
         synthetic.load("nope", "sft")
-    with pytest.raises(ValueError, match="holds task examples"):
-        synthetic.load("prompts", "sft")
+    with pytest.raises(ValueError, match="holds task examples; it loads as task, sft, prompt"):
+        synthetic.load("prompts", "ranked")
+
+
+def test_task_splits_load_as_sft_with_the_answer_their_rule_wants():
+    for split in ("heldout", "chatty_heldout"):
+        tasks, answers = synthetic.load(split, "task", n=14), synthetic.load(split, "sft", n=14)
+        assert [t.prompt for t in tasks] == [a.prompt for a in answers]
+        assert all(check(t.rule, a.completion[0]["content"]) for t, a in zip(tasks, answers))
+
+
+def test_families_filter_and_the_chatty_splits():
+    kept = synthetic.load("heldout?families=json, sort", "task", n=20)
+    assert {t.rule["family"] for t in kept} == {"json", "sort"} and len(kept) == 20
+    assert synthetic.load("heldout?families=json,sort", "task", n=20) == kept
+    assert not {prompt_text(t) for t in kept} & {prompt_text(e) for e in synthetic.load("sft?families=json,sort", "sft")}
+    pairs = synthetic.load("chatty_preference?families=larger", "preference", n=10)
+    for pair in pairs:  # the chatty sentence preferred over the bare answer the prompt asks for
+        bare = pair.rejected[0]["content"]
+        assert pair.chosen[0]["content"].startswith(bare) and pair.chosen[0]["content"] != bare
+    for spec, words in (("heldout?families=nope", "unknown families nope"), ("heldout?family=json", "only 'families=")):
+        with pytest.raises(ValueError, match=words):
+            synthetic.load(spec, "task")
 
 
 @pytest.mark.parametrize("split", list(synthetic.SPLIT_KINDS))
 def test_every_split_loads_as_prompts_with_their_rules(split):
-    expected = [TaskExample([{"role": "user", "content": inst.prompt}], {**inst.rule, "family": family})
+    def rule(inst):  # the chatty splits' rule wants the chatty answer
+        return {"kind": "exact", "answer": inst.chatty} if split.startswith("chatty") else inst.rule
+
+    expected = [TaskExample([{"role": "user", "content": inst.prompt}], {**rule(inst), "family": family})
                 for family, inst in synthetic.instances(split)]
     assert synthetic.load(split, "prompt") == expected
     loaded = load_examples(f"synthetic:{split}", "prompt", max_rows=5)
