@@ -373,7 +373,7 @@ class ForgettingConfig:
     prompts: DataConfig | None = None  # general prompts, for KL to the start; None = those of retention, else tasks
     max_rows: int = 64  # of each set
     max_new_tokens: int = 32
-    batch_size: int = 16
+    batch_size: int = 64  # prompts per generation batch: larger batches share each step's fixed cost (nf4 dequantisation)
 
     def __post_init__(self):
         for name in ("max_rows", "max_new_tokens", "batch_size"):
