@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from align.data.collate import encode, encode_prompt, left_pad, pad_sequences
-from align.data.formats import load_examples
+from align.data.formats import LoadedData, load_examples
 from align.data.sources import fingerprint
 from align.eval.tasks import task_accuracy
 from align.models import adapters
@@ -98,9 +98,9 @@ def kl_to_reference(model, tokenizer, prompts, policy: str | None, reference: st
 class ForgettingSets:
     """The held-out sets a recipe's stages are measured on (each None where the recipe gives none)."""
 
-    retention: object | None  # LoadedData of SFT examples: NLL
-    tasks: object | None  # LoadedData of rule-checked tasks: accuracy
-    prompts: list | None  # chat prompts: KL of the stage's policy to its start
+    retention: LoadedData | None  # SFT examples: NLL
+    tasks: LoadedData | None  # rule-checked tasks: accuracy
+    prompts: list[list[dict]]  # chat prompts: KL of the stage's policy to its start
     fingerprint: str  # of all three and the settings: measurements are cached under it
 
 
@@ -156,7 +156,8 @@ def stage_forgetting(base, tokenizer, stage, start: str | None, trained: str, se
     model = PeftModel.from_pretrained(base, trained, adapter_name="after")
     if start:
         model.load_adapter(start, adapter_name="before")
-    keys = {name: f"{sets.fingerprint}:{adapter_fingerprint(path)}" for name, path in (("before", start), ("after", trained))}
+    lengths = f"{stage.train.max_length}:{stage.train.max_prompt_length}"  # the retention NLL's truncation
+    keys = {name: f"{sets.fingerprint}:{lengths}:{adapter_fingerprint(path)}" for name, path in (("before", start), ("after", trained))}
     result = {}
     for name in ("before", "after"):
         if keys[name] not in cache:
