@@ -1,4 +1,5 @@
 """Recipes: the typed dataclasses a recipe YAML file becomes, and the references between its stages.
+Each method's own settings (losses, PPO, rewards, replay) live in `align.method_configs`.
 
 `align.yaml_binding` turns the YAML, with any `dotted.key=value` overrides, into these dataclasses and
 names the file, line and key of every mistake. Checks of values live in each dataclass's `__post_init__`,
@@ -19,17 +20,15 @@ from yaml.nodes import MappingNode
 
 from align import yaml_binding
 from align.errors import ConfigError
+from align.errors import require as _require
+from align.method_configs import (DPOLossConfig, KTOLossConfig, PPOConfig, RankLossConfig, ReplayConfig, ReplayOutConfig,
+                                  RewardLossConfig, RewardSource)
 from align.refs import parse_refs
 
 # what `${stage.output}` may name: runs/<recipe>/<stage>/{adapter/, , replay/buffer.jsonl}
 STAGE_OUTPUTS = {"adapter", "dir", "replay"}
 _IDENTIFIER = yaml_binding.IDENTIFIER  # so that `stages.<name>.key` and `${<name>.output}` can name a stage
 _RECIPE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(message, key=key)
 
 
 @dataclass(kw_only=True)
@@ -100,88 +99,6 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
-class DPOLossConfig:
-    """The pairwise DPO-family loss (TRL's names: sigmoid is the DPO paper's loss). simpo and orpo need no
-    reference; they want a larger beta than DPO (SimPO: about 2; ORPO's lambda: 0.1)."""
-
-    type: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = "sigmoid"
-    beta: float = 0.1  # strength of the pull towards the reference; simpo: reward scale; orpo: odds-ratio weight
-    label_smoothing: float = 0.0  # assumed fraction of flipped preference labels (cDPO; sigmoid and simpo)
-    # Weight of an NLL term on the chosen answer (RPO, Pang et al. 2024, arXiv 2404.19733; TRL's
-    # rpo_alpha). It keeps DPO from lowering the chosen answer's likelihood along with the rejected one.
-    rpo_alpha: float = 0.0
-    # simpo: the target reward margin gamma as a fraction of beta (the SimPO repo's gamma_beta_ratio; TRL's
-    # simpo_gamma is gamma itself, i.e. gamma_beta_ratio * beta)
-    gamma_beta_ratio: float = 0.5
-
-    def __post_init__(self):
-        _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
-        _require(self.rpo_alpha >= 0, "rpo_alpha", f"must be >= 0, got {self.rpo_alpha}")
-        _require(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        _require(not self.label_smoothing or self.type in ("sigmoid", "simpo"), "label_smoothing",
-                 f"applies to types sigmoid and simpo only, not {self.type}")
-        _require(self.gamma_beta_ratio >= 0, "gamma_beta_ratio", f"must be >= 0, got {self.gamma_beta_ratio}")
-
-
-@dataclass(kw_only=True)
-class RankLossConfig:
-    """The listwise ranking loss over K responses per prompt (align.losses.rank)."""
-
-    # plackett_luce: listwise DPO (DPO itself at K = 2); lipo: LiPO-lambda; pro and rrhf: reference-free,
-    # on length-normalised log-probs, with an NLL term on the best response
-    type: Literal["plackett_luce", "lipo", "pro", "rrhf"] = "plackett_luce"
-    beta: float = 0.1  # plackett_luce and lipo: scale of the implicit reward beta*(log pi - log ref)
-    # Weight of the NLL of each group's best response. None = the method's own: 1 for pro and rrhf, whose
-    # losses include it; 0 for plackett_luce and lipo (> 0 adds it, as DPO's rpo_alpha does).
-    sft_weight: float | None = None
-
-    def __post_init__(self):
-        _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
-        _require(self.sft_weight is None or self.sft_weight >= 0, "sft_weight", f"must be >= 0, got {self.sft_weight}")
-
-
-@dataclass(kw_only=True)
-class KTOLossConfig:
-    """KTO's loss (Ethayarajh et al. 2024; TRL's names)."""
-
-    beta: float = 0.1
-    desirable_weight: float = 1.0  # lambda_D: raise it when desirable examples are the fewer
-    undesirable_weight: float = 1.0  # lambda_U
-
-    def __post_init__(self):
-        _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
-        for name in ("desirable_weight", "undesirable_weight"):
-            _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-
-
-@dataclass(kw_only=True)
-class ReplayOutConfig:
-    """The sample of a stage's training answers it keeps in replay/buffer.jsonl for later stages' replay."""
-
-    size: int = 2000  # examples, reservoir-sampled
-
-    def __post_init__(self):
-        _require(self.size >= 1, "size", f"must be >= 1, got {self.size}")
-
-
-@dataclass(kw_only=True)
-class ReplayConfig:
-    """Earlier data mixed into a dpo, rank, kto or ppo stage against forgetting (align.replay): each step adds
-    the NLL of buffer sequences, `fraction` of all the step's sequences, weighted by `coef`."""
-
-    source: str | None = None  # ${stage.replay}, or an SFT-format corpus; None = the last sft stage's buffer
-    format: str = "auto"  # of a corpus
-    fraction: float = 0.2  # share of each step's sequences that come from the buffer
-    coef: float = 1.0  # weight of their NLL (InstructGPT's ptx coefficient)
-    size: int | None = None  # reservoir-sample the source down to this many examples; None = all of it
-
-    def __post_init__(self):
-        _require(0 < self.fraction < 1, "fraction", f"must be in (0, 1), got {self.fraction}")
-        _require(self.coef > 0, "coef", f"must be > 0, got {self.coef}")
-        _require(self.size is None or self.size >= 1, "size", f"must be >= 1, got {self.size}")
-
-
-@dataclass(kw_only=True)
 class StageConfig:
     """Fields every stage has; each kind subclasses it and is registered in STAGE_KINDS."""
 
@@ -241,79 +158,11 @@ class KTOStageConfig(PreferenceStageConfig):
 
 
 @dataclass(kw_only=True)
-class RewardLossConfig:
-    """The reward model's Bradley–Terry loss; a pair's optional `margin` column is subtracted as in Llama 2."""
-
-    # Weight of mean((r_chosen + r_rejected)^2), which keeps scores centred on 0 (Eisenstein et al. 2023;
-    # TRL's center_rewards_coefficient, where 0.01 is the suggested value).
-    center_coef: float = 0.0
-
-    def __post_init__(self):
-        _require(self.center_coef >= 0, "center_coef", f"must be >= 0, got {self.center_coef}")
-
-
-@dataclass(kw_only=True)
 class RMStageConfig(StageConfig):
     """A reward model: a LoRA adapter plus a scalar score head, trained on preference pairs."""
 
     kind: str = "rm"
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)
-
-
-@dataclass(kw_only=True)
-class RewardSource:
-    """One weighted term of PPO's reward: a learned reward model or a rule-based reward."""
-
-    model: str | None = None  # an rm stage's adapter (${rm.adapter}) or any folder an rm stage wrote
-    rule: str | None = None  # a rule-reward file, or the name of one in reward_models/
-    weight: float = 1.0
-
-    def __post_init__(self):
-        _require((self.model is None) != (self.rule is None), "model",
-                 "give exactly one of 'model' (a reward model adapter) or 'rule' (a rule-reward file)")
-        if self.rule is not None:
-            from align.rewards import REWARD_MODELS_DIR, find_rule_file
-
-            names = ", ".join(sorted(p.stem for p in REWARD_MODELS_DIR.glob("*.yaml")))
-            _require(find_rule_file(self.rule) is not None, "rule",
-                     f"no rule-reward file '{self.rule}': give a path, or a name in reward_models/ ({names})")
-
-
-@dataclass(kw_only=True)
-class PPOConfig:
-    """PPO's own settings; the defaults follow Huang et al.'s "N implementation details" where they apply."""
-
-    rollout_batch_size: int = 16  # prompts sampled per PPO step
-    minibatch_size: int = 8  # responses per gradient step
-    ppo_epochs: int = 4  # passes over each rollout batch
-    max_new_tokens: int = 48
-    temperature: float = 1.0  # sampling temperature, also applied to the logits of every log-prob
-    kl_coef: float = 0.05  # initial weight of the per-token KL penalty against the reference
-    kl_target: float | None = None  # summed per-sequence KL to aim for; set = adaptive controller
-    kl_horizon: int = 10000  # adaptive controller's horizon, in episodes (Ziegler et al. 2019)
-    gamma: float = 1.0
-    lam: float = 0.95  # GAE lambda
-    clip: float = 0.2  # policy ratio clip
-    clip_value: float = 0.2  # value clip
-    vf_coef: float = 0.1
-    whiten_advantages: bool = True
-    normalize_rewards: bool = True  # scores scaled by their running mean and std
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ends
-    max_grad_norm: float = 1.0
-
-    def __post_init__(self):
-        for name in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"):
-            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        _require(self.rollout_batch_size >= 2, "rollout_batch_size",
-                 f"must be >= 2: rewards are normalised and advantages whitened over the batch, got {self.rollout_batch_size}")
-        _require(self.rollout_batch_size % self.minibatch_size == 0, "minibatch_size",
-                 f"must divide rollout_batch_size ({self.rollout_batch_size}), got {self.minibatch_size}")
-        _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        _require(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
-        _require(self.kl_target is None or self.kl_target > 0, "kl_target", f"must be > 0, got {self.kl_target}")
-        _require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
-        _require(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
-        _require(self.clip > 0 and self.clip_value > 0, "clip", "clip and clip_value must be > 0")
 
 
 @dataclass(kw_only=True)

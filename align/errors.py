@@ -32,3 +32,9 @@ class DataError(AlignError):
         if field:
             parts.append(f"field '{field}'")
         super().__init__(", ".join(parts) + (": " if parts else "") + message)
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    """A config check: raise `ConfigError(message, key=key)` unless `ok`."""
+    if not ok:
+        raise ConfigError(message, key=key)
