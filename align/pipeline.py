@@ -23,6 +23,7 @@ from rich.markup import escape
 
 from align import replay
 from align.refs import parse_refs, resolve_all_refs, resolve_refs
+from align.runs import save_recipe
 from align.data.formats import load_examples
 from align.errors import AlignError
 from align.models import adapters
@@ -213,6 +214,7 @@ class Pipeline:
 
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(self.recipe, self.run_dir)
         summary = {"recipe": self.recipe.name, "run_dir": str(self.run_dir), "base": self.resolved.description, "stages": {}}
         if self.resolved.tiny:
             summary["warning"] = "tiny random model: no pretrained model was found"

@@ -89,3 +89,18 @@ def kill_run_after(recipe_path, ready, timeout: float = 240, linger: float = 0.0
 def rerun(cmd: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished SFT -> DPO run on the tiny nf4 model (`runs/tiny/`), shared by the tests that read runs
+    (eval, chat, export). Read it; never write into it."""
+    from align.config import parse_recipe
+    from align.pipeline import run_recipe
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    cache = os.environ.get("ALIGN_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ALIGN_CACHE", cache)
+        run_recipe(parse_recipe(tiny_recipe(out, quantization="nf4", dpo_steps=4)), quiet=True)
+    return out / "tiny"
