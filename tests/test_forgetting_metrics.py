@@ -11,7 +11,8 @@ from peft import get_peft_model
 from align.config import LoraConfig, ModelConfig
 from align.data import synthetic
 from align.data.collate import encode, encode_prompt, pad_sequences
-from align.eval.forgetting import kl_to_reference, retention_nll
+from align.eval.forgetting import retention_nll
+from align.eval.kl import kl_to_reference
 from align.models import adapters
 from align.models.load import load_base, resolve_base
 from align.models.logprobs import completion_logprobs

@@ -15,28 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
-from align.data.collate import encode, encode_prompt, left_pad, pad_sequences
+from align.data.collate import encode, pad_sequences
 from align.data.formats import LoadedData, load_examples
 from align.data.sources import fingerprint
+from align.eval.generation import evaluating
+from align.eval.kl import kl_to_reference
 from align.eval.tasks import task_accuracy
 from align.models import adapters
-from align.models.logprobs import decoder_and_head, completion_logprobs
-
-
-@contextmanager
-def evaluating(model):
-    """Dropout off for a measurement, and the model's training mode back afterwards, whatever happens."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+from align.models.logprobs import completion_logprobs
 
 
 @torch.no_grad()
@@ -53,42 +43,6 @@ def retention_nll(model, tokenizer, examples, max_length: int, max_prompt_length
             total, tokens = total - float(logps.sum()), tokens + int(counts.sum())
     nll = total / max(tokens, 1)
     return {"nll": nll, "perplexity": math.exp(nll), "tokens": tokens}
-
-
-def _reply_distributions(model, batch: dict) -> torch.Tensor:
-    """[N, V] log-probs of the next token at every position that predicts a reply token."""
-    decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # [B, T, H]
-    return head(hidden[:, :-1][batch["completion_mask"][:, 1:].bool()]).float().log_softmax(-1)  # [N, V]
-
-
-@torch.no_grad()
-def kl_to_reference(model, tokenizer, prompts, policy: str | None, reference: str | None, max_new_tokens: int,
-                    batch_size: int) -> dict:
-    """Per-token KL(policy || reference) along the policy's greedy replies to `prompts` (adapter names of a
-    PeftModel; None = the bare base). A reply ends with its EOS token when it produces one."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    total, per_reply, tokens = 0.0, [], 0
-    with evaluating(model):
-        for start in range(0, len(prompts), batch_size):
-            encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            prompt_batch = {k: v.to(model.device) for k, v in left_pad(encoded, pad).items()}
-            with adapters.using(model, policy):
-                out = model.generate(**prompt_batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=pad, eos_token_id=eos)
-            replies = []
-            for ids in out[:, prompt_batch["input_ids"].shape[1] :].tolist():
-                end = ids.index(eos) + 1 if eos in ids else len(ids)
-                replies.append(ids[:end])
-            batch = {k: v.to(model.device) for k, v in pad_sequences(list(zip(encoded, replies)), pad).items()}
-            with adapters.using(model, policy):
-                policy_logps = _reply_distributions(model, batch)  # [N, V]
-            with adapters.using(model, reference):
-                reference_logps = _reply_distributions(model, batch)  # [N, V]
-            kl = (policy_logps.exp() * (policy_logps - reference_logps)).sum(-1)  # [N]
-            per_reply += [float(part.sum()) for part in kl.split([len(r) for r in replies])]
-            total, tokens = total + float(kl.sum()), tokens + kl.numel()
-    return {"kl": total / max(tokens, 1), "kl_per_reply": sum(per_reply) / max(len(per_reply), 1), "tokens": tokens}
 
 
 # --- per stage: the policy a stage starts from against the one it produces ---------------------------

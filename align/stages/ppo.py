@@ -38,7 +38,7 @@ from transformers import get_scheduler
 
 from align.data.collate import encode_prompt
 from align.errors import AlignError, DataError
-from align.eval.tasks import generate
+from align.eval.generation import Decoding, generate
 from align.losses.ppo import RunningMoments, kl_controller, policy_loss, value_loss
 from align.models import adapters, heads
 from align.rewards import LearnedReward, RuleReward, load_reward
@@ -193,7 +193,8 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 def evaluate_policy(model, roles: Roles, tokenizer, loaded, cfg) -> dict[str, float]:
     """Mean reward of greedy responses to held-out prompts, per reward and weighted in total."""
     examples = loaded.examples
-    texts = generate(model, tokenizer, [ex.prompt for ex in examples], cfg.max_new_tokens, cfg.rollout_batch_size)
+    replies = generate(model, tokenizer, [ex.prompt for ex in examples], Decoding(cfg.max_new_tokens), cfg.rollout_batch_size)
+    texts = [r.text for r in replies]
     total, out = 0.0, {}
     for reward, weight, label in roles.rewards:
         part = float(reward.score([ex.prompt for ex in examples], texts, [ex.rule for ex in examples]).mean())

@@ -1,0 +1,63 @@
+"""Batched generation of chat replies from the model as it is (whichever adapter is active)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from align.data.collate import encode_prompt, left_pad
+
+
+@contextmanager
+def evaluating(model):
+    """Dropout off for a measurement, and the model's training mode back afterwards, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class Reply:
+    text: str  # decoded without special tokens
+    ids: list[int]  # the generated tokens, up to and including the first EOS where there is one
+
+
+@dataclass(frozen=True)
+class Decoding:
+    max_new_tokens: int = 32
+    do_sample: bool = False  # False: greedy
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0  # sampling is repeatable: the same seed gives the same replies
+
+    def kwargs(self) -> dict:
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} if self.do_sample else {
+            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return {"max_new_tokens": self.max_new_tokens, **sampling}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, batch_size: int, on_batch=None) -> list[Reply]:
+    """Replies to chat prompts, in order, batched with left padding; `on_batch(n)` after each batch."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths pad less
+    replies: dict[int, Reply] = {}
+    if decoding.do_sample:
+        torch.manual_seed(decoding.seed)
+    with evaluating(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(model.device) for k, v in left_pad([encoded[i] for i in idx], pad).items()}
+            out = model.generate(**batch, **decoding.kwargs(), pad_token_id=pad, eos_token_id=eos)
+            for i, ids in zip(idx, out[:, batch["input_ids"].shape[1] :].tolist()):
+                ids = ids[: ids.index(eos) + 1] if eos in ids else ids
+                replies[i] = Reply(tokenizer.decode(ids, skip_special_tokens=True), ids)
+            if on_batch:
+                on_batch(len(idx))
+    return [replies[i] for i in range(len(prompts))]
