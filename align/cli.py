@@ -1,4 +1,4 @@
-"""`align` command line: run, validate, data inspect.
+"""`align` command line: run, validate, data inspect, eval, report, chat, export.
 
 User mistakes (recipes, data, model paths) are `AlignError`s and print as one message naming the
 file, line/row and key/field; anything else is a bug and keeps its traceback.
@@ -35,6 +35,91 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _eval_settings(recipe_eval, args):
+    """The run's recipe `eval` section with the command line's choices over it."""
+    from dataclasses import replace
+
+    from align.config import DataConfig, EvalConfig
+
+    given = {name: DataConfig(path=getattr(args, name)) for name in ("prompts", "tasks", "preferences", "verdicts")
+             if getattr(args, name)}
+    if "prompts" in given and "tasks" not in given:
+        given["tasks"] = None  # the prompts asked for replace the recipe's tasks, rather than add to the work
+    if args.max_prompts:
+        field = "prompts" if given.get("prompts") or (recipe_eval and recipe_eval.prompts) else "tasks"
+        section = given.get(field) or getattr(recipe_eval, field, None)
+        if section:
+            given[field] = replace(section, max_rows=args.max_prompts)
+    for name in ("stages", "reference", "judge", "max_new_tokens", "batch_size", "temperature", "top_p", "seed"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    if args.sample:
+        given["do_sample"] = True
+    if recipe_eval is None:
+        if "prompts" not in given and "tasks" not in given:
+            from align.errors import AlignError
+
+            raise AlignError("the run's recipe has no eval section: give the prompts to evaluate on with --prompts FILE")
+        return EvalConfig(**given)
+    return replace(recipe_eval, **given)
+
+
+def _cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from align.eval.evaluate import evaluate_run
+    from align.eval.report import render_html, summary_table
+    from align.runs import open_run
+    from align.ui import console
+
+    results = []
+    for path in args.runs:
+        run = open_run(path)
+        out = Path(args.out) / run.name if args.out and len(args.runs) > 1 else Path(args.out) if args.out else None
+        result, _ = evaluate_run(run, _eval_settings(run.recipe.eval, args), out, quiet=args.quiet)
+        console.print(summary_table([result]))
+        console.print(f"report: {(out or run.dir / 'eval') / 'report.html'}")
+        results.append(result)
+    if len(results) > 1:
+        page = render_html(results, Path(args.compare))
+        print(f"comparison of {len(results)} runs: {page}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    import json
+    from pathlib import Path
+
+    from align.errors import AlignError
+    from align.eval.report import render_html, summary_table
+    from align.ui import console
+
+    evals = []
+    for given in args.results:
+        path = Path(given) / "eval" / "eval.json" if Path(given).is_dir() else Path(given)
+        if not path.is_file():
+            raise AlignError(f"{given}: no eval.json there; run `align eval {given}` first")
+        evals.append(json.loads(path.read_text()))
+    console.print(summary_table(evals))
+    print(f"report: {render_html(evals, Path(args.out))}")
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from align.chat import chat
+
+    chat(args.stage, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+         top_p=args.top_p, seed=args.seed)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from align.export import export_stage
+
+    export_stage(args.stage, args.merge or args.adapter_only, merge=bool(args.merge))
+    return 0
+
+
 def _cmd_data_inspect(args) -> int:
     from align.data.inspect import inspect_file
 
@@ -57,6 +142,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=_cmd_validate)
+
+    p = sub.add_parser("eval", help="judge each stage's replies against a reference; writes RUN/eval/ with an HTML report")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<recipe>); several are also compared on one page")
+    p.add_argument("--stages", nargs="+", help="stages to evaluate ('base' for the untrained model); default: all finished")
+    p.add_argument("--prompts", help="prompt set: .txt (a prompt per line), JSONL prompts, MT-Bench/Vicuna-Bench questions, "
+                                     "or preference data (its prompts)")
+    p.add_argument("--tasks", help="prompts with rules, for task accuracy")
+    p.add_argument("--max-prompts", type=int, help="use the first N prompts")
+    p.add_argument("--reference", help="the stage to compare against; default: the last sft stage, else base")
+    p.add_argument("--judge", help="an rm stage, a reward card (reward_models/ name or path), or an rm stage folder")
+    p.add_argument("--preferences", help="held-out preference pairs: judge and implicit-reward accuracy")
+    p.add_argument("--verdicts", help="human verdicts: preference rows over this eval's pairs.jsonl")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--sample", action="store_true", help="sample replies instead of greedy decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="output folder; default RUN/eval/")
+    p.add_argument("--compare", default="runs/compare.html", help="the page comparing several runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("report", help="one HTML page from existing evaluations (RUN folders or eval.json files)")
+    p.add_argument("results", nargs="+", metavar="RUN_OR_EVAL_JSON")
+    p.add_argument("--out", default="runs/report.html")
+    p.set_defaults(fn=_cmd_report)
+
+    p = sub.add_parser("chat", help="talk with a stage's model, replies streamed (/reset, /system TEXT, /exit)")
+    p.add_argument("stage", metavar="RUN/STAGE", help="e.g. runs/quickstart/dpo ('base' for the untrained model)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, help="makes sampling repeatable")
+    p.set_defaults(fn=_cmd_chat)
+
+    p = sub.add_parser("export", help="a stage's model as a merged transformers folder, or its PEFT adapter")
+    p.add_argument("stage", metavar="RUN/STAGE", help="e.g. runs/quickstart/dpo ('base' for the untrained model)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--merge", metavar="OUT", help="base (4-bit weights dequantized) + adapter merged: loads with "
+                                                     "AutoModelForCausalLM alone")
+    what.add_argument("--adapter-only", metavar="OUT", help="the PEFT adapter and tokenizer; load it onto the base "
+                                                            "quantized as in training (nf4) to get the same outputs")
+    p.set_defaults(fn=_cmd_export)
 
     data = sub.add_parser("data", help="look at data files").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("inspect", help="format, rows, lengths, and one row through the chat template")

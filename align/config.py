@@ -198,16 +198,38 @@ _VARIANTS = {StageConfig: yaml_binding.Variants("kind", STAGE_KINDS, label="stag
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Held-out evaluation of the base model and of chosen stages' adapters."""
+    """What `align eval` (and the end of `align run`) measures: each chosen stage's replies to a prompt set,
+    judged against a reference stage's (align.eval.evaluate). Give `tasks`, `prompts` or both."""
 
-    tasks: DataConfig  # required
+    tasks: DataConfig | None = None  # prompts with rules: task accuracy (and the prompt set when `prompts` is not given)
+    prompts: DataConfig | None = None  # prompts for win rate, KL and length: .txt lines, JSONL prompts, MT-/Vicuna-Bench questions, any preference data's prompts
+    preferences: DataConfig | None = None  # held-out pairs: judge and implicit-reward accuracy; None = the first rm or dpo stage's eval_data
+    verdicts: DataConfig | None = None  # human verdicts: preference rows over this eval's own replies (its pairs.jsonl, rated)
     stages: list[str] | None = None  # "base" and/or stage names; None = base and every stage
+    reference: str | None = None  # "base" or a stage; None = the last sft stage, else base
+    judge: str | None = None  # an rm stage, a reward card (reward_models/ name or path) or an rm stage folder; None = the last rm stage, else none
     max_new_tokens: int = 32
     batch_size: int = 16
+    do_sample: bool = False  # False: greedy replies
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int = 0
+    samples: int = 12  # prompts shown side by side in the report
 
     def __post_init__(self):
-        _require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.tasks is not None or self.prompts is not None, "tasks", "give tasks, prompts or both")
+        for name in ("max_new_tokens", "batch_size"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+
+    def check_stages(self, stages: list) -> None:
+        """The reference is `base` or a stage; a judge that names a stage names an rm stage."""
+        kinds = {s.name: s.kind for s in stages}
+        _require(self.reference in (None, "base", *kinds), "reference",
+                 f"unknown stage '{self.reference}'; choose from: base, {', '.join(kinds)}")
+        _require(self.judge not in kinds or kinds[self.judge] == "rm", "judge",
+                 f"stage '{self.judge}' is a {kinds.get(self.judge)} stage; a judge is an rm stage or a reward card")
 
 
 @dataclass(kw_only=True)
@@ -258,6 +280,7 @@ class Recipe:
             for i, name in enumerate(self.eval.stages):
                 _require(name == "base" or name in names, f"eval.stages[{i}]",
                          f"unknown stage '{name}'; choose from: base, {', '.join(names)}")
+            self.eval.check_stages(self.stages)
         self._default_replay_sources()
         self._check_refs(names)
 

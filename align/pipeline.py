@@ -1,5 +1,6 @@
 """Run a recipe's stages in order on one base model, skipping finished stages and resuming
-interrupted ones, then evaluate and write `runs/<recipe>/summary.json`.
+interrupted ones, then evaluate (`align.eval.evaluate`, when the recipe has an eval section) and write
+`runs/<recipe>/summary.json`.
 
 A stage's config hash covers the model section, the stage's own section, its data fingerprints and the
 hashes of the stages it references, so changing the SFT stage reruns the DPO stage that starts from
@@ -14,7 +15,6 @@ import importlib.metadata
 import json
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,20 +23,22 @@ from rich.markup import escape
 
 from align import replay
 from align.refs import parse_refs, resolve_all_refs, resolve_refs
-from align.runs import save_recipe
+from align.runs import Run, save_recipe
 from align.data.formats import load_examples
 from align.errors import AlignError
-from align.models import adapters
 from align.models.load import compute_dtype, load_base, resolve_base
 from align.stages import dpo, kto, ppo, rank, reward, sft
 from align.stages.engine import StageContext
 from align.eval.forgetting import load_sets, stage_forgetting
-from align.ui import console, forgetting_table, heldout_table, stages_table
+from align.eval.report import summary_table
+from align.ui import console, forgetting_table, stages_table
 
 STAGES = {"sft": sft, "rm": reward, "dpo": dpo, "rank": rank, "kto": kto, "ppo": ppo}
 DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "rank": "ranked", "kto": "unpaired", "ppo": "prompt"}
 # DPO is scored on held-out rankings as well as pairs: its pairs are groups of two to the ranking metrics
 EVAL_DATA_KIND = {**DATA_KIND, "dpo": "ranked"}
+SUMMARY_EVAL_KEYS = ("win_rate", "lc_win_rate", "mean_reward", "mean_length", "kl_to_reference", "task_accuracy",
+                     "implicit_reward_accuracy")
 LIBRARIES = ("align", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
 
 
@@ -183,34 +185,13 @@ class Pipeline:
         _write_json(self.run_dir / stage.name / "stage.json", state)
 
     def evaluate(self) -> dict:
-        """Held-out task accuracy of the base and each listed stage; cached until a stage changes."""
-        cfg = self.recipe.eval
-        tasks = load_examples(cfg.tasks.path, "task", cfg.tasks.format, cfg.tasks.skip_bad_rows, cfg.tasks.max_rows)
-        key = _hash({"eval": asdict(cfg), "tasks": tasks.fingerprint, "stages": {s: self.hashes.get(s) for s in cfg.stages}})
-        cached = _read_json(self.run_dir / "eval.json")
-        if cached.get("key") == key:
-            console.print("[green]skip[/] eval: results for these stages exist")
-            return cached["results"]
-        from align.eval.tasks import task_accuracy
+        """`align eval` on this run with the recipe's eval section: RUN/eval/ with eval.json and report.html."""
+        from align.eval.evaluate import evaluate_run
 
-        base = self.ensure_base()
-        trained = [s for s in cfg.stages if s != "base"]
-        model = base
-        if trained:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(base, self.outputs[trained[0]]["adapter"], adapter_name=trained[0])
-            for name in trained[1:]:
-                model.load_adapter(self.outputs[name]["adapter"], adapter_name=name)
-        results = {}
-        for name in cfg.stages:
-            console.print(f"evaluating [bold]{name}[/] on {len(tasks.examples)} held-out tasks")
-            with adapters.using(model, None if name == "base" else name) if trained else nullcontext(model):
-                results[name] = task_accuracy(model, self.tokenizer, tasks.examples, cfg.max_new_tokens, cfg.batch_size)
-        if trained:
-            self.base = model.unload()
-        _write_json(self.run_dir / "eval.json", {"key": key, "results": results})
-        return results
+        result, base = evaluate_run(Run(self.run_dir, self.recipe), self.recipe.eval, base=self.base,
+                                    tokenizer=self.tokenizer, quiet=self.quiet)
+        self.base = base or self.base
+        return result
 
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,18 +221,22 @@ class Pipeline:
                     "init": {k.removeprefix("eval_init_"): v for k, v in m.items() if k.startswith("eval_init_")},
                     "final": {k.removeprefix("eval_"): v for k, v in m.items() if k.startswith("eval_") and not k.startswith("eval_init_")},
                 }
-        if self.recipe.eval:
-            results = self.evaluate()
-            heldout["task_accuracy"] = {name: r["accuracy"] for name, r in results.items()}
-            heldout["per_family"] = {name: r["per_family"] for name, r in results.items()}
-            heldout["samples"] = {name: r["samples"] for name, r in results.items()}
+        evaluation = self.evaluate() if self.recipe.eval else None
+        if evaluation:
+            heldout["task_accuracy"] = {n: st["task_accuracy"] for n, st in evaluation["stages"].items()
+                                        if st["task_accuracy"] is not None}
+            heldout["per_family"] = {n: st["task_per_family"] for n, st in evaluation["stages"].items()
+                                     if st["task_per_family"]}
+            summary["eval"] = {"report": str(self.run_dir / "eval" / "report.html"), "reference": evaluation["settings"]["reference"],
+                               "stages": {n: {k: st[k] for k in SUMMARY_EVAL_KEYS} for n, st in evaluation["stages"].items()}}
         summary["heldout"] = heldout
         _write_json(self.run_dir / "summary.json", summary)
         console.print(stages_table(summary))
-        if "task_accuracy" in heldout:
-            console.print(heldout_table(heldout))
         if summary["forgetting"]:
             console.print(forgetting_table(summary["forgetting"]))
+        if evaluation:
+            console.print(summary_table([evaluation]))
+            console.print(f"report: {summary['eval']['report']}")
         return summary
 
 

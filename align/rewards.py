@@ -93,7 +93,8 @@ class LearnedReward:
 
     def __init__(self, model, tokenizer, folder: str | Path, name: str, max_length: int = 512):
         self.model, self.tokenizer, self.name, self.max_length = model, tokenizer, name, max_length
-        adapters.add_frozen(model, str(folder), name)
+        if name not in model.peft_config:  # a caller that loads all its adapters at once may have loaded it
+            adapters.add_frozen(model, str(folder), name)
         self.head = heads.load_head(folder).to(model.device).requires_grad_(False)
         self.needs_rules = False
 

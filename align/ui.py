@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -109,20 +110,6 @@ def stages_table(summary: dict) -> Table:
     return table
 
 
-def heldout_table(heldout: dict) -> Table:
-    """Held-out task accuracy per model, and the preference stages' held-out reward accuracy, margin and
-    Kendall tau (implicit rewards against the given rankings)."""
-    table = Table(title="held-out evaluation")
-    for col in ("model", "task accuracy", "reward accuracy", "reward margin", "Kendall tau"):
-        table.add_column(col)
-    pref = heldout.get("rewards", {})
-    for name, acc in heldout.get("task_accuracy", {}).items():
-        r = pref.get(name, {})
-        table.add_row(name, f"{acc:.1%}", _fmt(r.get("accuracy", r.get("rank_accuracy"))), _fmt(r.get("margin")),
-                      _fmt(r.get("kendall_tau")))
-    return table
-
-
 def _change(before, after, fmt: str) -> str:
     if before is None or after is None:
         return "-"
@@ -143,3 +130,16 @@ def forgetting_table(forgetting: dict) -> Table:
         table.add_row(name, start, _change(before.get("retention_nll"), after.get("retention_nll"), ".3f"),
                       _change(before.get("task_accuracy"), after.get("task_accuracy"), ".1%"), _fmt(f["kl_to_start"]))
     return table
+
+
+@contextmanager
+def work_progress(description: str, total: int, quiet: bool = False):
+    """A bar for long work outside training (generation, scoring); yields `advance(n=1)`. Quiet: no bar."""
+    if quiet:
+        yield lambda n=1: None
+        return
+    columns = (TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)

@@ -375,6 +375,13 @@ def _is_bare_prompt(row: dict) -> bool:
             and not isinstance(row["prompt"], dict))
 
 
+def _fastchat_question(row: dict) -> TaskExample:
+    turns = _get(row, "turns", list, "a list of question strings")
+    if not turns or not isinstance(turns[0], str) or not turns[0].strip():
+        raise DataError("expected a non-empty first question", field="turns[0]")
+    return TaskExample(prompt=[{"role": "user", "content": turns[0]}], rule={})
+
+
 def _is_oasst_tree(row: dict) -> bool:
     return isinstance(row.get("prompt"), dict) or _has("role", "text", "replies")(row)
 
@@ -464,7 +471,10 @@ def _prompt_kind() -> dict[tuple[str, str], Format]:
     which a reply that invents turns cannot move."""
     out = {("prompt", "task"): FORMATS[("task", "task")],
            ("prompt", "prompt"): Format("prompt (string or message list), without rule, chosen, rejected or completion",
-                                        _is_bare_prompt, _bare_prompt)}
+                                        _is_bare_prompt, _bare_prompt),
+           # MT-Bench's second turn asks about the model's own first answer; only the first turn is a prompt
+           ("prompt", "fastchat_questions"): Format("question_id, turns: [question, ...] (MT-Bench, Vicuna-Bench: the "
+                                                    "first turn)", _has("question_id", "turns"), _fastchat_question)}
     for source in ("preference", "sft"):
         for name, fmt in formats_for(source).items():
             out.setdefault(("prompt", name), _derived(fmt, _prompt_only))

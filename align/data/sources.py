@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from align.errors import DataError
 
 SUPPORTED = (
-    ".jsonl, .json (a top-level array, or an object with one list value such as {\"data\": [...]}), "
+    ".txt (one prompt per line), .jsonl, .json (a top-level array, or an object with one list value such as {\"data\": [...]}), "
     "either gzipped (.jsonl.gz, .json.gz), .parquet, or a folder saved with datasets' save_to_disk"
 )
 
@@ -47,6 +47,8 @@ def read_records(path: str) -> Iterator[tuple[int, dict | DataError]]:
         records = _read_json(path)
     elif name.endswith(".parquet"):
         records = _read_parquet(path)
+    elif name.endswith(".txt"):
+        records = _read_text_prompts(path)
     else:
         raise DataError(f"unsupported file type; supported: {SUPPORTED}", file=path)
     for number, row in records:
@@ -54,6 +56,14 @@ def read_records(path: str) -> Iterator[tuple[int, dict | DataError]]:
             row = DataError(f"row is a JSON {_json_type(row)}, expected an object with named fields",
                             file=path, row=number)
         yield number, row
+
+
+def _read_text_prompts(path: str) -> Iterator[tuple[int, dict]]:
+    """A plain prompt list: every non-blank line is `{"prompt": line}`."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                yield number, {"prompt": line.rstrip("\n")}
 
 
 def fingerprint(path: str) -> str:

@@ -1,0 +1,310 @@
+"""`align eval RUN`: did each stage make the model better, and what did it cost?
+
+Every chosen stage (and the reference: by default the last sft stage, else the base) answers the same
+prompts, greedy or sampled, as adapters on the one base. Then, per stage:
+- win rate against the reference's replies, by the judge (an rm stage or a reward card) and by people
+  (human verdicts over this evaluation's `pairs.jsonl`), with a Wilson interval, and the length-controlled
+  win rate (`align.eval.metrics`);
+- the judge's mean reward, the mean reply length, the exact per-token KL(stage || reference) along the
+  stage's replies (`align.eval.kl`), rule-checked task accuracy on prompts that carry a rule;
+- on held-out preference pairs: the judge's accuracy (reward-model accuracy) and each DPO-family stage's
+  implicit-reward accuracy (`align.eval.judges`);
+- what the stage forgot (measured by `align run`, read from its stage.json) and its training curves.
+
+Everything lands in `RUN/eval/`: eval.json (the report's only input), report.html with plots/, and
+pairs.jsonl, each stage's reply next to the reference's, for people to judge. Replies are cached by the
+adapter's fingerprint, prompts and decoding, so evaluating again after one stage changed regenerates
+only that stage; eval.json is reused as a whole while nothing it depends on changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+from align.data.formats import load_examples
+from align.eval import judges, metrics
+from align.eval.forgetting import adapter_fingerprint
+from align.eval.generation import Decoding, Reply, generate
+from align.eval.kl import kl_along
+from align.eval.tasks import score_answers
+from align.models import adapters
+from align.refs import resolve_refs
+from align.runs import BASE
+from align.ui import console, work_progress
+
+# training curves worth a plot, where a stage logged them (metrics.jsonl)
+CURVE_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "accuracy", "margin", "rank/kendall_tau",
+              "objective/scores", "objective/kl", "replay/nll", "eval_loss", "eval_rewards/accuracies", "eval_accuracy")
+POLICY_KINDS = {"sft", "dpo", "rank", "kto", "ppo"}  # stages whose adapter is a policy (rm's is a reward model)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load(section, kind: str):
+    return load_examples(section.path, kind, section.format, section.skip_bad_rows, section.max_rows) if section else None
+
+
+def default_reference(recipe) -> str:
+    return next((s.name for s in reversed(recipe.stages) if s.kind == "sft"), BASE)
+
+
+def default_judge(run) -> str | None:
+    return next((s.name for s in reversed(run.recipe.stages) if s.kind == "rm" and s.name in run.finished()), None)
+
+
+def default_preferences(recipe):
+    return next((s.eval_data for s in recipe.stages if s.kind in ("rm", "dpo") and s.eval_data), None)
+
+
+def prompt_text(prompt: list[dict]) -> str:
+    """The prompt as a person reads it: the question, or the whole conversation when it has turns."""
+    if len(prompt) == 1:
+        return prompt[0]["content"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def _as(model, name: str):
+    """Run `model` as stage `name`'s policy: its adapter, or the bare base."""
+    if not hasattr(model, "peft_config"):
+        return nullcontext(model)  # nothing but the base was loaded
+    return adapters.using(model, None if name == BASE else name)
+
+
+def _curves(stage_dir: Path) -> dict[str, list]:
+    path = stage_dir / "metrics.jsonl"
+    curves: dict[str, list] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            for key in CURVE_KEYS:
+                if isinstance(row.get(key), (int, float)):
+                    curves.setdefault(key, []).append([row["step"], row[key]])
+    return curves
+
+
+class Evaluation:
+    """One run's evaluation with settings `cfg` (an EvalConfig); `run()` returns eval.json's dict."""
+
+    def __init__(self, run, cfg, out_dir: Path, base=None, tokenizer=None, quiet: bool = False):
+        self.run_, self.cfg, self.out_dir, self.quiet = run, cfg, Path(out_dir), quiet
+        self.base, self.tokenizer = base, tokenizer
+        recipe = run.recipe
+        cfg.check_stages(recipe.stages)
+        self.reference = cfg.reference or default_reference(recipe)
+        chosen = cfg.stages or [BASE, *run.finished()]
+        self.stages = [self.reference] + [s for s in chosen if s != self.reference]
+        for name in self.stages:
+            run.adapter(name)  # unknown or unfinished stages fail here, before anything loads
+        self.judge_spec = cfg.judge or default_judge(run)
+        self.judge_folder = judges.judge_folder(self.judge_spec, run) if self.judge_spec else None
+        self.tasks = _load(cfg.tasks, "task")
+        self.prompts = _load(cfg.prompts, "prompt") or self.tasks
+        self.preferences = _load(cfg.preferences or default_preferences(recipe), "preference")
+        self.verdicts = judges.load_human_verdicts(cfg.verdicts) if cfg.verdicts else {}
+        self.decoding = Decoding(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.seed)
+        self.key = _hash({
+            "settings": asdict(cfg), "reference": self.reference, "stages": self.stages, "judge": self.judge_spec,
+            "data": [d.fingerprint if d else None for d in (self.tasks, self.prompts, self.preferences)],
+            "verdicts": sorted(self.verdicts.items()),
+            "adapters": {s: run.state(s).get("config_hash") for s in self.stages},
+            "judge_adapter": run.state(self.judge_spec).get("config_hash") if self.judge_spec else None,
+        })
+
+    # --- models -----------------------------------------------------------------------------------
+
+    def _adapter_folders(self) -> dict[str, str]:
+        """Every adapter this evaluation needs, by name: the stages', and the references of DPO-family stages."""
+        folders = {s: self.run_.adapter(s) for s in self.stages if s != BASE}
+        for name in self._implicit_stages():
+            ref = self._stage_reference(name)
+            if ref and ref not in folders.values():
+                folders[f"{name}_reference"] = ref
+        return folders
+
+    def _stage_reference(self, name: str) -> str | None:
+        stage = self.run_.stage(name)
+        outputs = {s.name: {"adapter": str(self.run_.dir / s.name / "adapter"), "dir": str(self.run_.dir / s.name)}
+                   for s in self.run_.recipe.stages}
+        ref = stage.reference or stage.init
+        return resolve_refs(ref, outputs) if ref else None
+
+    def _implicit_stages(self) -> list[str]:
+        if self.preferences is None:
+            return []
+        return [s for s in self.stages if s != BASE and self.run_.stage(s).kind in ("dpo", "rank", "kto")]
+
+    def _adapter_name(self, folder: str | None, folders: dict[str, str]) -> str | None:
+        return next((name for name, f in folders.items() if f == folder), None)
+
+    def _load_model(self):
+        from peft import PeftModel
+
+        if self.base is None:
+            from align.models.load import load_base
+
+            self.base, self.tokenizer = load_base(self.run_.recipe.model)
+        folders = self._adapter_folders()
+        if self.judge_folder:
+            folders[judges.JUDGE_ADAPTER] = self.judge_folder
+        if not folders:
+            return self.base, folders
+        names = list(folders)
+        model = PeftModel.from_pretrained(self.base, folders[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(folders[name], adapter_name=name)
+        return model, folders
+
+    # --- measurements ---------------------------------------------------------------------------------
+
+    def _replies(self, model, name: str, examples) -> list[Reply]:
+        """`name`'s replies to `examples`' prompts, from the cache when this adapter answered them before."""
+        cache_path = self.out_dir / "cache" / "replies.json"
+        cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+        key = _hash([adapter_fingerprint(self.run_.adapter(name)), [ex.prompt for ex in examples], asdict(self.decoding)])
+        if key not in cache:
+            with work_progress(f"replies of {name}", len(examples), self.quiet) as advance, _as(model, name):
+                replies = generate(model, self.tokenizer, [ex.prompt for ex in examples], self.decoding,
+                                   self.cfg.batch_size, on_batch=advance)
+            cache[key] = [asdict(r) for r in replies]
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            cache_path.write_text(json.dumps(cache))
+        return [Reply(**r) for r in cache[key]]
+
+    def run(self) -> dict:
+        cached_path = self.out_dir / "eval.json"
+        if cached_path.is_file():
+            cached = json.loads(cached_path.read_text())
+            if cached.get("key") == self.key:
+                console.print(f"[green]skip[/] eval of {self.run_.name}: results for these stages and settings exist")
+                return cached
+        model, folders = self._load_model()
+        try:
+            result = self._measure(model, folders)
+        finally:
+            if hasattr(model, "peft_config"):
+                self.base = model.unload()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        cached_path.write_text(json.dumps(result, indent=1))
+        self._write_pairs(result)
+        return result
+
+    def _measure(self, model, folders: dict[str, str]) -> dict:
+        examples = self.prompts.examples
+        prompts = [ex.prompt for ex in examples]
+        rules = [ex.rule for ex in examples]
+        replies = {name: self._replies(model, name, examples) for name in self.stages}
+        task_replies = {}
+        if self.tasks and self.tasks is not self.prompts:
+            task_replies = {name: self._replies(model, name, self.tasks.examples) for name in self.stages}
+        judge = judges.load_judge(self.judge_spec, self.run_, model, self.tokenizer) if self.judge_spec else None
+        rewards = {}
+        if judge:
+            with work_progress(f"judging with {judge.name}", len(self.stages), self.quiet) as advance:
+                for name in self.stages:
+                    rewards[name] = judge.score(prompts, [r.text for r in replies[name]], rules)
+                    advance()
+        reference_replies = replies[self.reference]
+        stages = {}
+        for name in self.stages:
+            stage_replies = replies[name]
+            lengths = [len(r.ids) for r in stage_replies]
+            entry = {
+                "kind": BASE if name == BASE else self.run_.stage(name).kind,
+                "is_reference": name == self.reference,
+                "lengths": lengths,
+                "mean_length": sum(lengths) / len(lengths),
+                "rewards": rewards.get(name),
+                "mean_reward": sum(rewards[name]) / len(rewards[name]) if name in rewards else None,
+                "win_rate": None, "lc_win_rate": None, "human_win_rate": None, "kl_to_reference": None,
+            }
+            if name != self.reference:
+                if judge:
+                    outcome = metrics.verdicts(rewards[name], rewards[self.reference])
+                    entry["verdicts"] = outcome
+                    entry["win_rate"] = metrics.win_rate(outcome)
+                    entry["lc_win_rate"] = metrics.length_controlled_win_rate(
+                        outcome, lengths, [len(r.ids) for r in reference_replies], seed=self.cfg.seed)
+                if self.verdicts:
+                    human = [judges.human_verdict(self.verdicts, p, s.text, r.text)
+                             for p, s, r in zip(prompts, stage_replies, reference_replies)]
+                    entry["human_verdicts"] = human
+                    entry["human_win_rate"] = metrics.win_rate([v for v in human if v is not None])
+                with work_progress(f"KL of {name} to {self.reference}", 1, self.quiet) as advance:
+                    kl = kl_along(model, self.tokenizer, prompts, [r.ids for r in stage_replies],
+                                  None if name == BASE else name, None if self.reference == BASE else self.reference,
+                                  self.cfg.batch_size)
+                    advance()
+                entry["kl_to_reference"] = kl["kl"]
+            graded = score_answers(self.tasks.examples, [r.text for r in task_replies.get(name, stage_replies)]) \
+                if self.tasks else {"accuracy": None, "per_family": None}
+            entry["task_accuracy"], entry["task_per_family"] = graded["accuracy"], graded["per_family"] or None
+            entry["implicit_reward_accuracy"] = None
+            if name in self._implicit_stages():
+                reference = self._adapter_name(self._stage_reference(name), folders)
+                stage_cfg = self.run_.stage(name)
+                entry["implicit_reward_accuracy"] = judges.implicit_reward_accuracy(
+                    model, self.tokenizer, stage_cfg, name, reference, self.preferences.examples, self.cfg.batch_size)
+            forgetting = self.run_.state(name).get("forgetting") if name != BASE else None
+            entry["forgetting"] = {k: v for k, v in forgetting.items() if k != "key"} if forgetting else None
+            stages[name] = entry
+        judge_info = None
+        if judge:
+            accuracy = judges.judge_accuracy(judge, self.preferences.examples) if self.preferences else None
+            judge_info = {"name": judge.name, "kind": judge.kind, "accuracy": accuracy,
+                          "pairs": len(self.preferences.examples) if self.preferences and accuracy is not None else None}
+        return {
+            "key": self.key,
+            "run": self.run_.name,
+            "run_dir": str(self.run_.dir),
+            "base": self.run_.state(self.run_.recipe.stages[0].name).get("base", self.run_.recipe.model.base),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "settings": {"prompts": self.prompts.source, "n_prompts": len(examples), "reference": self.reference,
+                         "judge": judge.name if judge else None, **asdict(self.decoding),
+                         "tasks": self.tasks.source if self.tasks else None,
+                         "preferences": self.preferences.source if self.preferences else None},
+            "judge": judge_info,
+            "stages": stages,
+            "samples": [self._sample(i, prompts[i], replies, stages) for i in range(len(examples))],
+            "curves": {name: _curves(self.run_.dir / name) for name in self.stages if name != BASE},
+        }
+
+    def _sample(self, i: int, prompt, replies: dict, stages: dict) -> dict:
+        def verdict(name):
+            outcome = stages[name].get("verdicts") or stages[name].get("human_verdicts")
+            return outcome[i] if outcome else None
+
+        return {"prompt": prompt_text(prompt), "messages": prompt, "category": None, "responses": {
+            name: {"text": replies[name][i].text, "reward": (stages[name]["rewards"] or [None] * (i + 1))[i],
+                   "verdict": verdict(name)} for name in self.stages}}
+
+    def _write_pairs(self, result: dict) -> None:
+        """Each stage's reply next to the reference's, in random order, for people to judge (human verdicts)."""
+        rows = []
+        for i, sample in enumerate(result["samples"]):
+            ref_text = sample["responses"][self.reference]["text"]
+            for name in self.stages:
+                text = sample["responses"][name]["text"]
+                if name == self.reference or text.strip() == ref_text.strip():
+                    continue
+                a, b = (name, self.reference) if int(_hash([i, name]), 16) % 2 else (self.reference, name)
+                rows.append({"prompt": sample["messages"], "a": sample["responses"][a]["text"],
+                             "b": sample["responses"][b]["text"], "a_model": a, "b_model": b})
+        (self.out_dir / "pairs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def evaluate_run(run, cfg, out_dir: Path | None = None, base=None, tokenizer=None, quiet: bool = False) -> tuple[dict, object]:
+    """Evaluate `run` with `cfg`, write eval.json, pairs.jsonl and report.html to `out_dir` (default
+    RUN/eval/). Returns the result and the bare base (for a caller that reuses it)."""
+    from align.eval.report import render_html
+
+    evaluation = Evaluation(run, cfg, out_dir or run.dir / "eval", base, tokenizer, quiet)
+    result = evaluation.run()
+    render_html([result], evaluation.out_dir / "report.html")
+    return result, evaluation.base

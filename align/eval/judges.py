@@ -1,0 +1,131 @@
+"""Who decides which reply is better, and how often a scorer agrees with held-out preferences.
+
+- A judge scores each reply to a prompt: a learned reward (an `rm` stage's adapter and head, frozen on
+  the shared base) or a rule reward card (`reward_models/*.yaml`); the higher score wins the pair.
+- Human verdicts are preference rows (`{prompt, chosen, rejected}`, any preference format) over this
+  evaluation's own replies, such as `pairs.jsonl` rated by people: a row whose prompt and two replies are
+  a stage's and the reference's replies to a prompt decides that pair.
+- Pair accuracy: the share of held-out pairs whose chosen reply a scorer ranks above the rejected one, for
+  the judge (reward-model accuracy) and for a DPO-family stage's implicit reward.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from align.data.collate import encode, pad_sequences
+from align.data.formats import load_examples
+from align.eval.generation import evaluating
+from align.errors import AlignError
+from align.models import adapters, heads
+from align.models.logprobs import completion_logprobs
+from align.rewards import REWARD_MODELS_DIR, find_rule_file, load_reward
+from align.stages import dpo, rank
+from align.losses.dpo import uses_mean_logps
+
+JUDGE_ADAPTER = "judge"
+
+
+@dataclass
+class Judge:
+    name: str  # what the report calls it: the rm stage's name or the card's file
+    kind: str  # "learned" | "rule"
+    reward: object  # align.rewards.LearnedReward or RuleReward
+
+    def score(self, prompts, replies: list[str], rules: list[dict]) -> list[float]:
+        return self.reward.score(prompts, replies, rules).tolist()
+
+
+def judge_folder(spec: str, run) -> str | None:
+    """The folder of a learned judge (an rm stage of `run`, or any rm stage folder); None for a rule card."""
+    if find_rule_file(spec):
+        return None
+    folder = run.adapter(spec) if spec in {s.name for s in run.recipe.stages} else spec
+    if not (Path(folder) / heads.HEAD_FILE).is_file():
+        cards = ", ".join(sorted(p.stem for p in REWARD_MODELS_DIR.glob("*.yaml")))
+        raise AlignError(f"judge '{spec}': not an rm stage of {run.dir}, a reward card in reward_models/ ({cards}) "
+                         "or a rule file, nor a folder written by an rm stage")
+    return folder
+
+
+def load_judge(spec: str, run, model, tokenizer) -> Judge:
+    """The judge `spec` names; a learned one becomes the frozen adapter `judge` of `model` (a PeftModel)."""
+    folder = judge_folder(spec, run)
+    if folder is None:
+        rule_file = find_rule_file(spec)
+        return Judge(rule_file.stem, "rule", load_reward(str(rule_file)))
+    return Judge(spec, "learned", load_reward(folder, model, tokenizer, name=JUDGE_ADAPTER))
+
+
+def pair_key(prompt: list[dict], first: str, second: str) -> str:
+    return json.dumps([prompt, sorted([first.strip(), second.strip()])], ensure_ascii=False)
+
+
+def load_human_verdicts(section) -> dict[str, str]:
+    """pair_key -> the reply people preferred, from the preference rows of `section` (a DataConfig)."""
+    loaded = load_examples(section.path, "preference", section.format, section.skip_bad_rows, section.max_rows)
+    out = {}
+    for ex in loaded.examples:
+        chosen, rejected = ex.chosen[-1]["content"], ex.rejected[-1]["content"]
+        out[pair_key(ex.prompt, chosen, rejected)] = chosen.strip()
+    return out
+
+
+def human_verdict(verdicts: dict[str, str], prompt, stage_reply: str, reference_reply: str) -> str | None:
+    """"win" / "loss" / "tie" (the same reply twice) of a stage's reply, or None where nobody judged it."""
+    if stage_reply.strip() == reference_reply.strip():
+        return "tie"
+    preferred = verdicts.get(pair_key(prompt, stage_reply, reference_reply))
+    return None if preferred is None else "win" if preferred == stage_reply.strip() else "loss"
+
+
+# --- agreement with held-out preferences ----------------------------------------------------------------
+
+
+def judge_accuracy(judge: Judge, pairs) -> float | None:
+    """Share of pairs whose chosen reply the judge scores higher; None for a judge that needs task rules."""
+    if judge.kind == "rule" and judge.reward.needs_rules:
+        return None
+    prompts = [ex.prompt for ex in pairs]
+    chosen = judge.score(prompts, [ex.chosen[-1]["content"] for ex in pairs], [{}] * len(pairs))
+    rejected = judge.score(prompts, [ex.rejected[-1]["content"] for ex in pairs], [{}] * len(pairs))
+    return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+
+
+@torch.no_grad()
+def _logps(model, tokenizer, pairs, side: str, train_cfg, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N] summed completion log-probs and [N] token counts of each pair's `side` reply, as training encoded them."""
+    rows = [encode(tokenizer, ex.prompt, getattr(ex, side), train_cfg.max_length, train_cfg.max_prompt_length) for ex in pairs]
+    sums, counts = [], []
+    with evaluating(model):
+        for start in range(0, len(rows), batch_size):
+            batch = pad_sequences([(r.prompt_ids, r.completion_ids) for r in rows[start : start + batch_size]],
+                                  tokenizer.pad_token_id)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            s, c = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            sums.append(s.float().cpu())
+            counts.append(c.cpu())
+    return torch.cat(sums), torch.cat(counts).clamp(min=1)
+
+
+def implicit_reward_accuracy(model, tokenizer, stage, policy: str, reference: str | None, pairs, batch_size: int) -> float:
+    """Share of pairs whose chosen reply gets the higher implicit reward under a dpo/rank/kto stage's own
+    definition: β·(log π − log π_ref) (mean log-probs for the losses that average them), or β·mean log π for
+    the reference-free losses. β > 0 does not change the order, so it is left out."""
+    loss_type = getattr(stage.loss, "type", None)
+    reference_free = loss_type in dpo.REFERENCE_FREE | rank.REFERENCE_FREE
+    mean = reference_free or (stage.kind == "dpo" and uses_mean_logps(loss_type))
+    rewards = {}
+    for side in ("chosen", "rejected"):
+        with adapters.using(model, policy):
+            logps, lengths = _logps(model, tokenizer, pairs, side, stage.train, batch_size)
+        if not reference_free:
+            with adapters.using(model, reference):
+                ref_logps, _ = _logps(model, tokenizer, pairs, side, stage.train, batch_size)
+            logps = logps - ref_logps
+        rewards[side] = logps / lengths if mean else logps
+    return float((rewards["chosen"] > rewards["rejected"]).float().mean())

@@ -1,0 +1,382 @@
+"""The evaluation report: one self-contained HTML page (inline CSS and SVG), PNG plots, and a rich table.
+
+`render_html` and `summary_table` take one or several `eval.json` dicts (as written by `align eval`) and
+render whatever subset of fields is present; matplotlib is imported only when a page is rendered.
+"""
+from __future__ import annotations
+
+import io
+import re
+from html import escape
+from pathlib import Path
+
+from rich.table import Table
+
+REF_GREY = "#9aa0a6"
+PALETTE = ["#4269d0", "#ef7f3a", "#3ca951", "#ff725c", "#a463f2", "#97bbf5", "#9c6b4e", "#e6b800", "#38b2ac", "#ff8ab7"]
+N_SAMPLES = 12
+CSS = """
+:root { --fg:#1f2328; --muted:#667085; --line:#e4e7ec; --card:#fff; --bg:#f5f6f8; --accent:#4269d0; }
+* { box-sizing: border-box; }
+body { margin:0; background:var(--bg); color:var(--fg); line-height:1.5;
+  font:15px/1.5 -apple-system, "Segoe UI", "Helvetica Neue", "DejaVu Sans", Arial, sans-serif; }
+main { max-width:1180px; margin:0 auto; padding:28px 24px 60px; }
+header h1 { margin:0 0 4px; font-size:28px; letter-spacing:-.02em; }
+header .meta { color:var(--muted); margin:2px 0; font-size:14px; }
+header .meta b { color:var(--fg); font-weight:600; }
+section { background:var(--card); border:1px solid var(--line); border-radius:12px; padding:18px 22px;
+  margin:18px 0; box-shadow:0 1px 2px rgba(16,24,40,.04); }
+h2 { font-size:18px; margin:0 0 12px; } h3 { font-size:15px; margin:18px 0 8px; color:var(--muted); }
+.note { color:var(--muted); font-style:italic; margin:4px 0; }
+table { border-collapse:collapse; width:100%; font-size:13.5px; font-variant-numeric:tabular-nums; }
+.scroll { overflow-x:auto; }
+th, td { padding:6px 9px; border-bottom:1px solid var(--line); text-align:left; vertical-align:top; }
+th { font-weight:600; color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.03em; }
+tbody tr:nth-child(even), table.forgetting tbody:nth-of-type(even) tr { background:#f8f9fb; }
+table.forgetting tbody tr { background:none; } table.forgetting td { border:none; }
+table.forgetting tbody { border-bottom:1px solid var(--line); } thead th.num { white-space:normal; }
+td.num, th.num { text-align:right; white-space:nowrap; }
+td.label { white-space:nowrap; } td.change { font-size:12px; color:#475467; } td.change span { display:block; white-space:nowrap; }
+tr.ref td { color:var(--muted); }
+.ci { display:block; color:var(--muted); font-size:11.5px; }
+.dot { display:inline-block; width:10px; height:10px; border-radius:50%; margin-right:6px; vertical-align:0; }
+.badge { display:inline-block; padding:1px 8px; border-radius:999px; font-size:11.5px; font-weight:600;
+  color:#fff; background:#98a2b3; margin-left:6px; }
+.badge.win { background:#12b76a; } .badge.loss { background:#f04438; } .badge.tie { background:#98a2b3; }
+.badge.ref { background:#eaecf0; color:#475467; }
+.up { color:#d92d20; } .down { color:#039855; }
+figure.plot { margin:8px 0; text-align:center; }
+figure.plot svg { max-width:100%; height:auto; }
+.sample { border-top:1px solid var(--line); padding:12px 0; }
+.prompt { font-weight:600; white-space:pre-wrap; margin-bottom:8px; }
+.cat { color:var(--muted); font-weight:400; font-size:12px; margin-left:8px; }
+.responses { display:grid; gap:10px; grid-template-columns:repeat(auto-fit, minmax(220px, 1fr)); }
+.resp { border:1px solid var(--line); border-radius:8px; padding:8px 10px; background:#fcfcfd; font-size:13px; }
+.resp .who { font-weight:600; font-size:12.5px; margin-bottom:4px; }
+.resp pre { white-space:pre-wrap; word-wrap:break-word; margin:0; font:inherit; max-height:16em; overflow:auto; }
+.resp .foot { color:var(--muted); font-size:12px; margin-top:6px; }
+"""
+
+
+# ---------------------------------------------------------------- formatting
+
+def _num(x, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _rate(r: dict | None) -> tuple[str, str]:
+    """(value, CI range) of a win-rate dict as percentages."""
+    if not r or r.get("value") is None:
+        return "–", ""
+    ci = f"{100 * r['low']:.1f}–{100 * r['high']:.1f}" if r.get("low") is not None else ""
+    return _pct(r["value"]), ci
+
+
+def _forgetting_change(f: dict | None) -> list[str]:
+    change = (f or {}).get("change") or {}
+    return [f"{k} {v:+.3f}" for k, v in change.items() if isinstance(v, (int, float))]
+
+
+def _tint(color: str, alpha: float | None) -> str:
+    """`color` mixed with white (alpha 1: itself; None: white), opaque so that hatches and error bars stay crisp."""
+    rgb = [int(color[i:i + 2], 16) for i in (1, 3, 5)]
+    a = 0.0 if alpha is None else alpha
+    return "#" + "".join(f"{round(255 - a * (255 - c)):02x}" for c in rgb)
+
+
+def _rows(evals: list[dict]):
+    """(label, run, stage name, stage dict) per run/stage, the label "run/stage" when several runs."""
+    for ev in evals:
+        for name, st in (ev.get("stages") or {}).items():
+            yield (f"{ev.get('run', '?')}/{name}" if len(evals) > 1 else name), ev, name, st or {}
+
+
+def _colors(evals: list[dict]) -> dict[str, str]:
+    """A colour per stage name, the same in every plot and run; reference stages get grey."""
+    names = [n for _, _, n, st in _rows(evals) if not st.get("is_reference")]
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(dict.fromkeys(names))}
+
+
+def _color(colors: dict, name: str, st: dict) -> str:
+    return REF_GREY if st.get("is_reference") else colors.get(name, REF_GREY)
+
+
+def _cells(st: dict) -> list[tuple[str, str]]:
+    """The summary columns after the label, as (value, CI) strings."""
+    return [_rate(st.get("win_rate")), _rate(st.get("lc_win_rate")), (_num(st.get("mean_reward")), ""),
+            (_num(st.get("mean_length"), 1), ""), (_num(st.get("kl_to_reference")), ""),
+            (_pct(st.get("task_accuracy")), ""), (_pct(st.get("implicit_reward_accuracy")), ""),
+            (", ".join(_forgetting_change(st.get("forgetting"))) or "–", "")]
+
+
+COLUMNS = ["win rate ± CI", "LC win rate", "mean reward", "length", "KL", "task acc", "implicit-reward acc",
+           "forgetting change"]
+
+
+def summary_table(evals: list[dict]) -> Table:
+    """The terminal summary: a row per run/stage with win rate ± CI, LC win rate, mean reward, length, KL,
+    task accuracy, implicit-reward accuracy and the forgetting change."""
+    ref = next((ev.get("settings", {}).get("reference") for ev in evals if ev.get("settings")), None)
+    table = Table(title="evaluation" + (f" (reference: {ref})" if ref else ""))
+    table.add_column("run/stage" if len(evals) > 1 else "stage")
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c == "forgetting change" else "right")
+    for label, _, _, st in _rows(evals):
+        ref_row = bool(st.get("is_reference"))
+        cells = [v + (f" [{ci}]" if ci else "") for v, ci in _cells(st)]
+        table.add_row(label + (" (ref)" if ref_row else ""), *cells, style="dim" if ref_row else None)
+    return table
+
+
+# ---------------------------------------------------------------- plots
+
+class _Plots:
+    """Saves each figure once as PNG under `plots_dir` and once as SVG for inline embedding."""
+
+    def __init__(self, plots_dir: Path):
+        self.dir, self.names = plots_dir, set()
+        self.rc = {"svg.fonttype": "none", "svg.hashsalt": None, "font.size": 9, "axes.spines.top": False,
+                   "axes.spines.right": False, "axes.grid": True, "grid.color": "#e4e7ec", "axes.axisbelow": True,
+                   "axes.edgecolor": "#98a2b3", "font.family": "DejaVu Sans"}
+
+    @staticmethod
+    def new(w: float, h: float):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(w, h), layout="constrained")
+        FigureCanvasAgg(fig)  # the Agg canvas: no display, no pyplot state to close
+        return fig
+
+    def embed(self, fig, name: str, kind: str) -> str:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "plot"
+        while slug in self.names:
+            slug += "-x"
+        self.names.add(slug)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        buf = io.StringIO()
+        fig.savefig(self.dir / f"{slug}.png", dpi=150)
+        fig.savefig(buf, format="svg")
+        fig.clear()
+        svg = buf.getvalue()
+        return f'<figure class="plot" data-plot="{escape(kind)}">{svg[svg.index("<svg"):]}</figure>'
+
+
+def _win_rate_plot(plots: _Plots, evals, colors) -> str:
+    rows = [(lb, n, st) for lb, _, n, st in _rows(evals) if not st.get("is_reference")
+            and any((st.get(k) or {}).get("value") is not None for k in ("win_rate", "lc_win_rate", "human_win_rate"))]
+    if not rows:
+        return '<p class="note">No stage has a win rate (no judge, or only the reference was evaluated).</p>'
+    kinds = [("win_rate", "raw", 1.0, ""), ("lc_win_rate", "length-controlled", 0.5, ""),
+             ("human_win_rate", "human", None, "////")]
+    kinds = [k for k in kinds if any((st.get(k[0]) or {}).get("value") is not None for _, _, st in rows)]
+    fig = plots.new(min(11, max(6, 1.6 * len(rows) + 3)), 3.6)
+    ax, width = fig.add_subplot(), 0.8 / len(kinds)
+    for j, (key, label, alpha, hatch) in enumerate(kinds):
+        for i, (_, n, st) in enumerate(rows):
+            r = st.get(key) or {}
+            if r.get("value") is None:
+                continue
+            x, v = i + (j - (len(kinds) - 1) / 2) * width, r["value"]
+            err = [[v - r.get("low", v)], [r.get("high", v) - v]]
+            c = colors.get(n, REF_GREY)
+            ax.bar(x, v, width * 0.92, color=_tint(c, alpha), hatch=hatch, edgecolor=c, yerr=err, capsize=3,
+                   error_kw={"elinewidth": 1, "ecolor": "#344054"})
+    from matplotlib.patches import Patch
+    ax.legend([Patch(facecolor=_tint("#667085", a), hatch=h, edgecolor="#667085") for _, _, a, h in kinds],
+              [lb for _, lb, _, _ in kinds], frameon=False, fontsize=8, loc="upper left", ncols=len(kinds))
+    ax.axhline(0.5, color="#475467", ls="--", lw=1)
+    ax.set(xticks=range(len(rows)), ylim=(0, 1.12), ylabel="win rate vs reference")
+    ax.set_xticklabels([lb for lb, _, _ in rows])
+    ax.yaxis.set_major_formatter(lambda y, _: f"{100 * y:.0f}%")
+    ax.grid(axis="x", visible=False)
+    return plots.embed(fig, "win-rate", "win-rate")
+
+
+def _curves_plot(plots: _Plots, ev: dict, colors) -> str:
+    curves = {s: c for s, c in (ev.get("curves") or {}).items() if c}
+    keys = list(dict.fromkeys(k for c in curves.values() for k, pts in c.items() if pts))
+    keys = sorted(keys, key=lambda k: (k != "loss", k))[:12]
+    if not keys:
+        return ""
+    ncols = min(4, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig = plots.new(3.4 * ncols, 2.4 * nrows + 0.4)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    stages = ev.get("stages") or {}
+    for ax, key in zip(axes, keys):
+        for s, c in curves.items():
+            if c.get(key):
+                xs, ys = zip(*c[key])
+                ax.plot(xs, ys, lw=1.4, label=s, color=_color(colors, s, stages.get(s) or {}))
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper right", frameon=False, ncols=len(curves))
+    return plots.embed(fig, f"curves-{ev.get('run', 'run')}", "curves")
+
+
+def _dist_plot(plots: _Plots, evals, colors, key: str, ylabel: str) -> str:
+    rows = [(lb, n, st) for lb, _, n, st in _rows(evals) if st.get(key)]
+    if not rows:
+        return ""
+    fig = plots.new(min(11, max(6, 1.3 * len(rows) + 2.5)), 3.4)
+    ax = fig.add_subplot()
+    data = [[x for x in st[key] if x is not None] or [0.0] for _, _, st in rows]
+    spread = [i for i, d in enumerate(data) if len(set(d)) > 1]  # a violin needs some spread for its KDE
+    bodies = ax.violinplot([data[i] for i in spread], [i + 1 for i in spread], showextrema=False, widths=0.8)["bodies"] if spread else []
+    box = ax.boxplot(data, widths=0.18, patch_artist=True, showfliers=False,
+                     medianprops={"color": "#1f2328"}, whiskerprops={"color": "#667085"}, capprops={"color": "#667085"})
+    for i, (patch, (_, n, st)) in enumerate(zip(box["boxes"], rows)):
+        c = _color(colors, n, st)
+        patch.set(facecolor=c, edgecolor="#475467")
+        if i in spread:
+            bodies[spread.index(i)].set(facecolor=c, edgecolor=c, alpha=0.35)
+        jitter = [((k * 0.618) % 1 - 0.5) * 0.3 for k in range(len(data[i]))]  # deterministic, spread evenly
+        ax.scatter([i + 1 + j for j in jitter], data[i], s=6, color=c, alpha=0.6, linewidths=0, zorder=3)
+    ax.set_xticks(range(1, len(rows) + 1), [lb for lb, _, _ in rows])
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="x", visible=False)
+    return plots.embed(fig, key, key)
+
+
+# ---------------------------------------------------------------- HTML sections
+
+def _section(sid: str, title: str, body: str) -> str:
+    return f'<section id="{sid}"><h2>{escape(title)}</h2>{body}</section>'
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{escape(text)}</p>'
+
+
+def _header(evals: list[dict]) -> str:
+    runs = ", ".join(f"<b>{escape(str(ev.get('run', '?')))}</b>" + (f" ({escape(str(ev['run_dir']))})" if ev.get("run_dir") else "")
+                     for ev in evals)
+    lines = [f'<p class="meta">Runs compared: {runs}</p>']
+    for base in dict.fromkeys(str(ev["base"]) for ev in evals if ev.get("base")):
+        lines.append(f'<p class="meta">Base model: <b>{escape(base)}</b></p>')
+    for ev in evals:
+        s, j = ev.get("settings") or {}, ev.get("judge") or {}
+        judge = j.get("name") or s.get("judge") or "none"
+        if j.get("kind"):
+            judge += f" ({j['kind']}" + (f", accuracy {_pct(j['accuracy'])}" if j.get("accuracy") is not None else "") + ")"
+        dec = "sampling" + "".join(f", {k} {s[k]}" for k in ("temperature", "top_p") if s.get(k) is not None) \
+            if s.get("do_sample") else "greedy"
+        parts = [("prompts", s.get("prompts")), ("n", s.get("n_prompts")), ("reference", s.get("reference")),
+                 ("judge", judge), ("decoding", f"{dec}, max {s['max_new_tokens']} new tokens" if s.get("max_new_tokens") else dec),
+                 ("seed", s.get("seed")), ("created", ev.get("created"))]
+        who = f"<b>{escape(str(ev.get('run', '?')))}</b>: " if len(evals) > 1 else ""
+        lines.append(f'<p class="meta">{who}' + " · ".join(f"{k} <b>{escape(str(v))}</b>" for k, v in parts if v is not None) + "</p>")
+    return f'<header><h1>align evaluation</h1>{"".join(lines)}</header>'
+
+
+def _summary(evals: list[dict], colors) -> str:
+    head = "".join(f'<th class="{"" if c == "forgetting change" else "num"}">{escape(c)}</th>' for c in COLUMNS)
+    rows = []
+    for label, _, n, st in _rows(evals):
+        ref = st.get("is_reference")
+        cells = "".join(f'<td class="num">{escape(v)}' + (f'<span class="ci">{escape(ci)}</span>' if ci else "") + "</td>"
+                        for v, ci in _cells(st)[:-1])
+        cells += '<td class="change">' + ("".join(f"<span>{escape(c)}</span>" for c in _forgetting_change(st.get("forgetting"))) or "–") + "</td>"
+        tip = escape(" ".join(f"{k} {st['win_rate'][k]}" for k in ("n", "wins", "ties", "losses") if k in (st.get("win_rate") or {})))
+        mark = ' <span class="badge ref">reference</span>' if ref else ""
+        rows.append(f'<tr class="{"ref" if ref else "stage"}" title="{tip}"><td class="label"><span class="dot" style="background:{_color(colors, n, st)}"></span>'
+                    f'{escape(label)}{mark}</td>{cells}</tr>')
+    return (f'<div class="scroll"><table class="summary"><thead><tr><th>{"run/stage" if len(evals) > 1 else "stage"}</th>'
+            f'{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def _forgetting(evals: list[dict]) -> str:
+    groups = []
+    for label, _, _, st in _rows(evals):
+        f, rows = st.get("forgetting"), []
+        if not f:
+            continue
+        before, after, change = f.get("before") or {}, f.get("after") or {}, f.get("change") or {}
+        metrics = [k for k in dict.fromkeys([*before, *after, *change]) if isinstance(after.get(k, change.get(k)), (int, float))] or ["–"]
+        for i, k in enumerate(metrics):
+            d = change.get(k)
+            worse = d is not None and (d > 0 if re.search("nll|perplexity|loss", k) else d < 0)
+            first = f'<td rowspan="{len(metrics)}">{escape(label)}</td>' if i == 0 else ""
+            kl = f'<td class="num" rowspan="{len(metrics)}">{_num(f.get("kl_to_start"))}</td>' if i == 0 else ""
+            rows.append(f'<tr>{first}<td>{escape(k)}</td><td class="num">{_num(before.get(k))}</td>'
+                        f'<td class="num">{_num(after.get(k))}</td><td class="num {"up" if worse else "down"}">'
+                        f'{"–" if d is None else f"{d:+.3f}"}</td>{kl}</tr>')
+        groups.append(f'<tbody>{"".join(rows)}</tbody>')
+    return ('<div class="scroll"><table class="forgetting"><thead><tr><th>stage</th><th>metric</th><th class="num">before</th>'
+            '<th class="num">after</th><th class="num">change</th><th class="num">KL to start</th></tr></thead>'
+            f'{"".join(groups)}</table></div>') if groups else ""
+
+
+def _tasks(evals: list[dict]) -> str:
+    rows = [(lb, st) for lb, _, _, st in _rows(evals) if st.get("task_per_family") or st.get("task_accuracy") is not None]
+    if not rows:
+        return ""
+    fams = list(dict.fromkeys(f for _, st in rows for f in (st.get("task_per_family") or {})))
+    head = "".join(f'<th class="num">{escape(f)}</th>' for f in fams)
+    body = "".join(f"<tr><td>{escape(lb)}</td><td class=\"num\">{_pct(st.get('task_accuracy'))}</td>"
+                   + "".join(f'<td class="num">{_pct((st.get("task_per_family") or {}).get(f))}</td>' for f in fams)
+                   + "</tr>" for lb, st in rows)
+    return (f'<div class="scroll"><table class="tasks"><thead><tr><th>stage</th><th class="num">all</th>{head}</tr></thead>'
+            f'<tbody>{body}</tbody></table></div>')
+
+
+def _samples(ev: dict, colors) -> str:
+    stages = ev.get("stages") or {}
+    out = []
+    for smp in (ev.get("samples") or [])[:N_SAMPLES]:
+        cat = f'<span class="cat">{escape(str(smp["category"]))}</span>' if smp.get("category") else ""
+        cols = []
+        for name, r in (smp.get("responses") or {}).items():
+            r, st = r or {}, stages.get(name) or {}
+            verdict = r.get("verdict")
+            badge = f'<span class="badge {escape(verdict)}">{escape(verdict)}</span>' if verdict in ("win", "tie", "loss") else ""
+            foot = f'reward {_num(r["reward"])}' if r.get("reward") is not None else ""
+            cols.append(f'<div class="resp"><div class="who"><span class="dot" style="background:{_color(colors, name, st)}"></span>'
+                        f'{escape(name)}{" (ref)" if st.get("is_reference") else ""}{badge}</div>'
+                        f'<pre>{escape(str(r.get("text", "")))}</pre><div class="foot">{foot}</div></div>')
+        out.append(f'<div class="sample"><div class="prompt">{escape(str(smp.get("prompt", "")))}{cat}</div>'
+                   f'<div class="responses">{"".join(cols)}</div></div>')
+    return "".join(out)
+
+
+def render_html(evals: list[dict], out: Path) -> Path:
+    """One self-contained HTML page (inline CSS and inline SVG plots; no external URLs, no JS needed) for
+    one or several eval.json dicts; also writes each plot as PNG into out.parent / "plots" /. Returns out."""
+    import matplotlib
+    out = Path(out)
+    plots, colors = _Plots(out.parent / "plots"), _colors(evals)
+    with matplotlib.rc_context(plots.rc):
+        page = _page(evals, plots, colors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def _page(evals: list[dict], plots: _Plots, colors: dict) -> str:
+    many = len(evals) > 1
+    parts = [_header(evals), _section("summary", "Summary", _summary(evals, colors)),
+             _section("win-rate", "Win rate against the reference", _win_rate_plot(plots, evals, colors))]
+    curves = "".join((f"<h3>{escape(str(ev.get('run', '?')))}</h3>" if many else "") + fig
+                     for ev in evals if (fig := _curves_plot(plots, ev, colors)))
+    parts.append(_section("curves", "Training curves", curves or _note("No training curves recorded.")))
+    parts.append(_section("rewards", "Reward distribution",
+                          _dist_plot(plots, evals, colors, "rewards", "judge reward") or _note("No rewards (no judge).")))
+    parts.append(_section("lengths", "Response length",
+                          _dist_plot(plots, evals, colors, "lengths", "tokens") or _note("No responses recorded.")))
+    if forgetting := _forgetting(evals):
+        parts.append(_section("forgetting", "Forgetting: each stage against the policy it started from", forgetting))
+    if tasks := _tasks(evals):
+        parts.append(_section("tasks", "Task accuracy per family", tasks))
+    samples = "".join((f"<h3>{escape(str(ev.get('run', '?')))}</h3>" if many else "") + s
+                      for ev in evals if (s := _samples(ev, colors)))
+    parts.append(_section("samples", f"Samples (first {N_SAMPLES} prompts)", samples or _note("No samples recorded.")))
+    title = "align evaluation: " + ", ".join(str(ev.get("run", "?")) for ev in evals)
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+            f'<body><main>{"".join(parts)}</main></body></html>\n')
