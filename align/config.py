@@ -224,10 +224,15 @@ class EvalConfig:
         _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
 
     def check_stages(self, stages: list) -> None:
-        """The reference is `base` or a stage; a judge that names a stage names an rm stage."""
+        """Evaluated stages are policies; the reference is `base` or a stage; a judge that names a stage
+        names an rm stage."""
         kinds = {s.name: s.kind for s in stages}
+        for i, name in enumerate(self.stages or []):
+            _require(kinds.get(name) != "rm", f"stages[{i}]",
+                     f"'{name}' is a reward model, not a policy to evaluate; name it as the judge instead")
         _require(self.reference in (None, "base", *kinds), "reference",
                  f"unknown stage '{self.reference}'; choose from: base, {', '.join(kinds)}")
+        _require(kinds.get(self.reference) != "rm", "reference", f"'{self.reference}' is a reward model, not a policy")
         _require(self.judge not in kinds or kinds[self.judge] == "rm", "judge",
                  f"stage '{self.judge}' is a {kinds.get(self.judge)} stage; a judge is an rm stage or a reward card")
 
@@ -275,8 +280,8 @@ class Recipe:
             if stage.train.seed is None:
                 stage.train.seed = self.seed  # filled so that a stage's config hash covers its seed
         if self.eval is not None:
-            if self.eval.stages is None:
-                self.eval.stages = ["base", *names]
+            if self.eval.stages is None:  # the policies: an rm stage's adapter is a judge, not a model to evaluate
+                self.eval.stages = ["base", *(s.name for s in self.stages if s.kind != "rm")]
             for i, name in enumerate(self.eval.stages):
                 _require(name == "base" or name in names, f"eval.stages[{i}]",
                          f"unknown stage '{name}'; choose from: base, {', '.join(names)}")

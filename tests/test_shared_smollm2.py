@@ -1,5 +1,7 @@
 """The real SmolLM2-135M-Instruct GGUF and real HH-RLHF pairs from ../shared (skipped when absent)."""
 
+import json
+
 import pytest
 
 from align.cli import main
@@ -87,3 +89,42 @@ stages:
     state = summary["stages"]["rank"]
     assert state["status"] == "done" and state["metrics"]["global_step"] == 2
     assert {"rank/kendall_tau", "rank/accuracy", "rewards/rank_0", "rewards/rank_2"} <= state["metrics"].keys()
+
+
+VICUNA = SHARED / "data" / "eval" / "vicuna_bench_question.jsonl"
+ALPACA = SHARED / "data" / "sft" / "alpaca_sample_rows0-2999.jsonl.gz"
+
+
+@pytest.mark.skipif(not (VICUNA.is_file() and ALPACA.is_file()), reason="../shared Vicuna-Bench or Alpaca data absent")
+def test_eval_compares_base_and_a_trained_adapter_on_vicuna_bench(tmp_path):
+    """A few SFT steps on Alpaca and a few reward-model steps on HH pairs, then `align eval`: the base
+    against the SFT adapter on four Vicuna-Bench questions, short greedy replies, judged by the reward model."""
+    (tmp_path / "r.yaml").write_text(f"""
+name: vicuna
+output_dir: {tmp_path}
+model: {{base: {GGUF}, quantization: nf4, lora: {{r: 8, alpha: 16, dropout: 0.0}}}}
+forgetting: {{enabled: false}}
+stages:
+  - name: sft
+    kind: sft
+    data: {{path: {ALPACA}, max_rows: 16}}
+    train: {{max_steps: 3, batch_size: 4, lr: 2.0e-4, max_length: 128, max_prompt_length: 96}}
+  - name: rm
+    kind: rm
+    data: {{path: {HH}, skip_bad_rows: true, max_rows: 12}}
+    eval_data: {{path: {HH}, skip_bad_rows: true, max_rows: 12}}
+    train: {{max_steps: 3, batch_size: 4, lr: 1.0e-4, max_length: 128, max_prompt_length: 96}}
+""")
+    assert main(["run", str(tmp_path / "r.yaml"), "--quiet"]) == 0
+    run = tmp_path / "vicuna"
+    assert main(["eval", str(run), "--prompts", str(VICUNA), "--max-prompts", "4", "--max-new-tokens", "16",
+                 "--reference", "base", "--stages", "sft", "--quiet"]) == 0
+    result = json.loads((run / "eval" / "eval.json").read_text())
+    assert list(result["stages"]) == ["base", "sft"]
+    assert result["judge"]["name"] == "rm" and result["judge"]["kind"] == "learned"  # the run's rm stage by default
+    assert result["judge"]["pairs"] == 12 and 0 <= result["judge"]["accuracy"] <= 1  # on the rm stage's held-out pairs
+    sft = result["stages"]["sft"]
+    assert sft["win_rate"]["n"] == 4 and sft["kl_to_reference"] > 0 and len(sft["rewards"]) == 4
+    assert all(0 < n <= 16 for n in sft["lengths"]) and all(s["responses"]["base"]["text"] for s in result["samples"])
+    assert result["samples"][0]["prompt"] == "How can I improve my time management skills?"
+    assert (run / "eval" / "report.html").stat().st_size > 10_000

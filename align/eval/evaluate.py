@@ -98,7 +98,7 @@ class Evaluation:
         recipe = run.recipe
         cfg.check_stages(recipe.stages)
         self.reference = cfg.reference or default_reference(recipe)
-        chosen = cfg.stages or [BASE, *run.finished()]
+        chosen = cfg.stages or [BASE, *(s for s in run.finished() if run.stage(s).kind in POLICY_KINDS)]
         self.stages = [self.reference] + [s for s in chosen if s != self.reference]
         for name in self.stages:
             run.adapter(name)  # unknown or unfinished stages fail here, before anything loads
