@@ -7,13 +7,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 
-.PHONY: quickstart test setup
+.PHONY: quickstart test setup browser
 
 quickstart: setup
 	$(BIN)/align run recipes/quickstart.yaml
 
-test: setup
+test: setup browser
 	$(BIN)/pytest -q
+
+# Debian's Chromium renders the evaluation report in a test; installed where apt-get can (as root).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium could not be installed: the report's browser test will be skipped"
 
 setup: $(VENV)/.installed
 

@@ -15,6 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from align.data.collate import encode_prompt
 from align.errors import AlignError
+from align.eval.generation import Decoding
 from align.runs import load_stage_model, open_stage
 from align.ui import console
 
@@ -97,19 +98,16 @@ class ChatSession:
         self.messages.append({"role": "user", "content": user_text})
         try:
             ids = self._fit()
-            sampling = {"do_sample": False}
-            if self.temperature > 0:
-                sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+            decoding = Decoding(self.max_new_tokens, self.temperature > 0, self.temperature or 1.0, self.top_p)
             stream = _TextStream(self.tokenizer, on_token or (lambda piece: None))
             input_ids = torch.tensor([ids], device=self.model.device)
             self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=self.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
                 streamer=stream,
-                **sampling,
+                **decoding.kwargs(),
             )
         except BaseException:  # an interrupted or failed turn leaves no unanswered user message behind
             self.messages.pop()

@@ -129,7 +129,7 @@ def _cmd_data_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align", description="Align language models: SFT → DPO on QLoRA adapters.")
+    parser = argparse.ArgumentParser(prog="align", description="Align language models: SFT, reward models, PPO, the DPO family and listwise ranking on QLoRA adapters; evaluate, chat, export.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run a recipe's stages (finished ones are skipped, interrupted ones resume)")

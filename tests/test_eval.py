@@ -117,3 +117,15 @@ def test_eval_errors_name_the_problem(tiny_run, tmp_path, capsys):
     assert "no stage 'nope'" in error(tiny_run, "--tasks", "synthetic:heldout", "--stages", "nope")
     assert "'judge'" in error(tiny_run, "--tasks", "synthetic:heldout", "--judge", "sft")  # not an rm stage
     assert "judge 'nope'" in error(tiny_run, "--tasks", "synthetic:heldout", "--judge", "nope", "--max-prompts", "2")
+
+
+def test_report_puts_several_evaluations_on_one_page(tiny_run, tmp_path):
+    first = _eval(tiny_run, tmp_path / "greedy", "--stages", "dpo")
+    second = _eval(tiny_run, tmp_path / "sampled", "--stages", "dpo", "--sample")
+    assert first["samples"] != second["samples"]
+    page = tmp_path / "compare.html"
+    assert main(["report", str(tmp_path / "greedy" / "eval.json"), str(tmp_path / "sampled" / "eval.json"),
+                 "--out", str(page)]) == 0
+    html = page.read_text()
+    assert html.count('class="plot"') >= 2 and html.count("tiny/dpo") >= 2  # both evaluations, labelled by run
+    assert main(["report", str(tmp_path / "nowhere"), "--out", str(page)]) == 2

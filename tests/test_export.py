@@ -130,3 +130,12 @@ def test_reward_model_cannot_be_merged(tmp_path):
     (run_dir / "rm" / "stage.json").write_text(json.dumps({"status": "done", "adapter": str(run_dir / "rm" / "adapter")}))
     with pytest.raises(AlignError, match="rm stage .* cannot be merged; use --adapter-only"):
         export_stage(str(run_dir / "rm"), str(tmp_path / "out"), merge=True)
+
+
+def test_command_line(tiny_run, tmp_path, capsys):
+    from align.cli import main
+
+    assert main(["export", str(tiny_run / "dpo"), "--adapter-only", str(tmp_path / "adapter")]) == 0
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert main(["export", str(tiny_run / "nope"), "--merge", str(tmp_path / "merged")]) == 2
+    assert "no stage 'nope'" in capsys.readouterr().err and not (tmp_path / "merged").exists()

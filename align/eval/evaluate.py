@@ -39,7 +39,8 @@ from align.ui import console, work_progress
 
 # training curves worth a plot, where a stage logged them (metrics.jsonl)
 CURVE_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "accuracy", "margin", "rank/kendall_tau",
-              "objective/scores", "objective/kl", "replay/nll", "eval_loss", "eval_rewards/accuracies", "eval_accuracy")
+              "objective/scores", "objective/kl", "replay/nll", "eval_loss", "eval_rewards/accuracies", "eval_accuracy",
+              "eval_rank/kendall_tau")
 POLICY_KINDS = {"sft", "dpo", "rank", "kto", "ppo"}  # stages whose adapter is a policy (rm's is a reward model)
 
 
@@ -86,7 +87,7 @@ def _curves(stage_dir: Path) -> dict[str, list]:
             for key in CURVE_KEYS:
                 if isinstance(row.get(key), (int, float)):
                     curves.setdefault(key, []).append([row["step"], row[key]])
-    return curves
+    return {key: points for key, points in curves.items() if len(points) > 1}  # one point (a final eval) is no curve
 
 
 class Evaluation:
@@ -113,8 +114,8 @@ class Evaluation:
             "settings": asdict(cfg), "reference": self.reference, "stages": self.stages, "judge": self.judge_spec,
             "data": [d.fingerprint if d else None for d in (self.tasks, self.prompts, self.preferences)],
             "verdicts": sorted(self.verdicts.items()),
-            "adapters": {s: run.state(s).get("config_hash") for s in self.stages},
-            "judge_adapter": run.state(self.judge_spec).get("config_hash") if self.judge_spec else None,
+            "adapters": {s: adapter_fingerprint(run.adapter(s)) for s in self.stages},
+            "judge_adapter": adapter_fingerprint(self.judge_folder),
         })
 
     # --- models -----------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ class Evaluation:
         if self.judge_folder:
             folders[judges.JUDGE_ADAPTER] = self.judge_folder
         if not folders:
-            return self.base, folders
+            return self.base, folders  # the base alone, judged by rules
         names = list(folders)
         model = PeftModel.from_pretrained(self.base, folders[names[0]], adapter_name=names[0])
         for name in names[1:]:
@@ -198,67 +199,38 @@ class Evaluation:
     def _measure(self, model, folders: dict[str, str]) -> dict:
         examples = self.prompts.examples
         prompts = [ex.prompt for ex in examples]
-        rules = [ex.rule for ex in examples]
         replies = {name: self._replies(model, name, examples) for name in self.stages}
-        task_replies = {}
+        task_replies = replies
         if self.tasks and self.tasks is not self.prompts:
             task_replies = {name: self._replies(model, name, self.tasks.examples) for name in self.stages}
         judge = judges.load_judge(self.judge_spec, self.run_, model, self.tokenizer) if self.judge_spec else None
-        rewards = {}
-        if judge:
-            with work_progress(f"judging with {judge.name}", len(self.stages), self.quiet) as advance:
-                for name in self.stages:
-                    rewards[name] = judge.score(prompts, [r.text for r in replies[name]], rules)
-                    advance()
-        reference_replies = replies[self.reference]
+        rewards = self._judge_scores(judge, examples, replies) if judge else {}
+        kls = self._kls(model, prompts, replies)
+        implicit = self._implicit_accuracies(model, folders)
         stages = {}
         for name in self.stages:
-            stage_replies = replies[name]
-            lengths = [len(r.ids) for r in stage_replies]
-            entry = {
+            lengths = [len(r.ids) for r in replies[name]]
+            graded = score_answers(self.tasks.examples, [r.text for r in task_replies[name]]) if self.tasks else {}
+            forgetting = self.run_.state(name).get("forgetting") if name != BASE else None
+            stages[name] = {
                 "kind": BASE if name == BASE else self.run_.stage(name).kind,
                 "is_reference": name == self.reference,
                 "lengths": lengths,
                 "mean_length": sum(lengths) / len(lengths),
                 "rewards": rewards.get(name),
                 "mean_reward": sum(rewards[name]) / len(rewards[name]) if name in rewards else None,
-                "win_rate": None, "lc_win_rate": None, "human_win_rate": None, "kl_to_reference": None,
+                **self._comparison(name, prompts, replies, rewards),
+                "kl_to_reference": kls.get(name),
+                "task_accuracy": graded.get("accuracy"),
+                "task_per_family": graded.get("per_family") or None,
+                "implicit_reward_accuracy": implicit.get(name),
+                "forgetting": {k: v for k, v in forgetting.items() if k != "key"} if forgetting else None,
             }
-            if name != self.reference:
-                if judge:
-                    outcome = metrics.verdicts(rewards[name], rewards[self.reference])
-                    entry["verdicts"] = outcome
-                    entry["win_rate"] = metrics.win_rate(outcome)
-                    entry["lc_win_rate"] = metrics.length_controlled_win_rate(
-                        outcome, lengths, [len(r.ids) for r in reference_replies], seed=self.cfg.seed)
-                if self.verdicts:
-                    human = [judges.human_verdict(self.verdicts, p, s.text, r.text)
-                             for p, s, r in zip(prompts, stage_replies, reference_replies)]
-                    entry["human_verdicts"] = human
-                    entry["human_win_rate"] = metrics.win_rate([v for v in human if v is not None])
-                with work_progress(f"KL of {name} to {self.reference}", 1, self.quiet) as advance:
-                    kl = kl_along(model, self.tokenizer, prompts, [r.ids for r in stage_replies],
-                                  None if name == BASE else name, None if self.reference == BASE else self.reference,
-                                  self.cfg.batch_size)
-                    advance()
-                entry["kl_to_reference"] = kl["kl"]
-            graded = score_answers(self.tasks.examples, [r.text for r in task_replies.get(name, stage_replies)]) \
-                if self.tasks else {"accuracy": None, "per_family": None}
-            entry["task_accuracy"], entry["task_per_family"] = graded["accuracy"], graded["per_family"] or None
-            entry["implicit_reward_accuracy"] = None
-            if name in self._implicit_stages():
-                reference = self._adapter_name(self._stage_reference(name), folders)
-                stage_cfg = self.run_.stage(name)
-                entry["implicit_reward_accuracy"] = judges.implicit_reward_accuracy(
-                    model, self.tokenizer, stage_cfg, name, reference, self.preferences.examples, self.cfg.batch_size)
-            forgetting = self.run_.state(name).get("forgetting") if name != BASE else None
-            entry["forgetting"] = {k: v for k, v in forgetting.items() if k != "key"} if forgetting else None
-            stages[name] = entry
         judge_info = None
         if judge:
             accuracy = judges.judge_accuracy(judge, self.preferences.examples) if self.preferences else None
             judge_info = {"name": judge.name, "kind": judge.kind, "accuracy": accuracy,
-                          "pairs": len(self.preferences.examples) if self.preferences and accuracy is not None else None}
+                          "pairs": len(self.preferences.examples) if accuracy is not None else None}
         return {
             "key": self.key,
             "run": self.run_.name,
@@ -274,6 +246,53 @@ class Evaluation:
             "samples": [self._sample(i, prompts[i], replies, stages) for i in range(len(examples))],
             "curves": {name: _curves(self.run_.dir / name) for name in self.stages if name != BASE},
         }
+
+    def _judge_scores(self, judge, examples, replies: dict) -> dict[str, list[float]]:
+        prompts, rules = [ex.prompt for ex in examples], [ex.rule for ex in examples]
+        scores = {}
+        with work_progress(f"judging with {judge.name}", len(self.stages), self.quiet) as advance:
+            for name in self.stages:
+                scores[name] = judge.score(prompts, [r.text for r in replies[name]], rules)
+                advance()
+        return scores
+
+    def _comparison(self, name: str, prompts, replies: dict, rewards: dict) -> dict:
+        """Win rates of `name`'s replies against the reference's: by the judge, length-controlled, by people."""
+        out = {"win_rate": None, "lc_win_rate": None, "human_win_rate": None}
+        if name == self.reference:
+            return out
+        mine, theirs = replies[name], replies[self.reference]
+        if rewards:
+            outcome = metrics.verdicts(rewards[name], rewards[self.reference])
+            out.update(verdicts=outcome, win_rate=metrics.win_rate(outcome), lc_win_rate=metrics.length_controlled_win_rate(
+                outcome, [len(r.ids) for r in mine], [len(r.ids) for r in theirs], seed=self.cfg.seed))
+        if self.verdicts:
+            human = [judges.human_verdict(self.verdicts, p, m.text, t.text) for p, m, t in zip(prompts, mine, theirs)]
+            out.update(human_verdicts=human, human_win_rate=metrics.win_rate([v for v in human if v is not None]))
+        return out
+
+    def _kls(self, model, prompts, replies: dict) -> dict[str, float]:
+        """Per-token KL(stage || reference) along each stage's own replies."""
+        others = [name for name in self.stages if name != self.reference]
+        kls = {}
+        with work_progress(f"KL to {self.reference}", len(others), self.quiet) as advance:
+            for name in others:
+                kls[name] = kl_along(model, self.tokenizer, prompts, [r.ids for r in replies[name]],
+                                     None if name == BASE else name, None if self.reference == BASE else self.reference,
+                                     self.cfg.batch_size)["kl"]
+                advance()
+        return kls
+
+    def _implicit_accuracies(self, model, folders: dict[str, str]) -> dict[str, float]:
+        names = self._implicit_stages()
+        out = {}
+        with work_progress("implicit rewards on held-out pairs", len(names), self.quiet) as advance:
+            for name in names:
+                reference = self._adapter_name(self._stage_reference(name), folders)
+                out[name] = judges.implicit_reward_accuracy(model, self.tokenizer, self.run_.stage(name), name, reference,
+                                                            self.preferences.examples, self.cfg.batch_size)
+                advance()
+        return out
 
     def _sample(self, i: int, prompt, replies: dict, stages: dict) -> dict:
         def verdict(name):

@@ -3,7 +3,9 @@
 An outcome is 1 (the stage's response won), 0.5 (tie) or 0 (the reference's won).
 
 Win rate: the mean outcome with a Wilson score interval (Wilson 1927), which stays inside [0, 1] and
-keeps its coverage at the small n of human verdicts, where the normal interval does not.
+keeps its coverage at the small n of human verdicts, where the normal interval does not. It treats every
+verdict as a coin flip, so with many ties (whose outcome, ½, varies less) it is wider than it need be:
+conservative, never too narrow.
 
 Length-controlled win rate (Dubois et al. 2024, "Length-Controlled AlpacaEval"): judges, human and model
 alike, prefer longer answers, so a stage can win by talking more. AlpacaEval 2 fits a logistic model of

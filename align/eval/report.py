@@ -10,6 +10,7 @@ import re
 from html import escape
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 REF_GREY = "#9aa0a6"
@@ -117,18 +118,29 @@ COLUMNS = ["win rate ± CI", "LC win rate", "mean reward", "length", "KL", "task
            "forgetting change"]
 
 
+TERMINAL_COLUMNS = ["win", "95% CI", "LC win", "reward", "length", "KL", "task", "implicit"]
+
+
+def _terminal_ci(r: dict | None) -> str:
+    return f"{100 * r['low']:.0f}–{100 * r['high']:.0f}" if r and r.get("low") is not None else ""
+
+
 def summary_table(evals: list[dict]) -> Table:
-    """The terminal summary: a row per run/stage with win rate ± CI, LC win rate, mean reward, length, KL,
-    task accuracy, implicit-reward accuracy and the forgetting change."""
+    """The terminal summary, narrow enough for 80 columns: a row per run/stage with the win rate and its
+    interval, the LC win rate, mean reward, length, KL, task and implicit-reward accuracy (forgetting has
+    its own table at the end of `align run`, and a column in the HTML report)."""
     ref = next((ev.get("settings", {}).get("reference") for ev in evals if ev.get("settings")), None)
-    table = Table(title="evaluation" + (f" (reference: {ref})" if ref else ""))
+    table = Table(title="evaluation" + (f" against {ref}" if ref else ""), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("run/stage" if len(evals) > 1 else "stage")
-    for c in COLUMNS:
-        table.add_column(c, justify="left" if c == "forgetting change" else "right")
+    for c in TERMINAL_COLUMNS:
+        table.add_column(c, justify="right")
     for label, _, _, st in _rows(evals):
         ref_row = bool(st.get("is_reference"))
-        cells = [v + (f" [{ci}]" if ci else "") for v, ci in _cells(st)]
-        table.add_row(label + (" (ref)" if ref_row else ""), *cells, style="dim" if ref_row else None)
+        table.add_row(label + (" (ref)" if ref_row else ""), _pct(st.get("win_rate", {}) and st["win_rate"]["value"]),
+                      _terminal_ci(st.get("win_rate")), _pct((st.get("lc_win_rate") or {}).get("value")),
+                      _num(st.get("mean_reward")), _num(st.get("mean_length"), 1), _num(st.get("kl_to_reference")),
+                      _pct(st.get("task_accuracy")), _pct(st.get("implicit_reward_accuracy")),
+                      style="dim" if ref_row else None)
     return table
 
 
