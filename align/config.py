@@ -223,18 +223,25 @@ class EvalConfig:
         _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
 
-    def check_stages(self, stages: list) -> None:
+    def check_stages(self, stages: list, within: str = "") -> None:
         """Evaluated stages are policies; the reference is `base` or a stage; a judge that names a stage
         names an rm stage."""
         kinds = {s.name: s.kind for s in stages}
         for i, name in enumerate(self.stages or []):
-            _require(kinds.get(name) != "rm", f"stages[{i}]",
+            _require(kinds.get(name) != "rm", f"{within}stages[{i}]",
                      f"'{name}' is a reward model, not a policy to evaluate; name it as the judge instead")
-        _require(self.reference in (None, "base", *kinds), "reference",
+        _require(self.reference in (None, "base", *kinds), f"{within}reference",
                  f"unknown stage '{self.reference}'; choose from: base, {', '.join(kinds)}")
-        _require(kinds.get(self.reference) != "rm", "reference", f"'{self.reference}' is a reward model, not a policy")
-        _require(self.judge not in kinds or kinds[self.judge] == "rm", "judge",
+        _require(kinds.get(self.reference) != "rm", f"{within}reference", f"'{self.reference}' is a reward model, not a policy")
+        _require(self.judge not in kinds or kinds[self.judge] == "rm", f"{within}judge",
                  f"stage '{self.judge}' is a {kinds.get(self.judge)} stage; a judge is an rm stage or a reward card")
+        if self.judge and self.judge not in kinds:
+            from align.rewards import REWARD_MODELS_DIR, find_rule_file
+
+            cards = ", ".join(sorted(p.stem for p in REWARD_MODELS_DIR.glob("*.yaml")))
+            _require(find_rule_file(self.judge) is not None or Path(self.judge).is_dir(), f"{within}judge",
+                     f"'{self.judge}' is neither an rm stage of this recipe, a reward card in reward_models/ "
+                     f"({cards}) or a rule file, nor a folder written by an rm stage")
 
 
 @dataclass(kw_only=True)
@@ -285,7 +292,7 @@ class Recipe:
             for i, name in enumerate(self.eval.stages):
                 _require(name == "base" or name in names, f"eval.stages[{i}]",
                          f"unknown stage '{name}'; choose from: base, {', '.join(names)}")
-            self.eval.check_stages(self.stages)
+            self.eval.check_stages(self.stages, within="eval.")
         self._default_replay_sources()
         self._check_refs(names)
 

@@ -208,6 +208,20 @@ def test_eval_stages_must_exist(tmp_path):
     assert_at(e, 19, "eval.stages[2]", "unknown stage 'rm'")
 
 
+@pytest.mark.parametrize("line, key, words", [
+    ("  judge: dpo", "eval.judge", "is a dpo stage; a judge is an rm stage or a reward card"),
+    ("  judge: nope", "eval.judge", "neither an rm stage of this recipe, a reward card in reward_models/ (concise"),
+    ("  reference: sftt", "eval.reference", "unknown stage 'sftt'"),
+])
+def test_eval_judge_and_reference_are_checked(tmp_path, line, key, words):
+    assert_at(error(tmp_path, RECIPE + line + "\n"), 19, key, words)
+
+
+def test_eval_needs_tasks_or_prompts(tmp_path):
+    e = error(tmp_path, RECIPE.replace("  tasks: {path: synthetic:heldout}\n", "  max_new_tokens: 8\n"))
+    assert e.key == "eval.tasks" and "give tasks, prompts or both" in str(e)
+
+
 def test_yaml_syntax_error(tmp_path):
     e = error(tmp_path, RECIPE.replace("    loss:\n", "    loss: [\n"))
     assert e.file.endswith("recipe.yaml") and e.line is not None and e.line >= 15 and "YAML" in str(e)
@@ -320,7 +334,7 @@ def test_shipped_recipe_is_valid(path):
     # The embedded data a recipe names exists, as the kind its stage reads: a misspelt split or family fails here.
     sections = [(s.data, DATA_KIND[s.kind]) for s in recipe.stages]
     sections += [(s.eval_data, EVAL_DATA_KIND[s.kind]) for s in recipe.stages if s.eval_data]
-    sections += [(recipe.eval.tasks, "task")] if recipe.eval else []
+    sections += [(recipe.eval.tasks, "task"), (recipe.eval.prompts, "prompt")] if recipe.eval else []
     sections += [(recipe.forgetting.retention, "sft"), (recipe.forgetting.tasks, "task")]
     for section, kind in sections:
         if section is not None and section.path.startswith("synthetic:"):
