@@ -116,7 +116,7 @@ def test_eval_errors_name_the_problem(tiny_run, tmp_path, capsys):
     assert "has no eval section" in error(tiny_run)  # and no --prompts
     assert "no stage 'nope'" in error(tiny_run, "--tasks", "synthetic:heldout", "--stages", "nope")
     assert "'judge'" in error(tiny_run, "--tasks", "synthetic:heldout", "--judge", "sft")  # not an rm stage
-    assert "judge 'nope'" in error(tiny_run, "--tasks", "synthetic:heldout", "--judge", "nope", "--max-prompts", "2")
+    assert "'nope' is neither an rm stage" in error(tiny_run, "--tasks", "synthetic:heldout", "--judge", "nope", "--max-prompts", "2")
 
 
 def test_report_puts_several_evaluations_on_one_page(tiny_run, tmp_path):
