@@ -241,9 +241,9 @@ def _dist_plot(plots: _Plots, evals, colors, key: str, ylabel: str) -> str:
     data = [[x for x in st[key] if x is not None] or [0.0] for _, _, st in rows]
     spread = [i for i, d in enumerate(data) if len(set(d)) > 1]  # a violin needs some spread for its KDE
     bodies = ax.violinplot([data[i] for i in spread], [i + 1 for i in spread], showextrema=False, widths=0.8)["bodies"] if spread else []
-    box = ax.boxplot(data, widths=0.18, patch_artist=True, showfliers=False,
+    boxplot = ax.boxplot(data, widths=0.18, patch_artist=True, showfliers=False,
                      medianprops={"color": "#1f2328"}, whiskerprops={"color": "#667085"}, capprops={"color": "#667085"})
-    for i, (patch, (_, n, st)) in enumerate(zip(box["boxes"], rows)):
+    for i, (patch, (_, n, st)) in enumerate(zip(boxplot["boxes"], rows)):
         c = _color(colors, n, st)
         patch.set(facecolor=c, edgecolor="#475467")
         if i in spread:
