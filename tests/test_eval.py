@@ -48,9 +48,9 @@ def test_length_controlled_win_rate_keeps_a_preference_for_content():
     assert same_length["value"] == pytest.approx(0.625, abs=1e-6)  # no length difference: the raw rate
 
 
-def _eval(tiny_run, out, *extra):
-    args = ["eval", str(tiny_run), "--tasks", "synthetic:heldout", "--max-prompts", "6", "--judge", "synthetic_tasks",
-            "--max-new-tokens", "6", "--out", str(out), "--quiet", *extra]
+def _eval(tiny_run, out, *extra, judge: str | None = "synthetic_tasks"):
+    args = ["eval", str(tiny_run), "--tasks", "synthetic:heldout", "--max-prompts", "6", "--max-new-tokens", "6",
+            "--out", str(out), "--quiet", *(["--judge", judge] if judge else []), *extra]
     assert main(args) == 0
     return json.loads((out / "eval.json").read_text())
 
@@ -129,3 +129,28 @@ def test_report_puts_several_evaluations_on_one_page(tiny_run, tmp_path):
     html = page.read_text()
     assert html.count('class="plot"') >= 2 and html.count("tiny/dpo") >= 2  # both evaluations, labelled by run
     assert main(["report", str(tmp_path / "nowhere"), "--out", str(page)]) == 2
+
+
+def test_an_rm_stage_is_the_default_judge(tmp_path):
+    """SFT and a reward model on the tiny model: `align eval` judges with the rm stage by default, reports
+    its accuracy on the rm stage's held-out pairs, and never evaluates the reward model as a policy."""
+    from align.config import parse_recipe
+    from align.pipeline import run_recipe
+    from tests.conftest import _tiny_head
+
+    text = _tiny_head("tinyrm", tmp_path, "none", sft_steps=4) + """\
+  - name: rm
+    kind: rm
+    init: ${sft.adapter}
+    data: {path: "synthetic:preference", max_rows: 32}
+    eval_data: {path: "synthetic:preference_heldout", max_rows: 10}
+    train: {max_steps: 4, lr: 3.0e-3, batch_size: 8, max_length: 96, max_prompt_length: 64}
+"""
+    run_recipe(parse_recipe(text), quiet=True)
+    rm_accuracy = json.loads((tmp_path / "tinyrm" / "rm" / "stage.json").read_text())["metrics"]["eval_accuracy"]
+    result = _eval(tmp_path / "tinyrm", tmp_path / "eval", "--reference", "base", judge=None)
+    assert list(result["stages"]) == ["base", "sft"]
+    assert result["judge"]["kind"] == "learned" and result["judge"]["name"] == "rm" and result["judge"]["pairs"] == 10
+    assert result["judge"]["accuracy"] == pytest.approx(rm_accuracy)  # the same pairs, the same reward model
+    sft = result["stages"]["sft"]
+    assert len(set(sft["rewards"])) > 1 and sft["win_rate"]["n"] == 6
