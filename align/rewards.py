@@ -91,8 +91,10 @@ class RuleReward:
 class LearnedReward:
     """A frozen reward adapter `name` with its score head on `model`, a PeftModel over the shared base."""
 
-    def __init__(self, model, tokenizer, folder: str | Path, name: str, max_length: int = 512):
-        self.model, self.tokenizer, self.name, self.max_length = model, tokenizer, name, max_length
+    def __init__(self, model, tokenizer, folder: str | Path, name: str, max_length: int = 512,
+                 max_prompt_length: int = 256):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length  # score texts as the rm stage trained
         if name not in model.peft_config:  # a caller that loads all its adapters at once may have loaded it
             adapters.add_frozen(model, str(folder), name)
         self.head = heads.load_head(folder).to(model.device).requires_grad_(False)
@@ -110,7 +112,7 @@ class LearnedReward:
             pairs = []
             for prompt, response in zip(prompts[i : i + batch_size], responses[i : i + batch_size]):
                 enc = encode(self.tokenizer, prompt, [{"role": "assistant", "content": response}],
-                             self.max_length, self.max_length // 2)
+                             self.max_length, self.max_prompt_length)
                 pairs.append((enc.prompt_ids, enc.completion_ids))
             batch = pad_sequences(pairs, self.tokenizer.pad_token_id)
             out.append(self.score_ids(batch["input_ids"].to(self.model.device), batch["attention_mask"].to(self.model.device)))
@@ -125,15 +127,16 @@ def find_rule_file(spec: str) -> Path | None:
     return None
 
 
-def load_reward(spec: str, model=None, tokenizer=None, name: str = "reward"):
-    """A rule reward (file or name), or a learned one (folder) loaded as adapter `name` onto `model`."""
+def load_reward(spec: str, model=None, tokenizer=None, name: str = "reward", lengths: tuple[int, int] = (512, 256)):
+    """A rule reward (file or name), or a learned one (folder) loaded as adapter `name` onto `model`, scoring
+    texts truncated to `lengths` (max_length, max_prompt_length) tokens."""
     rule_file = find_rule_file(spec)
     if rule_file:
         return RuleReward.from_file(rule_file)
     if (Path(spec) / heads.HEAD_FILE).is_file():
         if model is None:
             raise AlignError(f"{spec}: a learned reward needs the base model it was trained on")
-        return LearnedReward(model, tokenizer, spec, name)
+        return LearnedReward(model, tokenizer, spec, name, *lengths)
     names = ", ".join(sorted(p.stem for p in REWARD_MODELS_DIR.glob("*.yaml")))
     raise AlignError(f"reward '{spec}': not a rule file, a name in reward_models/ ({names}), "
                      "or a folder written by an rm stage")

@@ -58,6 +58,8 @@ def _eval(tiny_run, out, *extra, judge: str | None = "synthetic_tasks"):
 def test_eval_of_a_tiny_run(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "eval"
     sampled = ("--sample", "--temperature", "1.0")  # the tiny model's greedy replies are blank
+    # computed here, not taken from what the DPO stage measured on the same pairs after training
+    monkeypatch.setattr(evaluate.Evaluation, "_measured_in_training", lambda *args: None)
     result = _eval(tiny_run, out, *sampled)
     stages = result["stages"]
     assert list(stages) == ["sft", "base", "dpo"]  # the reference (the sft stage) first
@@ -131,7 +133,7 @@ def test_report_puts_several_evaluations_on_one_page(tiny_run, tmp_path):
     assert main(["report", str(tmp_path / "nowhere"), "--out", str(page)]) == 2
 
 
-def test_an_rm_stage_is_the_default_judge(tmp_path):
+def test_an_rm_stage_is_the_default_judge(tmp_path, monkeypatch):
     """SFT and a reward model on the tiny model: `align eval` judges with the rm stage by default, reports
     its accuracy on the rm stage's held-out pairs, and never evaluates the reward model as a policy."""
     from align.config import parse_recipe
@@ -147,10 +149,14 @@ def test_an_rm_stage_is_the_default_judge(tmp_path):
     train: {max_steps: 4, lr: 3.0e-3, batch_size: 8, max_length: 96, max_prompt_length: 64}
 """
     run_recipe(parse_recipe(text), quiet=True)
+    monkeypatch.setattr(evaluate.Evaluation, "_measured_in_training", lambda *args: None)  # compute it here
     rm_accuracy = json.loads((tmp_path / "tinyrm" / "rm" / "stage.json").read_text())["metrics"]["eval_accuracy"]
     result = _eval(tmp_path / "tinyrm", tmp_path / "eval", "--reference", "base", judge=None)
     assert list(result["stages"]) == ["base", "sft"]
     assert result["judge"]["kind"] == "learned" and result["judge"]["name"] == "rm" and result["judge"]["pairs"] == 10
     assert result["judge"]["accuracy"] == pytest.approx(rm_accuracy)  # the same pairs, the same reward model
+    monkeypatch.undo()
+    reused = _eval(tmp_path / "tinyrm", tmp_path / "again", "--reference", "base", judge=None)
+    assert reused["judge"]["accuracy"] == rm_accuracy
     sft = result["stages"]["sft"]
     assert len(set(sft["rewards"])) > 1 and sft["win_rate"]["n"] == 6

@@ -126,7 +126,7 @@ class Evaluation:
         for name in self._implicit_stages():
             ref = self._stage_reference(name)
             if ref and ref not in folders.values():
-                folders[f"{name}_reference"] = ref
+                folders[f"__{name}_reference__"] = ref
         return folders
 
     def _stage_reference(self, name: str) -> str | None:
@@ -228,7 +228,11 @@ class Evaluation:
             }
         judge_info = None
         if judge:
-            accuracy = judges.judge_accuracy(judge, self.preferences.examples) if self.preferences else None
+            accuracy = None
+            if self.preferences:
+                accuracy = self._measured_in_training(self.judge_spec, "eval_accuracy")
+                if accuracy is None:
+                    accuracy = judges.judge_accuracy(judge, self.preferences.examples)
             judge_info = {"name": judge.name, "kind": judge.kind, "accuracy": accuracy,
                           "pairs": len(self.preferences.examples) if accuracy is not None else None}
         return {
@@ -288,11 +292,25 @@ class Evaluation:
         out = {}
         with work_progress("implicit rewards on held-out pairs", len(names), self.quiet) as advance:
             for name in names:
-                reference = self._adapter_name(self._stage_reference(name), folders)
-                out[name] = judges.implicit_reward_accuracy(model, self.tokenizer, self.run_.stage(name), name, reference,
-                                                            self.preferences.examples, self.cfg.batch_size)
+                out[name] = self._measured_in_training(name, "eval_rewards/accuracies")
+                if out[name] is None:
+                    reference = self._adapter_name(self._stage_reference(name), folders)
+                    out[name] = judges.implicit_reward_accuracy(model, self.tokenizer, self.run_.stage(name), name,
+                                                                reference, self.preferences.examples, self.cfg.batch_size)
                 advance()
         return out
+
+    def _measured_in_training(self, name: str, key: str) -> float | None:
+        """Stage `name`'s own held-out `key` when the preferences are exactly its eval_data: the stage measured
+        it after training with the same definition (a test checks they agree), on what can be thousands of pairs."""
+        stage = next((s for s in self.run_.recipe.stages if s.name == name), None)
+        section = self.cfg.preferences or default_preferences(self.run_.recipe)
+        state = self.run_.state(name)
+        if stage is None or stage.eval_data is None or asdict(stage.eval_data) != asdict(section):
+            return None
+        if state.get("data", {}).get("eval", {}).get("fingerprint") != self.preferences.fingerprint:
+            return None
+        return state.get("metrics", {}).get(key)
 
     def _sample(self, i: int, prompt, replies: dict, stages: dict) -> dict:
         def verdict(name):

@@ -27,7 +27,7 @@ from align.rewards import REWARD_MODELS_DIR, find_rule_file, load_reward
 from align.stages import dpo, rank
 from align.losses.dpo import uses_mean_logps
 
-JUDGE_ADAPTER = "judge"
+JUDGE_ADAPTER = "__judge__"  # never a stage name in practice: stages keep their own names as adapters
 
 
 @dataclass
@@ -58,7 +58,20 @@ def load_judge(spec: str, run, model, tokenizer) -> Judge:
     if folder is None:
         rule_file = find_rule_file(spec)
         return Judge(rule_file.stem, "rule", load_reward(str(rule_file)))
-    return Judge(spec, "learned", load_reward(folder, model, tokenizer, name=JUDGE_ADAPTER))
+    return Judge(spec, "learned", load_reward(folder, model, tokenizer, JUDGE_ADAPTER, _trained_lengths(folder)))
+
+
+def _trained_lengths(folder: str) -> tuple[int, int]:
+    """(max_length, max_prompt_length) the rm stage that wrote `folder` trained with, read from its run's
+    recipe (`RUN/STAGE/adapter`), so that texts are truncated as in training; (512, 256) where unknown."""
+    from align.runs import RECIPE_FILE, open_run
+
+    adapter = Path(folder).resolve()
+    if (adapter.parents[1] / RECIPE_FILE).is_file():
+        for stage in open_run(adapter.parents[1]).recipe.stages:
+            if stage.name == adapter.parent.name:
+                return stage.train.max_length, stage.train.max_prompt_length
+    return 512, 256
 
 
 def pair_key(prompt: list[dict], first: str, second: str) -> str:

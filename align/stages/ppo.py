@@ -63,7 +63,8 @@ def build_roles(stage, ctx: StageContext):
     rewards, learned = [], []
     for i, source in enumerate(stage.rewards):
         if source.model:
-            reward = LearnedReward(model, ctx.tokenizer, source.model, f"reward{i}", stage.train.max_length)
+            reward = LearnedReward(model, ctx.tokenizer, source.model, f"reward{i}", stage.train.max_length,
+                                   stage.train.max_prompt_length)
             learned.append(source.model)
             folder = Path(source.model)  # runs/<recipe>/<stage>/adapter is called by its stage's name
             rewards.append((reward, source.weight, f"model:{folder.parent.name if folder.name == 'adapter' else folder.name}"))
