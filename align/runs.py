@@ -69,7 +69,8 @@ def open_run(path: str | Path) -> Run:
     if not (run_dir / RECIPE_FILE).is_file():
         hint = " (a stage folder? give RUN/STAGE where a stage is meant)" if (run_dir / "stage.json").is_file() else ""
         raise AlignError(f"{run_dir}: not a run folder: it has no {RECIPE_FILE}{hint}. Runs are written by "
-                         "`align run RECIPE` to runs/<recipe name>/")
+                         "`align run RECIPE` to runs/<recipe name>/; for a run made before align kept its recipe, "
+                         "run the same `align run` again: finished stages are skipped and the recipe is written")
     return Run(run_dir, load_recipe(run_dir / RECIPE_FILE))
 
 
