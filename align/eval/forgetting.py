@@ -19,28 +19,24 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from align.data.collate import encode, pad_sequences
+from align.data.collate import encode
 from align.data.formats import LoadedData, load_examples
 from align.data.sources import fingerprint
 from align.eval.generation import evaluating
 from align.eval.kl import kl_to_reference
 from align.eval.tasks import task_accuracy
 from align.models import adapters
-from align.models.logprobs import completion_logprobs
+from align.models.logprobs import encoded_logprobs
 
 
 @torch.no_grad()
 def retention_nll(model, tokenizer, examples, max_length: int, max_prompt_length: int, batch_size: int) -> dict:
     """Mean NLL per completion token of SFT examples under the model as it is (each token weighs the same)."""
     rows = [encode(tokenizer, ex.prompt, ex.completion, max_length, max_prompt_length) for ex in examples]
-    total, tokens = 0.0, 0
     with evaluating(model):
-        for start in range(0, len(rows), batch_size):
-            batch = pad_sequences([(r.prompt_ids, r.completion_ids) for r in rows[start : start + batch_size]],
-                                  tokenizer.pad_token_id)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            logps, counts = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-            total, tokens = total - float(logps.sum()), tokens + int(counts.sum())
+        logps, counts = encoded_logprobs(model, [(r.prompt_ids, r.completion_ids) for r in rows],
+                                         tokenizer.pad_token_id, batch_size)
+    total, tokens = -float(logps.double().sum()), int(counts.sum())
     nll = total / max(tokens, 1)
     return {"nll": nll, "perplexity": math.exp(nll), "tokens": tokens}
 

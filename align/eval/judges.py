@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from align.data.collate import encode, pad_sequences
+from align.data.collate import encode
 from align.data.formats import load_examples
 from align.eval.generation import evaluating
 from align.errors import AlignError
 from align.models import adapters, heads
-from align.models.logprobs import completion_logprobs
+from align.models.logprobs import encoded_logprobs
 from align.rewards import REWARD_MODELS_DIR, find_rule_file, load_reward
 from align.stages import dpo, rank
 from align.losses.dpo import uses_mean_logps
@@ -109,20 +109,13 @@ def judge_accuracy(judge: Judge, pairs) -> float | None:
     return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
 
 
-@torch.no_grad()
 def _logps(model, tokenizer, pairs, side: str, train_cfg, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[N] summed completion log-probs and [N] token counts of each pair's `side` reply, as training encoded them."""
     rows = [encode(tokenizer, ex.prompt, getattr(ex, side), train_cfg.max_length, train_cfg.max_prompt_length) for ex in pairs]
-    sums, counts = [], []
     with evaluating(model):
-        for start in range(0, len(rows), batch_size):
-            batch = pad_sequences([(r.prompt_ids, r.completion_ids) for r in rows[start : start + batch_size]],
-                                  tokenizer.pad_token_id)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            s, c = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-            sums.append(s.float().cpu())
-            counts.append(c.cpu())
-    return torch.cat(sums), torch.cat(counts).clamp(min=1)
+        sums, counts = encoded_logprobs(model, [(r.prompt_ids, r.completion_ids) for r in rows],
+                                        tokenizer.pad_token_id, batch_size)
+    return sums, counts.clamp(min=1)
 
 
 def implicit_reward_accuracy(model, tokenizer, stage, policy: str, reference: str | None, pairs, batch_size: int) -> float:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from align.data.collate import pad_sequences
+
 
 def decoder_and_head(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -31,3 +33,16 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     sums = torch.zeros(input_ids.shape[0], device=token_logps.device, dtype=token_logps.dtype)
     sums = sums.index_add(0, rows, token_logps)  # [B]
     return sums, targets_mask.sum(-1)
+
+
+@torch.no_grad()
+def encoded_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int):
+    """`completion_logprobs` of encoded (prompt ids, completion ids) pairs, in batches of `batch_size`:
+    (sums [N], token counts [N]) on the CPU, in float32."""
+    sums, counts = [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = {k: v.to(model.device) for k, v in pad_sequences(pairs[start : start + batch_size], pad_id).items()}
+        s, c = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        sums.append(s.float().cpu())
+        counts.append(c.cpu())
+    return torch.cat(sums), torch.cat(counts)
