@@ -3,9 +3,8 @@
 Each format is one `Format` entry in `FORMATS`, keyed by (kind, name): the kind is what a stage asks
 for ("sft", "preference", "task", "prompt", "ranked", "unpaired"), the name is what a user writes in
 `data.format`. New formats are new entries; detection tries a kind's entries in order, so more specific
-formats come first. Converters are pure: they take one row and return one schema object, or a list of
-them (an OASST tree holds many ranked groups, possibly none), or raise `DataError(field=...)`;
-`load_examples` adds the file and row number.
+formats come first. The converters themselves, one per format, are in `align.data.converters`;
+`load_examples` adds the file and row number to their errors.
 
 Kinds also read each other's formats, under the same names:
 - ranked (`RankedExample`): OASST trees, ranked lists, UltraFeedback, scored responses; and every pair
@@ -22,25 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from align.data import sources
-from align.data.schemas import (
-    Message,
-    PreferenceExample,
-    RankedExample,
-    SFTExample,
-    TaskExample,
-    UnpairedExample,
-)
+from align.data import converters, sources
+from align.data.schemas import PreferenceExample, RankedExample, TaskExample
 from align.errors import DataError
 
-ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 KINDS = ("sft", "preference", "task", "prompt", "ranked", "unpaired")
 
 
@@ -49,310 +36,6 @@ class Format:
     expects: str  # the keys a row needs, for error messages and --help
     detect: Callable[[dict], bool]  # does this (first) row look like this format?
     convert: Callable[[dict], object]  # row -> schema object or list of them, or DataError naming the field
-
-
-# field helpers: every check names the field it looked at
-def _at(within: str, key: str) -> str:
-    """The name of field `key` of the object at field `within` ("" for the row itself)."""
-    return f"{within}.{key}" if within else key
-
-
-def _get(row: dict, key: str, types: type | tuple, what: str, within: str = ""):
-    """`row[key]`, checked; `within` names where `row` sits, when it is an object inside the row."""
-    if key not in row or row[key] is None:
-        raise DataError(f"missing; this format needs {what}", field=_at(within, key))
-    if not isinstance(row[key], types):
-        raise DataError(f"expected {what}, got {type(row[key]).__name__} {_short(row[key])}", field=_at(within, key))
-    return row[key]
-
-
-def _finite(value: object, field: str) -> float:
-    # bool is an int to Python, but `true` is no number; NaN or infinity would poison the loss.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"expected a finite number, got {type(value).__name__} {_short(value)}", field=field)
-    return float(value)
-
-
-def _short(value: object) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _messages(value: list, field: str, role_key="role", content_key="content", roles=ROLES) -> list[Message]:
-    """Validate chat messages and normalise them to [{role, content}]; `roles` maps names (ShareGPT's)."""
-    out = []
-    for i, message in enumerate(value):
-        where = f"{field}[{i}]"
-        if not isinstance(message, dict):
-            raise DataError(f"expected a message {{{role_key}, {content_key}}}, got {_short(message)}", field=where)
-        role, content = message.get(role_key), message.get(content_key)
-        if role not in roles:
-            raise DataError(f"unknown role {_short(role)}; expected one of {list(roles)}", field=f"{where}.{role_key}")
-        if not isinstance(content, str):
-            raise DataError(f"expected a string, got {_short(content)}", field=f"{where}.{content_key}")
-        out.append({"role": roles[role], "content": content})
-    return out
-
-
-def _as_messages(value: object, field: str, role: str) -> list[Message]:
-    """TRL's standard format holds a plain string (one `role` message); its conversational format a list."""
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if isinstance(value, list):
-        return _messages(value, field)
-    raise DataError(f"expected a string or a list of messages, got {type(value).__name__} {_short(value)}",
-                    field=field)
-
-
-def _turns(row: dict, key: str, role: str) -> list[Message]:
-    return _as_messages(_get(row, key, (str, list), "a string or a list of messages"), key, role)
-
-
-def _nonempty(messages: list[Message], field: str) -> list[Message]:
-    if not messages or not any(m["content"].strip() for m in messages):
-        raise DataError("is empty; there is nothing to train on", field=field)
-    return messages
-
-
-def _split_last_assistant(messages: list[Message], field: str) -> SFTExample:
-    if not messages or messages[-1]["role"] != "assistant":
-        raise DataError("the conversation must end with an assistant message (the completion)", field=field)
-    return SFTExample(prompt=messages[:-1], completion=_nonempty(messages[-1:], f"{field}[{len(messages) - 1}]"))
-
-
-def _check_differ(chosen: list[Message], rejected: list[Message]) -> None:
-    # A pair with the same answer on both sides carries no preference, only noise.
-    if [(m["role"], m["content"].strip()) for m in chosen] == [(m["role"], m["content"].strip()) for m in rejected]:
-        raise DataError("is identical to 'chosen'; a pair needs two different responses", field="rejected")
-
-
-# HH-RLHF transcripts: "\n\nHuman: ...\n\nAssistant: ..."
-HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
-HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-
-def _hh_turns(text: str, field: str) -> list[Message]:
-    parts = HH_TURN.split(text)  # [text before the first turn, role, text, role, text, ...]
-    if parts[0].strip():
-        raise DataError(f"text before the first 'Human:' turn: {_short(parts[0])}", field=field)
-    return [{"role": HH_ROLES[r], "content": _hh_text(t)} for r, t in zip(parts[1::2], parts[2::2])]
-
-
-def _hh_text(text: str) -> str:
-    return text[1:] if text.startswith(" ") else text  # HH writes "Assistant: text"; keep the rest exactly
-
-
-def _hh_last_assistant(text: str, field: str) -> re.Match:
-    """The marker of the transcript's last Assistant turn: the prompt ends before it, the reply after."""
-    markers = [m for m in HH_TURN.finditer(text) if m.group(1) == "Assistant"]
-    if not markers:
-        raise DataError("the transcript has no 'Assistant:' turn", field=field)
-    return markers[-1]
-
-
-def _hh_sft(row: dict) -> SFTExample:
-    chosen = _get(row, "chosen", str, "a Human/Assistant transcript string")
-    last = _hh_last_assistant(chosen, "chosen")
-    reply = _nonempty([{"role": "assistant", "content": _hh_text(chosen[last.end():])}], "chosen")
-    return SFTExample(prompt=_hh_turns(chosen[: last.start()], "chosen"), completion=reply)
-
-
-def _hh_preference(row: dict) -> PreferenceExample:
-    chosen = _get(row, "chosen", str, "a Human/Assistant transcript string")
-    rejected = _get(row, "rejected", str, "a Human/Assistant transcript string")
-    last_c, last_r = _hh_last_assistant(chosen, "chosen"), _hh_last_assistant(rejected, "rejected")
-    # Usually both transcripts have the same text up to their last Assistant marker. But a reply may
-    # itself contain "\n\nAssistant:" (the model went on to invent turns), so the prompt is the text up
-    # to either transcript's last Assistant marker that the other transcript also starts with.
-    if rejected.startswith(chosen[: last_c.end()]):
-        last = last_c
-    elif chosen.startswith(rejected[: last_r.end()]):
-        last = last_r
-    else:
-        raise DataError("differs from 'chosen' before the last Assistant turn; the two must share the prompt",
-                        field="rejected")
-    replies = {key: [{"role": "assistant", "content": _hh_text(text[last.end():])}]
-               for key, text in (("chosen", chosen), ("rejected", rejected))}
-    for key, reply in replies.items():
-        _nonempty(reply, key)
-    _check_differ(replies["chosen"], replies["rejected"])
-    return PreferenceExample(_hh_turns(chosen[: last.start()], "chosen"), replies["chosen"], replies["rejected"])
-
-
-# the other formats
-def _messages_sft(row: dict) -> SFTExample:
-    messages = _get(row, "messages", list, "a list of {role, content} messages")
-    return _split_last_assistant(_messages(messages, "messages"), "messages")
-
-
-def _prompt_completion(row: dict) -> SFTExample:
-    return SFTExample(_turns(row, "prompt", "user"), _nonempty(_turns(row, "completion", "assistant"), "completion"))
-
-
-def _alpaca(row: dict) -> SFTExample:
-    instruction = _get(row, "instruction", str, "a string")
-    extra = row.get("input") or ""  # optional: missing, null and "" all mean no input
-    if not isinstance(extra, str):
-        raise DataError(f"expected a string, got {type(extra).__name__} {_short(extra)}", field="input")
-    output = _get(row, "output", str, "a string")
-    user = instruction + ("\n\n" + extra if extra.strip() else "")
-    completion = _nonempty([{"role": "assistant", "content": output}], "output")
-    return SFTExample(prompt=[{"role": "user", "content": user}], completion=completion)
-
-
-def _sharegpt(row: dict) -> SFTExample:
-    turns = _get(row, "conversations", list, "a list of {from, value} turns")
-    return _split_last_assistant(_messages(turns, "conversations", "from", "value", SHAREGPT_ROLES), "conversations")
-
-
-def _margin(row: dict) -> float | None:
-    """The optional `margin` key (TRL's RewardTrainer column): how much better `chosen` is."""
-    margin = row.get("margin")
-    return None if margin is None else _finite(margin, "margin")
-
-
-def _preference(row: dict) -> PreferenceExample:
-    chosen, rejected = (_nonempty(_turns(row, key, "assistant"), key) for key in ("chosen", "rejected"))
-    _check_differ(chosen, rejected)
-    return PreferenceExample(_turns(row, "prompt", "user"), chosen, rejected, _margin(row))
-
-
-def _implicit_prompt(row: dict) -> PreferenceExample:
-    chosen, rejected = (_messages(_get(row, key, list, "a list of messages"), key) for key in ("chosen", "rejected"))
-    shared = 0  # the prompt is the leading messages both conversations have in common
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
-    _check_differ(chosen[shared:], rejected[shared:])
-    for key, messages in (("chosen", chosen), ("rejected", rejected)):
-        # If the two diverge at a user turn, the "responses" would include that turn: not a preference pair.
-        if shared < len(messages) and messages[shared]["role"] != "assistant":
-            raise DataError(f"is '{messages[shared]['role']}' where the conversations part; they may differ only "
-                            "from an assistant reply on", field=f"{key}[{shared}].role")
-        _nonempty(messages[shared:], key)
-    return PreferenceExample(prompt=chosen[:shared], chosen=chosen[shared:], rejected=rejected[shared:],
-                             margin=_margin(row))
-
-
-def _task(row: dict) -> TaskExample:
-    prompt = _turns(row, "prompt", "user")
-    rule = _get(row, "rule", dict, 'an object such as {"kind": "exact", "answer": "12"}')
-    from align.eval.rules import RULE_KINDS, RULE_FIELDS
-
-    kind = rule.get("kind")
-    if kind not in RULE_KINDS:
-        raise DataError(f"expected one of {', '.join(RULE_KINDS)}, got {_short(kind)}", field="rule.kind")
-    needed = RULE_FIELDS[kind]
-    if needed not in rule:
-        raise DataError(f"a rule of kind {kind!r} needs '{needed}'", field=f"rule.{needed}")
-    return TaskExample(prompt=prompt, rule=rule)
-
-
-def _bare_prompt(row: dict) -> TaskExample:
-    return TaskExample(prompt=_turns(row, "prompt", "user"), rule={})
-
-
-# ranked formats: K >= 2 responses to one prompt, each with a score
-def _ranking(prompt: list[Message], responses: list[list[Message]], scores: list[float], responses_field: str,
-             scores_field: str) -> RankedExample:
-    """The checks on a whole group, once each response and score has been read and checked."""
-    if len(responses) < 2:
-        raise DataError(f"has {len(responses)} response(s); a ranking needs at least 2", field=responses_field)
-    if len(set(scores)) == 1:
-        raise DataError(f"all {len(scores)} responses have the same score; a ranking needs at least two different "
-                        "scores", field=scores_field)
-    return RankedExample(prompt, responses, scores)
-
-
-def _rank_score(rank: float) -> float:
-    return 0.0 - rank  # rank 0 is the best; `-rank` would make it -0.0, which prints as "-0"
-
-
-def _listed(row: dict, responses_key: str, scores_key: str, ranks: bool = False) -> RankedExample:
-    """A prompt, a list of responses and a parallel list of scores (or of ranks, 0 = best)."""
-    values = _get(row, responses_key, list, "a list of responses (strings or message lists)")
-    responses = [_nonempty(_as_messages(value, f"{responses_key}[{i}]", "assistant"), f"{responses_key}[{i}]")
-                 for i, value in enumerate(values)]
-    numbers = _get(row, scores_key, list, "a list of numbers, one per response")
-    if len(numbers) != len(responses):
-        raise DataError(f"has {len(numbers)} entries for the {len(responses)} responses in '{responses_key}'; "
-                        "give one per response", field=scores_key)
-    scores = [_finite(number, f"{scores_key}[{i}]") for i, number in enumerate(numbers)]
-    scores = [_rank_score(rank) for rank in scores] if ranks else scores
-    return _ranking(_turns(row, "prompt", "user"), responses, scores, responses_key, scores_key)
-
-
-def _ranked(row: dict) -> RankedExample:
-    # A null counts as absent: a Parquet file with both columns has one of them null in every row.
-    has_ranks, has_scores = row.get("ranks") is not None, row.get("scores") is not None
-    if has_ranks == has_scores:
-        raise DataError("give exactly one of 'ranks' (0 = best) and 'scores' (higher is better)",
-                        field="scores" if has_ranks else "ranks")
-    return _listed(row, "responses", "ranks", ranks=True) if has_ranks else _listed(row, "responses", "scores")
-
-
-def _scored_responses(row: dict) -> RankedExample:
-    return _listed(row, "all_generated_responses", "all_rm_scores")
-
-
-def _ultrafeedback(row: dict) -> RankedExample:
-    prompt = [{"role": "user", "content": _get(row, "instruction", str, "a string")}]
-    responses, scores = [], []
-    for i, completion in enumerate(_get(row, "completions", list, "a list of {response, overall_score} objects")):
-        where = f"completions[{i}]"
-        if not isinstance(completion, dict):
-            raise DataError(f"expected an object {{response, overall_score}}, got {_short(completion)}", field=where)
-        text = _get(completion, "response", str, "a string", within=where)
-        responses.append(_nonempty([{"role": "assistant", "content": text}], _at(where, "response")))
-        # UltraFeedback's overall score (the critique's) is its headline rating; the mean of the
-        # fine-grained ratings stands in where a dataset has only that.
-        key = "overall_score" if completion.get("overall_score") is not None else "fine-grained_score"
-        if completion.get(key) is None:
-            raise DataError("missing, and so is 'fine-grained_score'; every completion needs a score",
-                            field=_at(where, "overall_score"))
-        scores.append(_finite(completion[key], _at(where, key)))
-    return _ranking(prompt, responses, scores, "completions", "completions")
-
-
-def _oasst_tree(row: dict) -> list[RankedExample]:
-    """Every ranked group in an OpenAssistant message tree, at any depth; a tree may have none."""
-    # Exports hold {message_tree_id, prompt: root message}; some give the root message as the row itself.
-    root, field = (row["prompt"], "prompt") if isinstance(row.get("prompt"), dict) else (row, "")
-    groups: list[RankedExample] = []
-    _oasst_walk(root, field, [], groups)
-    return groups
-
-
-def _oasst_walk(node: object, field: str, path: list[Message], groups: list[RankedExample]) -> None:
-    """Collect the groups at and below `node`; `path` is the conversation from the root down to its parent."""
-    path = [*path, _oasst_message(node, field)]
-    replies = node.get("replies", [])
-    if not isinstance(replies, list):
-        raise DataError(f"expected a list of messages, got {_short(replies)}", field=_at(field, "replies"))
-    # Moderators deleted these messages: neither they nor the conversations under them are used.
-    kept = [(f"{_at(field, 'replies')}[{i}]", reply) for i, reply in enumerate(replies)
-            if not (isinstance(reply, dict) and reply.get("deleted"))]
-    ranked = [(where, reply) for where, reply in kept if isinstance(reply, dict) and reply.get("rank") is not None]
-    # Humans ranked the assistant replies to a prompter message; one ranked reply has nothing to beat.
-    if path[-1]["role"] == "user" and len(ranked) >= 2:
-        responses = [_nonempty([_oasst_message(reply, where)], _at(where, "text")) for where, reply in ranked]
-        scores = [_rank_score(_finite(reply["rank"], _at(where, "rank"))) for where, reply in ranked]
-        groups.append(_ranking(path, responses, scores, _at(field, "replies"), _at(field, "replies")))
-    for where, reply in kept:
-        _oasst_walk(reply, where, path, groups)
-
-
-def _oasst_message(node: object, field: str) -> Message:
-    if not isinstance(node, dict):
-        raise DataError(f"expected a message object {{text, role, replies}}, got {_short(node)}", field=field)
-    role = node.get("role")
-    if role not in OASST_ROLES:
-        raise DataError(f"unknown role {_short(role)}; expected one of {list(OASST_ROLES)}", field=_at(field, "role"))
-    return {"role": OASST_ROLES[role], "content": _get(node, "text", str, "a string", within=field)}
-
-
-def _unpaired(row: dict) -> UnpairedExample:
-    completion = _nonempty(_turns(row, "completion", "assistant"), "completion")
-    return UnpairedExample(_turns(row, "prompt", "user"), completion, _get(row, "label", bool, "true or false"))
 
 
 # Detectors. HH and implicit-prompt rows share keys with TRL's rows, so those look at the values too.
@@ -375,13 +58,6 @@ def _is_bare_prompt(row: dict) -> bool:
             and not isinstance(row["prompt"], dict))
 
 
-def _fastchat_question(row: dict) -> TaskExample:
-    turns = _get(row, "turns", list, "a list of question strings")
-    if not turns or not isinstance(turns[0], str) or not turns[0].strip():
-        raise DataError("expected a non-empty first question", field="turns[0]")
-    return TaskExample(prompt=[{"role": "user", "content": turns[0]}], rule={})
-
-
 def _is_oasst_tree(row: dict) -> bool:
     return isinstance(row.get("prompt"), dict) or _has("role", "text", "replies")(row)
 
@@ -390,34 +66,36 @@ def _is_oasst_tree(row: dict) -> bool:
 HH = "'\\n\\nHuman: ...\\n\\nAssistant: ...'"
 FORMATS: dict[tuple[str, str], Format] = {
     ("sft", "messages"): Format("messages: [{role, content}, ...] ending with an assistant message",
-                                _has("messages"), _messages_sft),
+                                _has("messages"), converters.messages_sft),
     ("sft", "prompt_completion"): Format("prompt, completion (strings or message lists)",
-                                         _has("prompt", "completion"), _prompt_completion),
-    ("sft", "alpaca"): Format("instruction, optional input, output", _has("instruction", "output"), _alpaca),
+                                         _has("prompt", "completion"), converters.prompt_completion),
+    ("sft", "alpaca"): Format("instruction, optional input, output", _has("instruction", "output"), converters.alpaca),
     ("sft", "sharegpt"): Format("conversations: [{from: human|gpt|system, value}, ...]",
-                                _has("conversations"), _sharegpt),
-    ("sft", "hh_rlhf"): Format(f"chosen: a {HH} transcript", _is_hh("chosen"), _hh_sft),
+                                _has("conversations"), converters.sharegpt),
+    ("sft", "hh_rlhf"): Format(f"chosen: a {HH} transcript", _is_hh("chosen"), converters.hh_sft),
     ("preference", "preference"): Format("prompt, chosen, rejected (strings or message lists), optional margin",
-                                         _has("prompt", "chosen", "rejected"), _preference),
+                                         _has("prompt", "chosen", "rejected"), converters.preference),
     ("preference", "implicit_prompt"): Format("chosen, rejected: message lists that share their first (prompt) turns, "
-                                              "optional margin", _lists("chosen", "rejected"), _implicit_prompt),
+                                              "optional margin", _lists("chosen", "rejected"),
+                                              converters.implicit_prompt),
     ("preference", "hh_rlhf"): Format(f"chosen, rejected: {HH} transcripts",
-                                      _is_hh("chosen", "rejected"), _hh_preference),
-    ("task", "task"): Format("prompt (string or message list), rule: {kind, ...}", _has("prompt", "rule"), _task),
+                                      _is_hh("chosen", "rejected"), converters.hh_preference),
+    ("task", "task"): Format("prompt (string or message list), rule: {kind, ...}", _has("prompt", "rule"),
+                             converters.task),
     ("ranked", "oasst_tree"): Format("an OpenAssistant message tree {message_tree_id, prompt: {text, role: prompter|"
                                      "assistant, replies: [...]}} or its root message alone; the replies to a "
                                      "prompter message that have a rank (0 = best) form a group",
-                                     _is_oasst_tree, _oasst_tree),
+                                     _is_oasst_tree, converters.oasst_tree),
     ("ranked", "ranked"): Format("prompt, responses (strings or message lists), and either ranks (0 = best, ties "
                                  "allowed) or scores (higher is better), one per response",
-                                 _has("prompt", "responses"), _ranked),
+                                 _has("prompt", "responses"), converters.ranked),
     ("ranked", "ultrafeedback"): Format("instruction, completions: [{response, overall_score or fine-grained_score}, "
-                                        "...]", _has("instruction", "completions"), _ultrafeedback),
+                                        "...]", _has("instruction", "completions"), converters.ultrafeedback),
     ("ranked", "scored_responses"): Format("prompt, all_generated_responses, all_rm_scores (as SimPO's on-policy "
                                            "UltraFeedback)", _has("prompt", "all_generated_responses", "all_rm_scores"),
-                                           _scored_responses),
+                                           converters.scored_responses),
     ("unpaired", "unpaired"): Format("prompt, completion (strings or message lists), label: true (desirable) or false",
-                                     _has("prompt", "completion", "label"), _unpaired),
+                                     _has("prompt", "completion", "label"), converters.unpaired),
 }
 
 
@@ -471,10 +149,11 @@ def _prompt_kind() -> dict[tuple[str, str], Format]:
     which a reply that invents turns cannot move."""
     out = {("prompt", "task"): FORMATS[("task", "task")],
            ("prompt", "prompt"): Format("prompt (string or message list), without rule, chosen, rejected or completion",
-                                        _is_bare_prompt, _bare_prompt),
+                                        _is_bare_prompt, converters.bare_prompt),
            # MT-Bench's second turn asks about the model's own first answer; only the first turn is a prompt
            ("prompt", "fastchat_questions"): Format("question_id, turns: [question, ...] (MT-Bench, Vicuna-Bench: the "
-                                                    "first turn)", _has("question_id", "turns"), _fastchat_question)}
+                                                    "first turn)", _has("question_id", "turns"),
+                                                    converters.fastchat_question)}
     for source in ("preference", "sft"):
         for name, fmt in formats_for(source).items():
             out.setdefault(("prompt", name), _derived(fmt, _prompt_only))
