@@ -1,4 +1,4 @@
-"""The few example types that stages accept. Converters in `formats.py` map public formats onto them.
+"""The few example types that stages accept. Converters in `converters.py` map public formats onto them.
 
 Messages are chat messages, `{"role": "system"|"user"|"assistant", "content": str}`; a prompt is the
 conversation up to (not including) the turn being trained or judged.

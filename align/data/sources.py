@@ -2,7 +2,7 @@
 
 Row numbers count from 1: the line number in JSONL (blank lines are skipped but still counted, so the
 number is what an editor shows), the element index + 1 in a JSON array, the row index + 1 in Parquet
-and `datasets` folders. Converting rows into examples is `formats.py`'s job; this module only reads.
+and `datasets` folders. Converting rows into examples is `formats.py`'s job (with `converters.py`); this module only reads.
 """
 
 from __future__ import annotations
