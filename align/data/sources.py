@@ -2,7 +2,8 @@
 
 Row numbers count from 1: the line number in JSONL (blank lines are skipped but still counted, so the
 number is what an editor shows), the element index + 1 in a JSON array, the row index + 1 in Parquet
-and `datasets` folders. Converting rows into examples is `formats.py`'s job (with `converters.py`); this module only reads.
+and `datasets` folders. Converting rows into examples is `formats.py`'s job (with `converters.py`); this
+module only reads.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Iterator
 from align.errors import DataError
 
 SUPPORTED = (
-    ".txt (one prompt per line), .jsonl, .json (a top-level array, or an object with one list value such as {\"data\": [...]}), "
+    ".txt (one prompt per line), .jsonl, .json (a top-level array, or an object with one list value such as "
+    "{\"data\": [...]}), "
     "either gzipped (.jsonl.gz, .json.gz), .parquet, or a folder saved with datasets' save_to_disk"
 )
 
