@@ -15,11 +15,13 @@ quickstart: setup
 test: setup browser
 	$(BIN)/pytest -q
 
-# Debian's Chromium renders the evaluation report in a test; installed where apt-get can (as root).
+# Debian's Chromium (and its WebDriver) drive the report's and the annotation page's browser tests; installed
+# where apt-get can (as root).
 browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-		echo "chromium could not be installed: the report's browser test will be skipped"
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		command -v apt-get >/dev/null && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "chromium could not be installed: the browser tests will be skipped"
 
 setup: $(VENV)/.installed
 

@@ -1,4 +1,4 @@
-"""`align` command line: run, validate, data inspect, eval, report, chat, export.
+"""`align` command line: run, validate, data inspect, eval, report, chat, export, collect.
 
 User mistakes (recipes, data, model paths) are `AlignError`s and print as one message naming the
 file, line/row and key/field; anything else is a bug and keeps its traceback.
@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 
+from align.collect import commands as collect_commands
 from align.data.formats import KINDS
 from align.errors import AlignError
 
@@ -129,7 +130,7 @@ def _cmd_data_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align", description="Align language models: SFT, reward models, PPO, the DPO family and listwise ranking on QLoRA adapters; evaluate, chat, export.")
+    parser = argparse.ArgumentParser(prog="align", description="Align language models: SFT, reward models, PPO, the DPO family and listwise ranking on QLoRA adapters; evaluate, chat, export; collect preferences.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run a recipe's stages (finished ones are skipped, interrupted ones resume)")
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--adapter-only", metavar="OUT", help="the PEFT adapter and tokenizer; load it onto the base "
                                                             "quantized as in training (nf4) to get the same outputs")
     p.set_defaults(fn=_cmd_export)
+
+    collect_commands.add_parser(sub)
 
     data = sub.add_parser("data", help="look at data files").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("inspect", help="format, rows, lengths, and one row through the chat template")

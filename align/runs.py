@@ -8,6 +8,7 @@ stage is named `RUN/STAGE` (`runs/quickstart/dpo`); `base` is the untrained mode
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,3 +96,27 @@ def load_stage_model(run: Run, stage: str, trainable: bool = False):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, adapter, adapter_name=stage, is_trainable=trainable), tokenizer
+
+
+def with_adapters(base, folders: dict[str, str]):
+    """`base` with each folder's adapter loaded under its name (a PeftModel), or `base` itself for none.
+    `model.unload()` gives the bare base back."""
+    if not folders:
+        return base
+    from peft import PeftModel
+
+    (first, folder), *rest = folders.items()
+    model = PeftModel.from_pretrained(base, folder, adapter_name=first)
+    for name, folder in rest:
+        model.load_adapter(folder, adapter_name=name)
+    return model
+
+
+def acting_as(model, stage: str):
+    """Run `model` as `stage`'s policy (a context): its adapter, or the bare base for `base`."""
+    if not hasattr(model, "peft_config"):
+        return nullcontext(model)  # nothing but the base was loaded
+    from align.models import adapters
+
+    return adapters.using(model, None if stage == BASE else stage)
+

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,9 +31,8 @@ from align.eval.forgetting import adapter_fingerprint
 from align.eval.generation import Decoding, Reply, generate
 from align.eval.kl import kl_along
 from align.eval.tasks import score_answers
-from align.models import adapters
 from align.refs import resolve_refs
-from align.runs import BASE
+from align.runs import BASE, acting_as, with_adapters
 from align.ui import console, work_progress
 
 # training curves worth a plot, where a stage logged them (metrics.jsonl)
@@ -69,13 +67,6 @@ def prompt_text(prompt: list[dict]) -> str:
     if len(prompt) == 1:
         return prompt[0]["content"]
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-
-
-def _as(model, name: str):
-    """Run `model` as stage `name`'s policy: its adapter, or the bare base."""
-    if not hasattr(model, "peft_config"):
-        return nullcontext(model)  # nothing but the base was loaded
-    return adapters.using(model, None if name == BASE else name)
 
 
 def _curves(stage_dir: Path) -> dict[str, list]:
@@ -145,8 +136,6 @@ class Evaluation:
         return next((name for name, f in folders.items() if f == folder), None)
 
     def _load_model(self):
-        from peft import PeftModel
-
         if self.base is None:
             from align.models.load import load_base
 
@@ -154,13 +143,7 @@ class Evaluation:
         folders = self._adapter_folders()
         if self.judge_folder:
             folders[judges.JUDGE_ADAPTER] = self.judge_folder
-        if not folders:
-            return self.base, folders  # the base alone, judged by rules
-        names = list(folders)
-        model = PeftModel.from_pretrained(self.base, folders[names[0]], adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(folders[name], adapter_name=name)
-        return model, folders
+        return with_adapters(self.base, folders), folders  # the base alone where rules judge the base
 
     # --- measurements ---------------------------------------------------------------------------------
 
@@ -170,7 +153,7 @@ class Evaluation:
         cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
         key = _hash([adapter_fingerprint(self.run_.adapter(name)), [ex.prompt for ex in examples], asdict(self.decoding)])
         if key not in cache:
-            with work_progress(f"replies of {name}", len(examples), self.quiet) as advance, _as(model, name):
+            with work_progress(f"replies of {name}", len(examples), self.quiet) as advance, acting_as(model, name):
                 replies = generate(model, self.tokenizer, [ex.prompt for ex in examples], self.decoding,
                                    self.cfg.batch_size, on_batch=advance)
             cache[key] = [asdict(r) for r in replies]

@@ -1,0 +1,378 @@
+"""A collection: prompts, candidate responses, the pairs people compare, annotators and their verdicts,
+in one SQLite file.
+
+Durability is the point of the design. The file is in WAL mode with `synchronous=FULL`, every write is
+one transaction, and a verdict is acknowledged only after its transaction commits, so a server killed at
+any moment keeps every verdict it acknowledged. Submissions are idempotent: the client names each one
+(`submission`, a UUID it makes once per click), and the same submission sent again, after a lost reply
+or a restart, returns the first one's verdict instead of adding another. A person may change their mind:
+a new submission on a pair they judged is kept too, and the latest one counts (`current_verdicts`).
+
+Assignment: each pair is shown to `overlap` human annotators. An annotator asking for work gets the pair
+they were last given and have not judged, or else one that fewer than `overlap` people have judged or
+hold (a hold lapses after `HOLD_SECONDS`), fullest first, so that pairs reach their overlap before new
+ones start. Left/right order is drawn at random when a pair is assigned and recorded with the verdict.
+AI annotators (`align collect judge`) judge every pair and take no part in assignment.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from align.errors import AlignError
+
+CHOICES = ("a", "b", "tie", "both_bad")  # stored relative to the pair's (a, b), whatever side showed it
+SHOWN_CHOICES = ("left", "right", "tie", "both_bad")  # what the page sends
+HOLD_SECONDS = 15 * 60  # an assigned, unjudged pair stops counting towards its overlap after this
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS prompts (
+    id INTEGER PRIMARY KEY, messages TEXT NOT NULL UNIQUE, rule TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS responses (
+    id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id), text TEXT NOT NULL,
+    model TEXT NOT NULL, UNIQUE (prompt_id, text));
+CREATE TABLE IF NOT EXISTS pairs (
+    id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+    a INTEGER NOT NULL REFERENCES responses(id), b INTEGER NOT NULL REFERENCES responses(id),
+    shuffle INTEGER NOT NULL, UNIQUE (a, b), CHECK (a < b));
+CREATE TABLE IF NOT EXISTS annotators (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, token TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL CHECK (kind IN ('human', 'ai')), created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS assignments (
+    pair_id INTEGER NOT NULL REFERENCES pairs(id), annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    left_id INTEGER NOT NULL REFERENCES responses(id), issued REAL NOT NULL,
+    PRIMARY KEY (pair_id, annotator_id));
+CREATE TABLE IF NOT EXISTS verdicts (
+    id INTEGER PRIMARY KEY, pair_id INTEGER NOT NULL REFERENCES pairs(id),
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
+    left_id INTEGER NOT NULL REFERENCES responses(id), rationale TEXT NOT NULL DEFAULT '',
+    seconds REAL, submission TEXT NOT NULL UNIQUE, created TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS verdicts_by_pair ON verdicts (pair_id, annotator_id);
+CREATE VIEW IF NOT EXISTS current_verdicts AS
+    SELECT v.* FROM verdicts v WHERE v.id = (
+        SELECT MAX(w.id) FROM verdicts w WHERE w.pair_id = v.pair_id AND w.annotator_id = v.annotator_id);
+"""
+
+
+@dataclass(frozen=True)
+class Annotator:
+    id: int
+    name: str
+    token: str
+    kind: str  # "human" | "ai"
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """One prompt and the responses to compare on it, each with the model (or source) that wrote it."""
+
+    prompt: list[dict]  # chat messages
+    responses: list[tuple[str, str]]  # (text, model)
+    rule: dict | None = None  # the task rule, where the prompt has one (rule reward cards judge with it)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Collection:
+    """A collection file. Each method opens its own connection, so one object serves many threads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | Path) -> Collection:
+        """The collection at `path`, made (with its admin token) where no file is there yet."""
+        collection = cls(path)
+        collection.path.parent.mkdir(parents=True, exist_ok=True)
+        with collection.reading() as db:
+            db.executescript(SCHEMA)  # idempotent; executescript commits by itself
+        with collection.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('admin_token', ?), ('overlap', '1'), ('created', ?)",
+                       (secrets.token_urlsafe(16), _now()))
+        return collection
+
+    @classmethod
+    def open(cls, path: str | Path) -> Collection:
+        """An existing collection; an AlignError that says how to make one where `path` is none."""
+        path = Path(path)
+        if not path.is_file():
+            raise AlignError(f"{path}: no collection there; make one with `align collect generate {path} ...` "
+                             f"or `align collect import {path} FILE`")
+        collection = cls(path)
+        try:
+            with collection._connect() as db:
+                db.execute("SELECT value FROM meta WHERE key = 'admin_token'").fetchone()
+        except sqlite3.DatabaseError as err:
+            raise AlignError(f"{path}: not a collection file ({err})") from None
+        return collection
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only a killed process
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
+
+    @contextmanager
+    def transaction(self):
+        """A write transaction (BEGIN IMMEDIATE: writers queue instead of failing midway), committed on exit."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    @contextmanager
+    def reading(self):
+        db = self._connect()
+        try:
+            yield db
+        finally:
+            db.close()
+
+    # --- settings ---------------------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        with self.reading() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                       (key, value))
+
+    @property
+    def admin_token(self) -> str:
+        return self.meta("admin_token")
+
+    @property
+    def overlap(self) -> int:
+        return int(self.meta("overlap"))
+
+    def set_overlap(self, k: int) -> None:
+        if k < 1:
+            raise AlignError(f"overlap must be >= 1 (annotators per pair), got {k}")
+        self.set_meta("overlap", str(k))
+
+    # --- content ----------------------------------------------------------------------------------------
+
+    def add(self, candidates: list[Candidates], pairs: str = "all", seed: int = 0) -> dict:
+        """Store prompts and responses (a text already stored for its prompt is kept once) and the pairs to
+        compare: every two different responses to a prompt (`all`), or only two by different models
+        (`across`). Returns how many of each were new."""
+        if pairs not in ("all", "across"):
+            raise AlignError(f"pairs must be 'all' or 'across', got {pairs!r}")
+        rng = random.Random(seed)
+        new = {"prompts": 0, "responses": 0, "pairs": 0}
+        with self.transaction() as db:
+            for item in candidates:
+                messages = json.dumps(item.prompt, ensure_ascii=False)
+                cur = db.execute("INSERT OR IGNORE INTO prompts (messages, rule) VALUES (?, ?)",
+                                 (messages, json.dumps(item.rule or {})))
+                new["prompts"] += cur.rowcount
+                prompt_id = db.execute("SELECT id FROM prompts WHERE messages = ?", (messages,)).fetchone()["id"]
+                for text, model in item.responses:
+                    cur = db.execute("INSERT OR IGNORE INTO responses (prompt_id, text, model) VALUES (?, ?, ?)",
+                                     (prompt_id, text, model))
+                    new["responses"] += cur.rowcount
+                stored = db.execute("SELECT id, model FROM responses WHERE prompt_id = ? ORDER BY id",
+                                    (prompt_id,)).fetchall()
+                for i, first in enumerate(stored):
+                    for second in stored[i + 1:]:
+                        if pairs == "across" and first["model"] == second["model"]:
+                            continue
+                        cur = db.execute("INSERT OR IGNORE INTO pairs (prompt_id, a, b, shuffle) VALUES (?, ?, ?, ?)",
+                                         (prompt_id, first["id"], second["id"], rng.randrange(1 << 30)))
+                        new["pairs"] += cur.rowcount
+        return new
+
+    # --- annotators -------------------------------------------------------------------------------------
+
+    def add_annotator(self, name: str, kind: str = "human") -> Annotator:
+        """The annotator called `name`, made with a fresh token where there is none yet."""
+        name = name.strip()
+        if not name or kind not in ("human", "ai"):
+            raise AlignError(f"an annotator needs a name and kind 'human' or 'ai', got {name!r} ({kind})")
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO annotators (name, token, kind, created) VALUES (?, ?, ?, ?)",
+                       (name, secrets.token_urlsafe(12), kind, _now()))
+            row = db.execute("SELECT * FROM annotators WHERE name = ?", (name,)).fetchone()
+        if row["kind"] != kind:
+            raise AlignError(f"annotator '{name}' exists already as a {row['kind']} annotator")
+        return Annotator(row["id"], row["name"], row["token"], row["kind"])
+
+    def annotators(self) -> list[Annotator]:
+        with self.reading() as db:
+            rows = db.execute("SELECT * FROM annotators ORDER BY id").fetchall()
+        return [Annotator(r["id"], r["name"], r["token"], r["kind"]) for r in rows]
+
+    def annotator(self, token: str) -> Annotator | None:
+        with self.reading() as db:
+            row = db.execute("SELECT * FROM annotators WHERE token = ?", (token,)).fetchone()
+        return Annotator(row["id"], row["name"], row["token"], row["kind"]) if row else None
+
+    # --- annotation -------------------------------------------------------------------------------------
+
+    def next_pair(self, who: Annotator) -> dict | None:
+        """The pair `who` should judge now, shown in the order recorded for them, or None when nothing is
+        left for them: `{pair_id, prompt, left: {id, text}, right: {id, text}, progress}`."""
+        with self.transaction() as db:
+            k, cutoff = self.overlap_in(db), time.time() - HOLD_SECONDS
+            held = db.execute(
+                "SELECT s.pair_id, s.left_id FROM assignments s WHERE s.annotator_id = :me AND NOT EXISTS ("
+                "  SELECT 1 FROM verdicts v WHERE v.pair_id = s.pair_id AND v.annotator_id = :me) "
+                "ORDER BY s.issued DESC LIMIT 1", {"me": who.id}).fetchone()
+            if held and _load(db, held["pair_id"], who.id, cutoff) < k:
+                pair_id, left_id = held["pair_id"], held["left_id"]
+            else:
+                if held:  # others filled it meanwhile: let it go
+                    db.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator_id = ?",
+                               (held["pair_id"], who.id))
+                row = db.execute(
+                    f"SELECT p.id, p.a, p.b, {_LOAD_SQL} AS load FROM pairs p "
+                    "WHERE load < :k AND NOT EXISTS (SELECT 1 FROM verdicts v WHERE v.pair_id = p.id "
+                    "  AND v.annotator_id = :me) "
+                    "ORDER BY load DESC, p.shuffle LIMIT 1", {"me": who.id, "cutoff": cutoff, "k": k}).fetchone()
+                if row is None:
+                    return None
+                pair_id, left_id = row["id"], random.choice((row["a"], row["b"]))
+                db.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?)",
+                           (pair_id, who.id, left_id, time.time()))
+            return self._shown(db, pair_id, left_id) | {"progress": self._progress(db, who, k)}
+
+    @staticmethod
+    def overlap_in(db) -> int:
+        return int(db.execute("SELECT value FROM meta WHERE key = 'overlap'").fetchone()["value"])
+
+    @staticmethod
+    def _shown(db, pair_id: int, left_id: int) -> dict:
+        pair = db.execute("SELECT * FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+        right_id = pair["b"] if left_id == pair["a"] else pair["a"]
+        text = {r["id"]: r["text"] for r in db.execute("SELECT id, text FROM responses WHERE id IN (?, ?)",
+                                                       (left_id, right_id))}
+        prompt = db.execute("SELECT messages FROM prompts WHERE id = ?", (pair["prompt_id"],)).fetchone()
+        return {"pair_id": pair_id, "prompt": json.loads(prompt["messages"]),
+                "left": {"id": left_id, "text": text[left_id]}, "right": {"id": right_id, "text": text[right_id]}}
+
+    def progress(self, who: Annotator) -> dict:
+        with self.reading() as db:
+            return self._progress(db, who, self.overlap_in(db))
+
+    @staticmethod
+    def _progress(db, who: Annotator, k: int) -> dict:
+        """{done, total}: pairs `who` judged, and those plus the ones still open to them."""
+        done = db.execute("SELECT COUNT(DISTINCT pair_id) FROM verdicts WHERE annotator_id = ?",
+                          (who.id,)).fetchone()[0]
+        open_ = db.execute(
+            "SELECT COUNT(*) FROM pairs p WHERE NOT EXISTS (SELECT 1 FROM verdicts v WHERE v.pair_id = p.id "
+            "  AND v.annotator_id = :me) AND (SELECT COUNT(DISTINCT v.annotator_id) FROM verdicts v "
+            "  JOIN annotators n ON n.id = v.annotator_id WHERE v.pair_id = p.id AND n.kind = 'human') < :k",
+            {"me": who.id, "k": k}).fetchone()[0]
+        return {"done": done, "total": done + open_}
+
+    def submit(self, who: Annotator, pair_id: int, left_id: int, choice: str, submission: str,
+               rationale: str = "", seconds: float | None = None) -> dict:
+        """Record `who`'s verdict on a pair as they saw it (`left_id` on the left; `choice` one of
+        SHOWN_CHOICES). Idempotent in `submission`. Returns `{verdict_id, repeated, progress}`."""
+        if choice not in SHOWN_CHOICES:
+            raise AlignError(f"choice must be one of {', '.join(SHOWN_CHOICES)}, got {choice!r}")
+        if not submission or len(submission) > 100:
+            raise AlignError("a submission needs an id (1-100 characters) that it keeps when sent again")
+        with self.transaction() as db:
+            k = self.overlap_in(db)
+            seen = db.execute("SELECT * FROM verdicts WHERE submission = ?", (submission,)).fetchone()
+            if seen is not None:
+                if (seen["pair_id"], seen["annotator_id"]) != (pair_id, who.id):
+                    raise AlignError(f"submission {submission!r} was used for another pair or annotator")
+                return {"verdict_id": seen["id"], "repeated": True, "progress": self._progress(db, who, k)}
+            pair = db.execute("SELECT a, b FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+            if pair is None or left_id not in (pair["a"], pair["b"]):
+                raise AlignError(f"no pair {pair_id} with response {left_id} in this collection")
+            cur = db.execute(
+                "INSERT INTO verdicts (pair_id, annotator_id, choice, left_id, rationale, seconds, submission, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (pair_id, who.id, _stored_choice(choice, left_id, pair), left_id, rationale.strip()[:2000],
+                 seconds, submission, _now()))
+            return {"verdict_id": cur.lastrowid, "repeated": False, "progress": self._progress(db, who, k)}
+
+    def record_ai_verdicts(self, who: Annotator, verdicts: list[tuple[int, str, str]]) -> int:
+        """(pair_id, choice in CHOICES, rationale) from an AI annotator, replacing its earlier ones."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM verdicts WHERE annotator_id = ?", (who.id,))
+            for pair_id, choice, rationale in verdicts:
+                a = db.execute("SELECT a FROM pairs WHERE id = ?", (pair_id,)).fetchone()["a"]
+                db.execute("INSERT INTO verdicts (pair_id, annotator_id, choice, left_id, rationale, submission, "
+                           "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (pair_id, who.id, choice, a, rationale, f"ai:{who.id}:{pair_id}", _now()))
+        return len(verdicts)
+
+    # --- reading ----------------------------------------------------------------------------------------
+
+    def pairs(self) -> list[dict]:
+        """Every pair: {pair_id, prompt_id, prompt, rule, a: {id, text, model}, b: {...}}."""
+        with self.reading() as db:
+            rows = db.execute(
+                "SELECT p.id, p.prompt_id, q.messages, q.rule, ra.id AS a_id, ra.text AS a_text, ra.model AS a_model, "
+                "rb.id AS b_id, rb.text AS b_text, rb.model AS b_model FROM pairs p "
+                "JOIN prompts q ON q.id = p.prompt_id JOIN responses ra ON ra.id = p.a "
+                "JOIN responses rb ON rb.id = p.b ORDER BY p.id").fetchall()
+        return [{"pair_id": r["id"], "prompt_id": r["prompt_id"], "prompt": json.loads(r["messages"]),
+                 "rule": json.loads(r["rule"]),
+                 "a": {"id": r["a_id"], "text": r["a_text"], "model": r["a_model"]},
+                 "b": {"id": r["b_id"], "text": r["b_text"], "model": r["b_model"]}} for r in rows]
+
+    def verdicts(self) -> list[dict]:
+        """Every annotator's current verdict per pair: {pair_id, annotator, kind, choice, left_id,
+        rationale, seconds, created}, in the order they were given."""
+        with self.reading() as db:
+            rows = db.execute(
+                "SELECT v.pair_id, n.name, n.kind, v.choice, v.left_id, v.rationale, v.seconds, v.created "
+                "FROM current_verdicts v JOIN annotators n ON n.id = v.annotator_id ORDER BY v.id").fetchall()
+        return [{"pair_id": r["pair_id"], "annotator": r["name"], "kind": r["kind"], "choice": r["choice"],
+                 "left_id": r["left_id"], "rationale": r["rationale"], "seconds": r["seconds"],
+                 "created": r["created"]} for r in rows]
+
+    def counts(self) -> dict:
+        with self.reading() as db:
+            return {table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                    for table in ("prompts", "responses", "pairs", "annotators", "current_verdicts")}
+
+
+# Human annotators who judged a pair, or hold it (assigned since `cutoff`, not judged), other than `me`.
+_LOAD_SQL = """(SELECT COUNT(*) FROM annotators n WHERE n.kind = 'human' AND n.id != :me AND (
+    EXISTS (SELECT 1 FROM verdicts v WHERE v.pair_id = p.id AND v.annotator_id = n.id)
+    OR EXISTS (SELECT 1 FROM assignments s WHERE s.pair_id = p.id AND s.annotator_id = n.id
+               AND s.issued >= :cutoff)))"""
+
+
+def _load(db, pair_id: int, me: int, cutoff: float) -> int:
+    return db.execute(f"SELECT {_LOAD_SQL} FROM pairs p WHERE p.id = :pair",
+                      {"me": me, "cutoff": cutoff, "pair": pair_id}).fetchone()[0]
+
+
+def _stored_choice(shown: str, left_id: int, pair) -> str:
+    """A choice as shown on the page (left/right) in the pair's own terms (a/b)."""
+    if shown in ("tie", "both_bad"):
+        return shown
+    picked_left = shown == "left"
+    return "a" if (left_id == pair["a"]) == picked_left else "b"
