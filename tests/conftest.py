@@ -92,6 +92,29 @@ def rerun(cmd: list[str]) -> None:
 
 
 @pytest.fixture(scope="session")
+def tiny_rm_run(tmp_path_factory) -> Path:
+    """A finished SFT -> reward-model run on the tiny model (`runs/tinyrm/`), for the tests of learned judges.
+    Read it; never write into it."""
+    from align.config import parse_recipe
+    from align.pipeline import run_recipe
+
+    out = tmp_path_factory.mktemp("tiny_rm_run")
+    text = _tiny_head("tinyrm", out, "none", sft_steps=4) + """\
+  - name: rm
+    kind: rm
+    init: ${sft.adapter}
+    data: {path: "synthetic:preference", max_rows: 32}
+    eval_data: {path: "synthetic:preference_heldout", max_rows: 10}
+    train: {max_steps: 4, lr: 3.0e-3, batch_size: 8, max_length: 96, max_prompt_length: 64}
+"""
+    cache = os.environ.get("ALIGN_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ALIGN_CACHE", cache)
+        run_recipe(parse_recipe(text), quiet=True)
+    return out / "tinyrm"
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A finished SFT -> DPO run on the tiny nf4 model (`runs/tiny/`), shared by the tests that read runs
     (eval, chat, export). Read it; never write into it."""

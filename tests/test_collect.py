@@ -192,3 +192,25 @@ def test_an_exported_collection_trains_a_dpo_stage(tmp_path):
     state = json.loads((tmp_path / "tiny" / "dpo" / "stage.json").read_text())
     assert state["status"] == "done" and state["data"]["train"]["rows"] == summary["rows"]
     assert result["stages"]["dpo"]["metrics"]["eval_rewards/accuracies"] > 0.5
+
+
+def test_an_rm_stage_judges_as_an_ai_annotator_beside_people(tiny_rm_run, tmp_path):
+    """The rm stage judges its own held-out pairs; a person who always picks the better answer is the truth,
+    so the judge's agreement with people is the rm stage's held-out accuracy."""
+    from align.collect.agreement import summarize
+    from align.collect.judge import judge_collection
+
+    heldout = load_examples("synthetic:preference_heldout", "preference", max_rows=10).examples
+    collection = Collection.create(tmp_path / "c.sqlite")
+    collection.add([Candidates(ex.prompt, [(ex.chosen[-1]["content"], "good"), (ex.rejected[-1]["content"], "bad")])
+                    for ex in heldout])
+    _verdicts(collection, {"truth": ["a"] * len(heldout)})
+    result = judge_collection(collection, str(tiny_rm_run / "rm"), quiet=True)
+    assert result["judge"] == "rm:tinyrm/rm" and result["pairs"] == 10 and result["tie"] == 0
+    ai = [v for v in collection.verdicts() if v["kind"] == "ai"]
+    assert len(ai) == 10 and all(v["rationale"].startswith("reward A ") for v in ai)
+    [row] = summarize(collection.verdicts())["ai"]
+    accuracy = json.loads((tiny_rm_run / "rm" / "stage.json").read_text())["metrics"]["eval_accuracy"]
+    assert row["pairs"] == 10 and row["agreement"] == pytest.approx(accuracy)
+    judge_collection(collection, str(tiny_rm_run / "rm"), tie_margin=1e9, quiet=True)  # judging again replaces
+    assert [v["choice"] for v in collection.verdicts() if v["kind"] == "ai"] == ["tie"] * 10

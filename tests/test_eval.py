@@ -133,30 +133,17 @@ def test_report_puts_several_evaluations_on_one_page(tiny_run, tmp_path):
     assert main(["report", str(tmp_path / "nowhere"), "--out", str(page)]) == 2
 
 
-def test_an_rm_stage_is_the_default_judge(tmp_path, monkeypatch):
+def test_an_rm_stage_is_the_default_judge(tiny_rm_run, tmp_path, monkeypatch):
     """SFT and a reward model on the tiny model: `align eval` judges with the rm stage by default, reports
     its accuracy on the rm stage's held-out pairs, and never evaluates the reward model as a policy."""
-    from align.config import parse_recipe
-    from align.pipeline import run_recipe
-    from tests.conftest import _tiny_head
-
-    text = _tiny_head("tinyrm", tmp_path, "none", sft_steps=4) + """\
-  - name: rm
-    kind: rm
-    init: ${sft.adapter}
-    data: {path: "synthetic:preference", max_rows: 32}
-    eval_data: {path: "synthetic:preference_heldout", max_rows: 10}
-    train: {max_steps: 4, lr: 3.0e-3, batch_size: 8, max_length: 96, max_prompt_length: 64}
-"""
-    run_recipe(parse_recipe(text), quiet=True)
     monkeypatch.setattr(evaluate.Evaluation, "_measured_in_training", lambda *args: None)  # compute it here
-    rm_accuracy = json.loads((tmp_path / "tinyrm" / "rm" / "stage.json").read_text())["metrics"]["eval_accuracy"]
-    result = _eval(tmp_path / "tinyrm", tmp_path / "eval", "--reference", "base", judge=None)
+    rm_accuracy = json.loads((tiny_rm_run / "rm" / "stage.json").read_text())["metrics"]["eval_accuracy"]
+    result = _eval(tiny_rm_run, tmp_path / "eval", "--reference", "base", judge=None)
     assert list(result["stages"]) == ["base", "sft"]
     assert result["judge"]["kind"] == "learned" and result["judge"]["name"] == "rm" and result["judge"]["pairs"] == 10
     assert result["judge"]["accuracy"] == pytest.approx(rm_accuracy)  # the same pairs, the same reward model
     monkeypatch.undo()
-    reused = _eval(tmp_path / "tinyrm", tmp_path / "again", "--reference", "base", judge=None)
+    reused = _eval(tiny_rm_run, tmp_path / "again", "--reference", "base", judge=None)
     assert reused["judge"]["accuracy"] == rm_accuracy
     sft = result["stages"]["sft"]
     assert len(set(sft["rewards"])) > 1 and sft["win_rate"]["n"] == 6
