@@ -134,8 +134,8 @@ def test_import_reads_eval_pairs_and_names_a_bad_row(tmp_path):
     assert main(["collect", "import", str(tmp_path / "c.sqlite"), str(path)]) == 0
     pairs = Collection.open(tmp_path / "c.sqlite").pairs()
     assert [(p["a"]["model"], p["b"]["model"]) for p in pairs] == [("dpo", "sft"), ("imported", "imported")]
-    path.write_text(path.read_text() + json.dumps({"prompt": "x", "a": "", "b": "y"}) + "\n")
-    with pytest.raises(DataError, match=r"pairs.jsonl, row 3, field 'a': must be a non-empty string"):
+    path.write_text(path.read_text() + json.dumps({"prompt": "x", "a": ["no"], "b": "y"}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl, row 3, field 'a': must be a string"):
         from align.collect.generate import read_candidates
 
         read_candidates(str(path))

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from align.cli import main
+from align.collect.export import export_collection
+from align.collect.store import Collection
 from align.eval import evaluate, metrics
 
 
@@ -77,13 +79,15 @@ def test_eval_of_a_tiny_run(tiny_run, tmp_path, monkeypatch):
     assert "loss" in result["curves"]["dpo"] and len(result["samples"]) == 6
     assert (out / "report.html").is_file() and (out / "plots").is_dir()
 
-    # people judge pairs.jsonl: every pair goes to its "a" reply; the verdicts come back into the eval
+    # people judge pairs.jsonl in a collection, every pair going to its "a" reply; the export comes back
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["a_model"] != p["b_model"] and "sft" in (p["a_model"], p["b_model"]) for p in pairs)
     pairs = [p for p in pairs if p["a"].strip() and p["b"].strip()]  # a blank reply is no preference row
     assert pairs
+    collection = tmp_path / "prefs.sqlite"
+    assert main(["collect", "import", str(collection), str(out / "pairs.jsonl")]) == 0
     rated = tmp_path / "verdicts.jsonl"
-    rated.write_text("".join(json.dumps({"prompt": p["prompt"], "chosen": p["a"], "rejected": p["b"]}) + "\n" for p in pairs))
+    _judge_by_a(Collection.open(collection), pairs, rated)
 
     def no_generation(*args, **kwargs):
         raise AssertionError("replies must come from the cache")
@@ -97,6 +101,17 @@ def test_eval_of_a_tiny_run(tiny_run, tmp_path, monkeypatch):
         assert human["n"] == len(own) + ties and human["ties"] == ties
         assert human["wins"] == sum(p["a_model"] == name for p in own)
     assert again["stages"]["dpo"]["win_rate"] == dpo["win_rate"]  # same replies, same judge
+
+
+def _judge_by_a(collection, pairs, out) -> None:
+    """An annotator prefers each pair's "a" reply, through the collection's store; exported to `out`."""
+    preferred = {(json.dumps(p["prompt"]), frozenset((p["a"], p["b"]))): p["a"] for p in pairs}
+    who = collection.add_annotator("rater")
+    while (task := collection.next_pair(who)) is not None:
+        left, right = task["left"]["text"], task["right"]["text"]
+        pick = "left" if preferred[(json.dumps(task["prompt"]), frozenset((left, right)))] == left else "right"
+        collection.submit(who, task["pair_id"], task["left"]["id"], pick, f"{task['pair_id']}")
+    assert export_collection(collection, out, aggregate="all")["rows"] == len(preferred)
 
 
 def test_eval_is_reused_until_something_changes(tiny_run, tmp_path, capsys):

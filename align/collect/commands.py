@@ -55,7 +55,7 @@ def _cmd_import(args) -> int:
 
     candidates = read_candidates(args.file, args.max_rows)
     collection = Collection.create(args.collection)
-    new = collection.add(candidates, pairs="all", seed=args.seed)
+    new = collection.add(candidates, pairs="within", seed=args.seed)
     console.print(f"[green]ok[/] {args.collection}: {new['prompts']} new prompts, {new['responses']} new responses, "
                   f"{new['pairs']} new pairs ({collection.counts()['pairs']} in all)")
     return 0

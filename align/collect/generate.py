@@ -5,7 +5,7 @@ untrained model), or a model of its own (a hub id, a local folder such as `align
 .gguf file, `builtin:<name>`). Stages of one run share one loaded base and switch adapters; sources on
 different bases are loaded one after another. Import takes pairs that exist already: `align eval`'s
 pairs.jsonl (`{prompt, a, b, a_model, b_model}`), or any preference or ranked file (its labels ignored:
-people judge the responses afresh).
+people judge the responses afresh); only the pairs in the file (each ranked group's every two) are made.
 """
 
 from __future__ import annotations
@@ -99,9 +99,10 @@ def _eval_pair(row, path: str, number: int) -> Candidates:
         prompt = converters.bare_prompt({"prompt": row.get("prompt")}).prompt
         texts = []
         for side in ("a", "b"):
-            if not isinstance(row.get(side), str) or not row[side].strip():
-                raise DataError("must be a non-empty string (a response)", field=side)
-            texts.append((row[side], str(row.get(f"{side}_model") or "imported")))
+            if not isinstance(row.get(side), str):
+                raise DataError("must be a string (a response)", field=side)
+            if row[side].strip():  # a blank reply (a model's, in eval's pairs) is nothing to judge
+                texts.append((row[side], str(row.get(f"{side}_model") or "imported")))
     except DataError as err:
         raise DataError(err.message, file=path, row=number, field=err.field) from None
     return Candidates(prompt, texts)

@@ -178,10 +178,11 @@ class Collection:
 
     def add(self, candidates: list[Candidates], pairs: str = "all", seed: int = 0) -> dict:
         """Store prompts and responses (a text already stored for its prompt is kept once) and the pairs to
-        compare: every two different responses to a prompt (`all`), or only two by different models
-        (`across`). Returns how many of each were new."""
-        if pairs not in ("all", "across"):
-            raise AlignError(f"pairs must be 'all' or 'across', got {pairs!r}")
+        compare: every two different responses to a prompt (`all`), only two by different models
+        (`across`), or only two of the same `Candidates` (`within`: pairs given as such, as when
+        importing). Returns how many of each were new."""
+        if pairs not in ("all", "across", "within"):
+            raise AlignError(f"pairs must be 'all', 'across' or 'within', got {pairs!r}")
         rng = random.Random(seed)
         new = {"prompts": 0, "responses": 0, "pairs": 0}
         with self.transaction() as db:
@@ -195,8 +196,11 @@ class Collection:
                     cur = db.execute("INSERT OR IGNORE INTO responses (prompt_id, text, model) VALUES (?, ?, ?)",
                                      (prompt_id, text, model))
                     new["responses"] += cur.rowcount
-                stored = db.execute("SELECT id, model FROM responses WHERE prompt_id = ? ORDER BY id",
+                stored = db.execute("SELECT id, model, text FROM responses WHERE prompt_id = ? ORDER BY id",
                                     (prompt_id,)).fetchall()
+                if pairs == "within":
+                    texts = {text for text, _ in item.responses}
+                    stored = [row for row in stored if row["text"] in texts]
                 for i, first in enumerate(stored):
                     for second in stored[i + 1:]:
                         if pairs == "across" and first["model"] == second["model"]:
