@@ -57,7 +57,8 @@ class Run:
         self.stage(name)
         state = self.state(name)
         if state.get("status") != "done":
-            raise AlignError(f"{self.dir / name}: stage '{name}' has not finished (status: {state.get('status', 'not started')}); "
+            status = state.get("status", "not started")
+            raise AlignError(f"{self.dir / name}: stage '{name}' has not finished (status: {status}); "
                              f"run `align run` on the recipe first")
         return state["adapter"]
 

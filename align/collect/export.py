@@ -80,8 +80,8 @@ def _outcome(pair: dict, choice: str, annotators: list[str], votes: dict | None 
 def preference_rows(decided: list[dict]) -> list[dict]:
     return [{"prompt": o["pair"]["prompt"], "chosen": o["winner"]["text"], "rejected": o["loser"]["text"],
              "chosen_model": o["winner"]["model"], "rejected_model": o["loser"]["model"],
-             "pair_id": o["pair"]["pair_id"], "annotators": o["annotators"], **({"votes": o["votes"]} if o["votes"] else {})}
-            for o in decided]
+             "pair_id": o["pair"]["pair_id"], "annotators": o["annotators"],
+             **({"votes": o["votes"]} if o["votes"] else {})} for o in decided]
 
 
 def ranked_rows(decided: list[dict]) -> tuple[list[dict], int]:

@@ -23,11 +23,12 @@ def status_tables(collection: Collection) -> list[Table]:
     counts, verdicts, k = collection.counts(), collection.verdicts(), collection.overlap
     human = [v for v in verdicts if v["kind"] == "human"]
     per_pair = Counter(v["pair_id"] for v in human)
+    complete = sum(n >= k for n in per_pair.values())
     overview = Table(title=str(collection.path), title_justify="left", show_header=False)
     for label, value in (("prompts", counts["prompts"]), ("responses", counts["responses"]),
                          ("pairs", counts["pairs"]), ("overlap (people per pair)", k),
                          ("human verdicts", len(human)), ("AI verdicts", len(verdicts) - len(human)),
-                         ("pairs judged by all they need", f"{sum(n >= k for n in per_pair.values())} of {counts['pairs']}")):
+                         ("pairs judged by all they need", f"{complete} of {counts['pairs']}")):
         overview.add_row(label, str(value))
 
     people = Table(title="annotators", title_justify="left")
