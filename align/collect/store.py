@@ -309,7 +309,8 @@ class Collection:
                 if (seen["pair_id"], seen["annotator_id"]) != (pair_id, who.id):
                     raise AlignError(f"submission {submission!r} was used for another pair or annotator")
                 return {"verdict_id": seen["id"], "repeated": True, "progress": self._progress(db, who, k)}
-            pair = db.execute("SELECT a, b FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+            in_range = all(0 < number < 1 << 63 for number in (pair_id, left_id))  # SQLite's integers
+            pair = db.execute("SELECT a, b FROM pairs WHERE id = ?", (pair_id,)).fetchone() if in_range else None
             if pair is None or left_id not in (pair["a"], pair["b"]):
                 raise AlignError(f"no pair {pair_id} with response {left_id} in this collection")
             cur = db.execute(

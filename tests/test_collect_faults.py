@@ -1,0 +1,205 @@
+"""The annotation server SIGKILLed and restarted while 20 annotators submit: every acknowledged verdict
+survives, none is doubled, and every pair ends with exactly `overlap` verdicts.
+
+Each client does what the page does: ask for its pair, make a submission id once per verdict, and send it
+again (the same id) until the server answers 200."""
+
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from align.collect.store import Candidates, Collection
+
+CLIENTS, OVERLAP, KILLS = 20, 4, 3
+PROMPTS, RESPONSES = 25, 5  # 10 pairs a prompt: 250 pairs, 1,000 verdicts at overlap 4
+KILL_AFTER = (150, 400, 650)  # acknowledged verdicts before each kill
+DEADLINE_S = 80
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A free port below the ephemeral range. While the server is down, a client's connect() to a port in
+    that range may be given the same port as its own and connect to itself (TCP simultaneous open); that
+    socket would then hold the port and the restarted server could not bind it."""
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ranges.read_text().split()[0]) if ranges.exists() else 49152  # elsewhere: the IANA range
+    for port in random.sample(range(max(1024, low - 10000), low), 100):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+class Server:
+    """`python -m align.collect.server` as a process of its own, always on the same port."""
+
+    def __init__(self, collection: Path, port: int, log: Path):
+        self.cmd = [sys.executable, "-m", "align.collect.server", str(collection), "--port", str(port)]
+        self.port, self.log = port, log
+        self.proc = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log,
+                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.monotonic() + 15
+        while True:
+            assert self.proc.poll() is None, f"the server exited: {self.log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "the server did not start listening in 15 s"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Shared:
+    """What the clients and the killer see of each other, under one lock."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.kills = 0
+        self.acked = {}  # submission -> (annotator_id, pair_id, left_id, shown choice)
+        self.posts_in_flight = 0
+        self.cut_posts = Counter()  # kills so far -> POSTs whose connection broke mid-request
+        self.failed_clients = Counter()  # kills so far -> clients with a failed request (then retried)
+
+
+class Client(threading.Thread):
+    def __init__(self, who, port: int, shared: Shared, deadline: float):
+        super().__init__(daemon=True)
+        self.who, self.port, self.shared, self.deadline = who, port, shared, deadline
+        self.rng = random.Random(who.id)
+        self.failed_since = set()  # kill counts at which this client already counted as failing
+        self.error = None
+
+    def run(self):
+        try:
+            while not (pair := self.call("GET", "next")).get("done"):
+                choice = self.rng.choice(("left", "right", "tie", "both_bad"))
+                body = {"pair_id": pair["pair_id"], "left_id": pair["left"]["id"], "choice": choice,
+                        "submission": str(uuid.uuid4()), "seconds": 1.0}
+                self.call("POST", "verdict", body)
+                with self.shared.lock:
+                    self.shared.acked[body["submission"]] = (self.who.id, pair["pair_id"], pair["left"]["id"], choice)
+        except Exception as err:  # reported by the test, which would otherwise see only a missing verdict
+            self.error = err
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        """The JSON of a 200 answer, asking again (same request, same submission id) until there is one."""
+        payload = json.dumps(body).encode() if body is not None else None
+        while time.monotonic() < self.deadline:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            self.count_in_flight(method, +1)
+            try:
+                connection.request(method, f"/api/{self.who.token}/{path}", body=payload,
+                                   headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                data = response.read()
+            except ConnectionRefusedError:  # the server is down: nothing was sent
+                self.failed(cut=False)
+            except (OSError, http.client.HTTPException):  # sent, and the connection broke before the answer
+                self.failed(cut=method == "POST")
+            else:
+                if response.status == 200:
+                    return json.loads(data)
+                assert response.status >= 500, f"{method} {path}: {response.status} {data!r}"
+                self.failed(cut=False)
+            finally:
+                self.count_in_flight(method, -1)
+                connection.close()
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.who.name}: no answer to {method} {path} before the deadline")
+
+    def count_in_flight(self, method: str, step: int) -> None:
+        if method == "POST":
+            with self.shared.lock:
+                self.shared.posts_in_flight += step
+
+    def failed(self, cut: bool) -> None:
+        with self.shared.lock:
+            kills = self.shared.kills
+            self.shared.cut_posts[kills] += cut
+            if kills not in self.failed_since:
+                self.failed_since.add(kills)
+                self.shared.failed_clients[kills] += 1
+
+
+@pytest.mark.timeout(90)
+def test_verdicts_survive_a_killed_server(tmp_path):
+    started = time.monotonic()
+    collection = Collection.create(tmp_path / "prefs.sqlite")
+    collection.add([Candidates([{"role": "user", "content": f"prompt {i}"}],
+                               [(f"response {i}.{j}", f"model-{j}") for j in range(RESPONSES)])
+                    for i in range(PROMPTS)])
+    collection.set_overlap(OVERLAP)
+    people = [collection.add_annotator(f"person-{n}") for n in range(CLIENTS)]
+    pairs = {p["pair_id"]: p for p in collection.pairs()}
+    assert len(pairs) * OVERLAP == 1000
+
+    server = Server(collection.path, free_port(), tmp_path / "server.log")
+    server.start()
+    shared = Shared()
+    clients = [Client(who, server.port, shared, started + DEADLINE_S) for who in people]
+    for client in clients:
+        client.start()
+    try:
+        for threshold in KILL_AFTER:
+            while True:  # kill once enough verdicts are in and submissions are on the wire
+                with shared.lock:
+                    if len(shared.acked) >= threshold and shared.posts_in_flight >= 2:
+                        shared.kills += 1
+                        break
+                assert time.monotonic() < started + DEADLINE_S, f"{len(shared.acked)} verdicts before kill {threshold}"
+                time.sleep(0.001)
+            server.kill()
+            time.sleep(0.3)  # down for a moment: clients meet refused connections too
+            server.start()
+        for client in clients:
+            client.join(max(0.0, started + DEADLINE_S - time.monotonic()))
+    finally:
+        server.stop()
+    assert [(c.who.name, c.error) for c in clients if c.error or c.is_alive()] == []
+
+    for kill in range(1, KILLS + 1):
+        assert shared.cut_posts[kill] > 0, f"kill {kill} cut no submission in flight"
+        assert shared.failed_clients[kill] > 0
+    assert shared.cut_posts[0] == shared.failed_clients[0] == 0  # no failure before the first kill
+
+    with collection.reading() as db:
+        rows = db.execute("SELECT submission, annotator_id, pair_id, left_id, choice FROM verdicts").fetchall()
+    stored = Counter(row["submission"] for row in rows)
+    assert [s for s, n in stored.items() if n > 1] == []
+    assert set(stored) == set(shared.acked)  # every acknowledged verdict is there, and only those
+    assert len(rows) == 1000
+    assert set(Counter((row["pair_id"], row["annotator_id"]) for row in rows).values()) == {1}
+    assert Counter(row["pair_id"] for row in rows) == {pair_id: OVERLAP for pair_id in pairs}
+    for row in rows:
+        annotator_id, pair_id, left_id, shown = shared.acked[row["submission"]]
+        left_is_a = left_id == pairs[pair_id]["a"]["id"]
+        expected = shown if shown in ("tie", "both_bad") else "a" if (shown == "left") == left_is_a else "b"
+        assert (row["annotator_id"], row["pair_id"], row["left_id"], row["choice"]) == \
+            (annotator_id, pair_id, left_id, expected)
