@@ -214,3 +214,21 @@ def test_an_rm_stage_judges_as_an_ai_annotator_beside_people(tiny_rm_run, tmp_pa
     assert row["pairs"] == 10 and row["agreement"] == pytest.approx(accuracy)
     judge_collection(collection, str(tiny_rm_run / "rm"), tie_margin=1e9, quiet=True)  # judging again replaces
     assert [v["choice"] for v in collection.verdicts() if v["kind"] == "ai"] == ["tie"] * 10
+
+
+def test_cli_annotators_status_and_export(tmp_path, capsys):
+    collection = _collection(tmp_path, prompts=3, overlap=2)
+    _verdicts(collection, {"ann": ["a", "b", "tie"], "bob": ["a", "a", "tie"]})
+    assert main(["collect", "annotators", str(collection.path), "--add", "cy", "--url", "http://box:9000/"]) == 0
+    out = capsys.readouterr().err
+    cy = next(a for a in collection.annotators() if a.name == "cy")
+    assert f"http://box:9000/a/{cy.token}" in out and f"http://box:9000/admin/{collection.admin_token}" in out
+    assert main(["collect", "status", str(collection.path)]) == 0
+    out = capsys.readouterr().err
+    assert "ann – bob" in out and "67%" in out  # agree on 2 of 3 pairs
+    assert main(["collect", "export", str(collection.path), str(tmp_path / "out")]) == 0
+    assert "1 preference rows from 6 verdicts on 3 of 3 pairs; left out: 1 no majority, 1 tie" in \
+        capsys.readouterr().err
+    assert load_examples(str(tmp_path / "out"), "preference").format == "preference"  # a datasets folder
+    assert main(["collect", "export", str(tmp_path / "none.sqlite"), str(tmp_path / "x.jsonl")]) == 2
+    assert "no collection there" in capsys.readouterr().err

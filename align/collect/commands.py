@@ -45,7 +45,7 @@ def _cmd_generate(args) -> int:
     collection = Collection.create(args.collection)
     new = collection.add(as_candidates(prompts, responses), pairs=args.pairs, seed=args.seed)
     console.print(f"[green]ok[/] {args.collection}: {new['prompts']} new prompts, {new['responses']} new responses, "
-                  f"{new['pairs']} new pairs ({collection.counts()['pairs']} in all)")
+                  f"{new['pairs']} new pairs ({collection.counts()['pairs']} in all)", soft_wrap=True)
     return 0
 
 
@@ -57,7 +57,7 @@ def _cmd_import(args) -> int:
     collection = Collection.create(args.collection)
     new = collection.add(candidates, pairs="within", seed=args.seed)
     console.print(f"[green]ok[/] {args.collection}: {new['prompts']} new prompts, {new['responses']} new responses, "
-                  f"{new['pairs']} new pairs ({collection.counts()['pairs']} in all)")
+                  f"{new['pairs']} new pairs ({collection.counts()['pairs']} in all)", soft_wrap=True)
     return 0
 
 
@@ -123,7 +123,7 @@ def _cmd_export(args) -> int:
     left_out = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in summary["left_out"].items()) or "none"
     console.print(f"[green]ok[/] {args.out}: {summary['rows']} {args.kind} rows from {summary['verdicts']} verdicts "
                   f"on {summary['pairs_judged']} of {summary['pairs']} pairs; left out: {left_out}. A {args.kind} "
-                  f"stage reads it with `data: {{path: {args.out}}}`")
+                  f"stage reads it with `data: {{path: {args.out}}}`", soft_wrap=True)
     return 0
 
 

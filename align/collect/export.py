@@ -142,4 +142,5 @@ def _write(rows: list[dict], out: Path, fmt: str) -> None:
         return
     import datasets  # slow to import; only folders need it
 
+    datasets.disable_progress_bars()  # a bar for a write of a second says nothing
     datasets.Dataset.from_list(rows).save_to_disk(str(out))
