@@ -7,9 +7,9 @@ import pytest
 import torch
 from tokenizers.processors import TemplateProcessing
 
-from align.data.collate import encode, encode_prompt, left_pad, pad_sequences
+from align.data.collate import encode, encode_prompt, left_pad, pack_groups, pad_sequences
 from align.errors import DataError
-from align.models.logprobs import completion_logprobs
+from align.models.logprobs import completion_logprobs, packed_logprobs
 from align.models.tiny import tiny_model_and_tokenizer
 
 PROMPT = [{"role": "user", "content": "What is 2 + 3? Reply with the number only."}]
@@ -209,3 +209,28 @@ def test_completion_logprobs_match_full_logits(model_and_tok):
     assert sums.shape == (2,) and bool((sums < 0).all())
     torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=0)
     torch.testing.assert_close(sums, torch.cat(alone), atol=1e-5, rtol=0)  # right padding changes nothing
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_groups_score_each_response_as_if_alone(attention):
+    """The prompt encoded once for all its responses gives every response the log-probs it has on its own."""
+    model, tok = tiny_model_and_tokenizer(hidden=64, layers=2)
+    model.config._attn_implementation = attention
+    g = torch.Generator().manual_seed(0)
+
+    def tokens(n):
+        return torch.randint(3, tok.vocab_size, (n,), generator=g).tolist()
+
+    groups = [(tokens(7), [tokens(5), tokens(9)]), (tokens(12), [tokens(3), tokens(6), tokens(1), tokens(8)]),
+              (tokens(2), [tokens(11)]), ([], [tokens(4), tokens(6)])]
+    batch = pack_groups(groups, tok.pad_token_id)
+    with torch.no_grad():
+        sums, counts = packed_logprobs(model, batch, slots=4)
+        for b, (prompt, responses) in enumerate(groups):
+            alone_sums, alone_counts = completion_logprobs(model, **pad_sequences([(prompt, r) for r in responses],
+                                                                                  tok.pad_token_id))
+            k = len(responses)
+            assert counts[b, :k].tolist() == alone_counts.tolist() and counts[b, k:].sum() == 0
+            assert (sums[b, :k] - alone_sums).abs().max() < 1e-4 and sums[b, k:].abs().sum() == 0
+    tokens_packed = batch["input_ids"].shape[1]
+    assert tokens_packed == 12 + 3 + 6 + 1 + 8  # the longest group, its prompt once

@@ -47,9 +47,8 @@ def test_reference_logps_are_the_sft_adapters_not_the_bare_base(tmp_path):
     from peft import PeftModel
 
     from align.data import synthetic
-    from align.models.logprobs import completion_logprobs
     from align.models.tiny import tiny_model_and_tokenizer
-    from align.stages.rank import collate_groups, encode_groups
+    from align.stages.rank import collate_groups, encode_groups, group_logps
 
     recipe = parse_recipe(tiny_recipe(tmp_path, dpo_steps=1))
     run_recipe(recipe, quiet=True)
@@ -58,11 +57,10 @@ def test_reference_logps_are_the_sft_adapters_not_the_bare_base(tmp_path):
     base, tokenizer = tiny_model_and_tokenizer()
     pairs = [ex.as_ranked() for ex in synthetic.load("preference", "preference")[:8]]
     batch = collate_groups(tokenizer.pad_token_id)(encode_groups(pairs, tokenizer, recipe.stage("dpo").train))
-    args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     with torch.no_grad():
-        bare = completion_logprobs(base, *args)[0].view(8, 2)  # the batch holds each pair's two answers in turn
+        bare = group_logps(base, batch)[0]  # [8, 2]: chosen, rejected
         sft = PeftModel.from_pretrained(base, str(tmp_path / "tiny" / "sft" / "adapter"))
-        with_sft = completion_logprobs(sft, *args)[0].view(8, 2)
+        with_sft = group_logps(sft, batch)[0]
     assert torch.allclose(cached[:8], with_sft, atol=1e-4)
     assert (cached[:8] - bare).abs().max() > 1e-2
 

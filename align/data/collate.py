@@ -91,3 +91,48 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, width - len(p) :] = torch.tensor(p)
         attention[i, width - len(p) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention}
+
+
+def pack_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack each (prompt, K responses) group into one row, the prompt encoded once for all its responses.
+
+    Row b is `prompt + response_0 + ... + response_{K-1}`, right-padded to the longest row (T tokens).
+    Each response sees the whole prompt and itself, never another response, and its positions continue
+    from the prompt's, so every response's log-probs equal those of `prompt + response` on its own; a
+    group of K responses costs P + sum(R_k) tokens instead of K*P + sum(R_k).
+
+    Returns `input_ids`, `position_ids` [B, T]; `attention` [B, T, T] (bool, key allowed for query);
+    and for each scored token (every response token) `score_source` (the flat index b*T + t of the
+    position whose hidden state predicts it), `score_target` (its id) and `score_slot` (b*K + k, K the
+    largest group of the batch), each [N].
+    """
+    width = max(len(p) + sum(map(len, rs)) for p, rs in groups)
+    slots = max(len(rs) for _, rs in groups)
+    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(groups), width), dtype=torch.long)
+    attention = torch.eye(width, dtype=torch.bool).repeat(len(groups), 1, 1)  # padding sees itself: no empty row
+    source, target, slot = [], [], []
+    for b, (prompt, responses) in enumerate(groups):
+        n = len(prompt)
+        input_ids[b, :n] = torch.tensor(prompt, dtype=torch.long)
+        positions[b, :n] = torch.arange(n)
+        attention[b, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        start = n
+        for k, response in enumerate(responses):
+            r = len(response)
+            span = slice(start, start + r)
+            input_ids[b, span] = torch.tensor(response, dtype=torch.long)
+            positions[b, span] = torch.arange(n, n + r)
+            attention[b, span, :n] = True
+            attention[b, span, span] = torch.ones(r, r, dtype=torch.bool).tril()
+            # token j of the response is predicted at the position before it: the prompt's last for j = 0
+            # (with no prompt the first token has nothing before it, as at the start of any sequence)
+            predictors = ([n - 1] if n else [None]) + list(range(start, start + r - 1))
+            scored = [(t, token) for t, token in zip(predictors, response) if t is not None]
+            source += [b * width + t for t, _ in scored]
+            target += [token for _, token in scored]
+            slot += [b * slots + k] * len(scored)
+            start += r
+    return {"input_ids": input_ids, "position_ids": positions, "attention": attention,
+            "score_source": torch.tensor(source, dtype=torch.long), "score_target": torch.tensor(target, dtype=torch.long),
+            "score_slot": torch.tensor(slot, dtype=torch.long)}

@@ -35,6 +35,26 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return sums, targets_mask.sum(-1)
 
 
+def packed_logprobs(model, batch: dict, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and token counts [B, slots] of every response in a `pack_groups` batch; 0 in the
+    slots of groups with fewer responses."""
+    decoder, head = decoder_and_head(model)
+    input_ids = batch["input_ids"]  # [B, T]
+    mask = batch["attention"][:, None]  # [B, 1, T, T]
+    if decoder.config._attn_implementation != "sdpa":  # eager attention adds the mask to the scores
+        dtype = decoder.get_input_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"]).last_hidden_state
+    selected = hidden.reshape(-1, hidden.shape[-1])[batch["score_source"]]  # [N, H]
+    logits = head(selected).float()  # [N, V]
+    targets = batch["score_target"]
+    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # [N]
+    size = input_ids.shape[0] * slots
+    sums = torch.zeros(size, device=token_logps.device, dtype=token_logps.dtype).index_add(0, batch["score_slot"], token_logps)
+    counts = torch.bincount(batch["score_slot"], minlength=size)
+    return sums.view(-1, slots), counts.view(-1, slots)  # [B, slots]
+
+
 @torch.no_grad()
 def encoded_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int):
     """`completion_logprobs` of encoded (prompt ids, completion ids) pairs, in batches of `batch_size`:

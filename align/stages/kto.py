@@ -1,23 +1,24 @@
 """The `kto` stage: Kahneman–Tversky optimisation on unpaired examples, each a prompt and one answer
 labelled desirable or undesirable (pairs split into one of each also work).
 
-It runs on the group batch of `align.stages.rank`: each example is a group of two sequences, its own
-answer (scored 1 if desirable, 0 if not) and the answer of another example under its prompt, which
-only serves KTO's reference point z0, an estimate of KL(policy || reference) from mismatched pairs (as
-TRL builds it). The mismatched sequences go through the policy without gradients. The reference and its
-cached log-probs are those of `dpo`.
+Each example is a group of two answers to its prompt, as in `align.stages.rank`: its own answer (scored
+1 if desirable, 0 if not) and the answer of another example, which only serves KTO's reference point z0,
+an estimate of KL(policy || reference) from mismatched pairs (as TRL builds it). Unlike the other
+preference stages, the two are batched as separate sequences rather than packed on one prompt: the
+mismatched ones go through the policy without gradients, which costs less than a backward pass through
+them. The reference and its cached log-probs are those of `dpo`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from align.data.collate import encode
+from align.data.collate import encode, pad_sequences
 from align.losses.dpo import kto_kl_estimate, kto_loss
 from align.models import adapters
 from align.models.logprobs import completion_logprobs
 from align.stages.engine import StageContext, StageOutput, fit
-from align.stages.rank import GroupTrainer, collate_groups, prepare
+from align.stages.rank import GroupTrainer, prepare
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "completion_mask")
 
@@ -40,6 +41,19 @@ def encode_unpaired(examples, tokenizer, train_cfg) -> list[dict]:
         rows.append({"prompt_ids": own.prompt_ids, "responses": [own.completion_ids, mismatched.completion_ids],
                      "scores": [float(ex.desirable), 0.0]})
     return rows
+
+
+def collate_unpaired(pad_id: int):
+    """Own and mismatched answers as [2B, T] sequences, alternating; `scores` (and cached `ref_logps`) [B, 2]."""
+
+    def fn(rows: list[dict]) -> dict:
+        batch = pad_sequences([(r["prompt_ids"], answer) for r in rows for answer in r["responses"]], pad_id)
+        batch["scores"] = torch.tensor([r["scores"] for r in rows])
+        if "ref_logps" in rows[0]:
+            batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows])
+        return batch
+
+    return fn
 
 
 class KTOTrainer(GroupTrainer):
@@ -74,7 +88,7 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     train_rows = encode_unpaired(data["train"].examples, ctx.tokenizer, stage.train)
     eval_rows = encode_unpaired(data["eval"].examples, ctx.tokenizer, stage.train) if data.get("eval") else None
     model, ref, reference = prepare(stage, ctx, train_rows, eval_rows, needs_ref=True)
-    out = fit(KTOTrainer, model, stage, ctx, train_rows, eval_rows, collate_groups(ctx.tokenizer.pad_token_id),
+    out = fit(KTOTrainer, model, stage, ctx, train_rows, eval_rows, collate_unpaired(ctx.tokenizer.pad_token_id),
               ref=ref, loss_cfg=stage.loss)
     out.extra["reference"] = reference
     return out

@@ -2,9 +2,10 @@
 per prompt, and the group batch that every preference stage shares.
 
 A group is one prompt with K responses and a score for each (higher is better). A preference pair is a
-group of two, so `dpo` (and `kto`) use this file's encoding, reference cache and trainer: a batch holds
-the B*K (prompt, response) sequences padded to [B*K, T] and one forward gives every response's summed
-log-prob, laid out as [B, K] with a mask for groups smaller than K.
+group of two, so `dpo` (and `kto`) use this file's encoding, reference cache and trainer: a batch packs
+each group into one row, its prompt encoded once for all K responses (`align.data.collate.pack_groups`),
+and one forward gives every response's summed log-prob, laid out as [B, K] with a mask for groups smaller
+than K.
 
 As in `dpo`, the trainable `policy` starts from `init` (the SFT adapter) and the frozen reference is
 `reference` (default: `init`), whose log-probs are computed once before training and cached in the stage
@@ -18,11 +19,11 @@ from collections.abc import Callable
 
 import torch
 
-from align.data.collate import encode, pad_sequences
+from align.data.collate import encode, pack_groups
 from align.losses import rank as rank_losses
 from align.losses.sft import sft_loss
 from align.models import adapters
-from align.models.logprobs import completion_logprobs
+from align.models.logprobs import packed_logprobs
 from align.stages.engine import AlignTrainer, StageContext, StageOutput, fit
 
 REFERENCE_FREE = {"pro", "rrhf"}
@@ -46,11 +47,11 @@ def _padded(values: list[list[float]], width: int) -> torch.Tensor:
 
 
 def collate_groups(pad_id: int):
-    """Every response of every group in one [B*K, T] batch, group by group; `scores`, `group_mask` (and
-    cached `ref_logps`) are [B, K], with K the largest group of the batch."""
+    """Each group packed into one row, its prompt encoded once for all its responses (`pack_groups`);
+    `scores`, `group_mask` (and cached `ref_logps`) are [B, K], with K the largest group of the batch."""
 
     def fn(rows: list[dict]) -> dict:
-        batch = pad_sequences([(r["prompt_ids"], resp) for r in rows for resp in r["responses"]], pad_id)
+        batch = pack_groups([(r["prompt_ids"], r["responses"]) for r in rows], pad_id)
         width = max(len(r["responses"]) for r in rows)
         batch["group_mask"] = torch.tensor([[k < len(r["responses"]) for k in range(width)] for r in rows])
         batch["scores"] = _padded([r["scores"] for r in rows], width)
@@ -63,11 +64,7 @@ def collate_groups(pad_id: int):
 
 def group_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, K] summed log-probs and token counts of every response; 0 where the group is padded."""
-    sums, counts = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    mask = batch["group_mask"]
-    logps = sums.new_zeros(mask.shape).masked_scatter(mask, sums)  # row-major: the collate order
-    lengths = counts.new_zeros(mask.shape).masked_scatter(mask, counts)
-    return logps, lengths
+    return packed_logprobs(model, batch, batch["group_mask"].shape[1])
 
 
 @torch.no_grad()
