@@ -134,5 +134,5 @@ def pack_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int) ->
             slot += [b * slots + k] * len(scored)
             start += r
     return {"input_ids": input_ids, "position_ids": positions, "attention": attention,
-            "score_source": torch.tensor(source, dtype=torch.long), "score_target": torch.tensor(target, dtype=torch.long),
-            "score_slot": torch.tensor(slot, dtype=torch.long)}
+            **{f"score_{name}": torch.tensor(values, dtype=torch.long)
+               for name, values in (("source", source), ("target", target), ("slot", slot))}}

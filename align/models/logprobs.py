@@ -50,7 +50,7 @@ def packed_logprobs(model, batch: dict, slots: int) -> tuple[torch.Tensor, torch
     targets = batch["score_target"]
     token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # [N]
     size = input_ids.shape[0] * slots
-    sums = torch.zeros(size, device=token_logps.device, dtype=token_logps.dtype).index_add(0, batch["score_slot"], token_logps)
+    sums = token_logps.new_zeros(size).index_add(0, batch["score_slot"], token_logps)
     counts = torch.bincount(batch["score_slot"], minlength=size)
     return sums.view(-1, slots), counts.view(-1, slots)  # [B, slots]
 
