@@ -76,7 +76,7 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     lr: float = 2.0e-4
-    batch_size: int = 8  # per device
+    batch_size: int = 8  # global: a launch's processes take equal shares of it (align.stages.engine)
     grad_accum: int = 1
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0

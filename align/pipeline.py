@@ -6,6 +6,10 @@ A stage's config hash covers the model section, the stage's own section, its dat
 hashes of the stages it references, so changing the SFT stage reruns the DPO stage that starts from
 it, and nothing else reruns. `stage.json` says `running` from the start of a stage until it is `done`:
 a run killed in between (even with SIGKILL) resumes from the stage's last checkpoint next time.
+
+Under a launcher (`accelerate launch`, `torchrun`) every process runs this file, and the stages train together
+(align.stages.engine). The main process decides for all whether a stage is skipped, writes every shared file, and
+alone measures forgetting, evaluates and writes the summary; the others finish once the last stage has trained.
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ from pathlib import Path
 import transformers
 from rich.markup import escape
 
-from align import replay
+from align import distributed, replay
 from align.refs import parse_refs, resolve_all_refs, resolve_refs
 from align.runs import Run, save_recipe
 from align.data.formats import load_examples
 from align.errors import AlignError
 from align.models.load import compute_dtype, load_base, resolve_base
 from align.stages import dpo, kto, ppo, rank, reward, sft
-from align.stages.engine import StageContext
+from align.stages.engine import StageContext, device_batch_size
 from align.eval.forgetting import load_sets, stage_forgetting
 from align.eval.report import summary_table
 from align.ui import console, forgetting_table, stages_table
@@ -55,6 +59,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, obj: dict) -> None:
+    if not distributed.is_main():
+        return  # every JSON file of a run is shared: the main process writes it for all
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     tmp.replace(path)  # never a half-written stage.json, whatever kills us
@@ -73,8 +79,12 @@ def _data_summary(loaded) -> dict:
 class Pipeline:
     def __init__(self, recipe, quiet: bool = False):
         self.recipe, self.quiet = recipe, quiet
+        distributed.init()
+        if not distributed.is_main():
+            console.quiet = True  # the main process speaks for the run; the others would repeat every line
         self.run_dir = Path(recipe.output_dir) / recipe.name
-        self.resolved = resolve_base(recipe.model.base)
+        with distributed.main_first():  # a GGUF base is converted once, into the cache that the others then read
+            self.resolved = resolve_base(recipe.model.base)
         self.dtype = compute_dtype(recipe.model.precision)
         self.base = self.tokenizer = None
         self.outputs: dict[str, dict[str, str]] = {}
@@ -114,11 +124,15 @@ class Pipeline:
         self.hashes[stage.name] = config_hash
         self.outputs[stage.name] = {"adapter": str(stage_dir / "adapter"), "dir": str(stage_dir),
                                     "replay": str(stage_dir / "replay" / f"{replay.BUFFER}.jsonl")}
-        state = _read_json(stage_dir / "stage.json")
+        # The main process reads stage.json and the others take its word: no process skips a stage that another trains.
+        state = distributed.broadcast(_read_json(stage_dir / "stage.json"))
         if state.get("status") == "done" and state.get("config_hash") == config_hash:
             console.print(f"[green]skip[/] {stage.name}: finished, config unchanged")
             return state
-        if state.get("config_hash") != config_hash and stage_dir.exists():
+        main = distributed.is_main()
+        if not main:
+            distributed.barrier()  # until the main process has prepared the stage: `prepared` below is its side
+        elif state.get("config_hash") != config_hash and stage_dir.exists():
             shutil.rmtree(stage_dir)  # a changed stage starts over; an interrupted one keeps its checkpoints
         stage_dir.mkdir(parents=True, exist_ok=True)
         for bad in (e for v in data.values() if v for e in v.skipped):
@@ -135,9 +149,10 @@ class Pipeline:
             "started_at": state.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         _write_json(stage_dir / "stage.json", state)
-        if stage.replay_out:  # before training: it is the data's sample, whatever becomes of the run
+        if stage.replay_out and main:  # before training: it is the data's sample, whatever becomes of the run
             replay.keep_stage_sample(stage_dir, stage.name, data["train"], stage.replay_out.size, stage.train.seed)
-        ctx = StageContext(self.recipe, self.ensure_base(), self.tokenizer, stage_dir, self.dtype, self.quiet)
+        ctx = StageContext(self.recipe, self.ensure_base(), self.tokenizer, stage_dir, self.dtype, self.quiet,
+                           prepared=distributed.barrier if main else lambda: None)
         if "replay" in data:
             ctx.replay = replay.stage_mixer(stage, stage_dir, self.tokenizer, data["replay"])
         transformers.set_seed(stage.train.seed if stage.train.seed is not None else self.recipe.seed)
@@ -184,6 +199,17 @@ class Pipeline:
         state["forgetting"] = {"key": key, "start": start or "base", **result}
         _write_json(self.run_dir / stage.name / "stage.json", state)
 
+    def check_processes(self) -> None:
+        """Under a launcher, before anything trains: each stage can train in several processes, and its global batch
+        divides among them."""
+        if distributed.world_size() == 1:
+            return
+        for stage in self.recipe.stages:
+            if stage.kind == "ppo":
+                raise AlignError(f"stage '{stage.name}': ppo stages train in one process (their rollout loop has no "
+                                 "multi-process version); run this recipe without a launcher")
+            device_batch_size(stage)
+
     def evaluate(self) -> dict:
         """`align eval` on this run with the recipe's eval section: RUN/eval/ with eval.json and report.html."""
         from align.eval.evaluate import evaluate_run
@@ -194,18 +220,26 @@ class Pipeline:
         return result
 
     def run(self) -> dict:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(self.recipe, self.run_dir)
+        """The run's summary; {} in the processes other than the main one, which only train."""
+        self.check_processes()
+        main = distributed.is_main()
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_recipe(self.recipe, self.run_dir)
         summary = {"recipe": self.recipe.name, "run_dir": str(self.run_dir), "base": self.resolved.description, "stages": {}}
         if self.resolved.tiny:
             summary["warning"] = "tiny random model: no pretrained model was found"
         summary["forgetting"] = {}
         for stage in self.recipe.stages:
             state = self.run_stage(stage)
+            if not main:
+                continue  # the main process measures forgetting alone, while the others wait at the next stage
             self.measure_forgetting(stage, state)
             summary["stages"][stage.name] = {k: state.get(k) for k in ("kind", "status", "seconds", "metrics", "adapter", "resumed_from")}
             if "forgetting" in state:
                 summary["forgetting"][stage.name] = {k: v for k, v in state["forgetting"].items() if k != "key"}
+        if not main:
+            return {}
         heldout: dict = {"rewards": {}, "ppo_scores": {}}
         for name, st in summary["stages"].items():
             m = st.get("metrics") or {}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from align import distributed
 from align.errors import AlignError
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,9 @@ def load_base(model_cfg, resolved: ResolvedBase | None = None):
         model, tokenizer = tiny_model_and_tokenizer()
         if model_cfg.quantization == "nf4":  # quantize the tiny model too, so the QLoRA path is the same
             folder = cache_dir() / "tiny"
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
+            if distributed.is_main():  # the other processes of a launch load it after the main one wrote it
+                model.save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
             resolved = ResolvedBase(str(folder), resolved.description, tiny=True)
         else:
             return model.to(dtype).requires_grad_(False), tokenizer

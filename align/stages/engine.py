@@ -1,22 +1,35 @@
-"""What the dataset-pass stages (sft, dpo; later rm and rank) share: transformers' Trainer, with our
+"""What the dataset-pass stages (sft, rm, dpo, rank, kto) share: transformers' Trainer, with our
 loss supplied by a thin subclass. Checkpointing, resume, gradient accumulation, mixed precision and
-DeepSpeed/FSDP come from the Trainer; this file only maps a recipe's `train` section onto it, writes
+multi-process training come from the Trainer; this file only maps a recipe's `train` section onto it, writes
 `metrics.jsonl`, and averages per-step metrics the way TRL logs them.
+
+Under a launcher (`accelerate launch`, `torchrun`; see align.distributed) a recipe's `train.batch_size` is the global
+batch: each of W processes takes batch_size / W examples of every micro-step, so a run trains on the same batches
+whatever W is, and an optimizer step sees batch_size * grad_accum examples. Logged and evaluated metrics are combined
+over all processes, so they mean what they mean in one process.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from align import distributed
+from align.errors import AlignError
 from align.models import adapters
 from align.replay import ReplayMixer
 from align.ui import StageProgress
+
+
+# Metrics that count what a batch holds: the processes' shares add up, where the other metrics are averaged.
+COUNTS = {"num_tokens"}
 
 
 @dataclass
@@ -30,6 +43,9 @@ class StageContext:
     dtype: torch.dtype = torch.float32
     quiet: bool = False
     replay: ReplayMixer | None = None  # earlier data to mix into this stage's steps (align.replay)
+    # `fit` calls it once the stage is ready to train, caches on disk included: with several processes the main one
+    # prepares first and the others only then, so that they read what it wrote (align.pipeline supplies it)
+    prepared: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -38,6 +54,15 @@ class StageOutput:
     metrics: dict
     resumed_from: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+def device_batch_size(stage) -> int:
+    """Each process's share of the stage's global `train.batch_size`."""
+    processes = distributed.world_size()
+    if stage.train.batch_size % processes:
+        raise AlignError(f"stages.{stage.name}.train.batch_size: {stage.train.batch_size} is the global batch of all "
+                         f"{processes} processes and must divide evenly among them; make it a multiple of {processes}")
+    return stage.train.batch_size // processes
 
 
 def training_arguments(stage, ctx: StageContext) -> TrainingArguments:
@@ -49,8 +74,8 @@ def training_arguments(stage, ctx: StageContext) -> TrainingArguments:
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         learning_rate=t.lr,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
+        per_device_train_batch_size=device_batch_size(stage),
+        per_device_eval_batch_size=device_batch_size(stage),
         gradient_accumulation_steps=t.grad_accum,
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=t.weight_decay,
@@ -71,6 +96,7 @@ def training_arguments(stage, ctx: StageContext) -> TrainingArguments:
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trainable parameter (adapter, score head) is in every loss
     )
 
 
@@ -93,8 +119,8 @@ class MetricsFile(TrainerCallback):
 
 class AlignTrainer(Trainer):
     """Trainer whose subclasses implement `loss_and_metrics(model, batch) -> (loss, {name: float})`.
-    Training metrics are averaged over the steps between two logs, as TRL does; `evaluate` runs the
-    same function over the eval set (the Trainer's own evaluation needs labels we do not have). With a
+    Training metrics are averaged over the steps between two logs, as TRL does, and over the processes; `evaluate`
+    runs the same function over the eval set (the Trainer's own evaluation needs labels we do not have). With a
     `replay` mixer, every training micro-step adds the NLL of its share of buffer sequences."""
 
     def __init__(self, *args, replay: ReplayMixer | None = None, **kwargs):
@@ -113,48 +139,91 @@ class AlignTrainer(Trainer):
         self._micro_step = (self.state.global_step, taken + 1)
         return self.state.global_step * self.args.gradient_accumulation_steps + taken
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _step_loss(self, model, inputs):
         loss, metrics = self.loss_and_metrics(model, inputs)
         if self.replay is not None and model.training:
-            replay_loss, replay_metrics = self.replay.loss(model, self._replay_position(), len(inputs["input_ids"]))
+            # Every process scores the buffer sequences that one process would add to the whole micro-step: DDP
+            # averages the gradients, so the replay term stays what it is in one process, at the price of W forwards.
+            sequences = self.sequences_in(inputs) * distributed.world_size()
+            replay_loss, replay_metrics = self.replay.loss(model, self._replay_position(), sequences)
             loss = loss + replay_loss
             metrics.update(replay_metrics)
+        return loss, metrics
+
+    def _forward(self, model, inputs):
+        """`_step_loss` on the bare model, run inside the forward of the wrapper that the Trainer put around it (DDP,
+        DeepSpeed) if there is one: the losses call the decoder directly, and a wrapper prepares its gradient sync in
+        its own forward, which a direct call would skip (gradients left unsynced, processes drifting apart)."""
+        inner = self.accelerator.unwrap_model(model)
+        if inner is model:
+            return self._step_loss(model, inputs)
+        own = inner.__dict__.get("forward")  # accelerate may keep a mixed-precision forward there; it comes back after
+        inner.forward = lambda batch: self._step_loss(inner, batch)
+        try:
+            return model(inputs)
+        finally:
+            if own is None:
+                del inner.forward
+            else:
+                inner.forward = own
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self._forward(model, inputs)
         for k, v in metrics.items():
             self._stored[k].append(v)
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict, start_time=None) -> None:
         if not any(k.startswith("eval_") for k in logs):
-            logs.update({k: sum(v) / len(v) for k, v in self._stored.items()})
+            # Each process holds the metrics of its share of the batches; every process logs at the same steps.
+            parts = distributed.gather({k: sum(v) / len(v) for k, v in self._stored.items()})
             self._stored.clear()
+            for key in dict.fromkeys(k for part in parts for k in part):
+                values = [part[key] for part in parts if key in part]
+                logs[key] = sum(values) if key in COUNTS else sum(values) / len(values)
         super().log(logs, start_time)
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
-        """The loss and the stage's metrics over the eval set, averaged per example."""
-        was_training = self.model.training
-        self.model.eval()
+        """The loss and the stage's metrics over the eval set, averaged per example. Each of W processes scores every
+        W-th example with the bare model (nothing to synchronise: nothing trains) and the sums are added up, so every
+        process gets the averages of one process over the whole set."""
+        rows = eval_dataset if eval_dataset is not None else self.eval_dataset
+        loader = DataLoader(rows[distributed.rank() :: distributed.world_size()],
+                            batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
         totals: dict[str, float] = defaultdict(float)
         count = 0
-        for batch in self.get_eval_dataloader(eval_dataset):
+        for batch in loader:
             batch = self._prepare_inputs(batch)
-            loss, metrics = self.loss_and_metrics(self.model, batch)
+            loss, metrics = self.loss_and_metrics(model, batch)
             size = self.batch_size_of(batch)
             for k, v in {"loss": float(loss), **metrics}.items():
                 totals[k] += v * size
             count += size
-        self.model.train(was_training)
-        out = {f"{metric_key_prefix}_{k}": v / count for k, v in totals.items()}
+        model.train(was_training)
+        parts = distributed.gather((dict(totals), count))
+        count = sum(n for _, n in parts)
+        keys = dict.fromkeys(k for sums, _ in parts for k in sums)
+        out = {f"{metric_key_prefix}_{k}": sum(sums.get(k, 0.0) for sums, _ in parts) / count for k in keys}
         self.log(out)
         return out
 
     def batch_size_of(self, batch) -> int:
         return len(batch["input_ids"])
 
+    def sequences_in(self, batch) -> int:
+        """(prompt, completion) sequences the batch trains on: what a replay fraction is a fraction of."""
+        return len(batch["input_ids"])
 
-def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_rows, eval_rows, collator, **kwargs) -> StageOutput:
+
+def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_rows, eval_rows, collator,
+        **kwargs) -> StageOutput:
     """Train the `policy` adapter of `model` (resuming from the stage's last checkpoint), evaluate it,
     save it to `adapter/`, and give the pipeline back the bare base for the next stage."""
+    ctx.prepared()
     trainer = trainer_cls(
         model=model,
         args=training_arguments(stage, ctx),
@@ -164,9 +233,15 @@ def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_
         replay=ctx.replay,
         **kwargs,
     )
+    deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if trainer.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3):
+        raise AlignError("FSDP and DeepSpeed ZeRO-3 shard the weights among the processes, and align saves adapters, "
+                         "evaluates and hands the base on to the next stage from whole weights: launch with several "
+                         "processes and no sharding (DDP), or DeepSpeed ZeRO-2 (recipes/accelerate/)")
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts when tqdm is off; the progress bar shows them
-    trainer.add_callback(MetricsFile(ctx.stage_dir / "metrics.jsonl"))
-    trainer.add_callback(StageProgress(stage.name, quiet=ctx.quiet))
+    if distributed.is_main():  # one process writes and shows the stage's progress for all
+        trainer.add_callback(MetricsFile(ctx.stage_dir / "metrics.jsonl"))
+        trainer.add_callback(StageProgress(stage.name, quiet=ctx.quiet))
     resume = last_checkpoint(ctx.stage_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
@@ -175,6 +250,8 @@ def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_
     metrics["global_step"] = trainer.state.global_step
     if eval_rows:
         metrics.update(trainer.evaluate())
-    adapter = adapters.save(model, ctx.stage_dir / "adapter")
+    adapter = ctx.stage_dir / "adapter"
+    if distributed.is_main():  # every process holds the same trained adapter
+        adapters.save(model, adapter)
     ctx.base = model.unload()  # take the LoRA layers out again: the next stage starts from the bare base
     return StageOutput(adapter, metrics, resume)

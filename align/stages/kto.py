@@ -49,6 +49,7 @@ def collate_unpaired(pad_id: int):
     def fn(rows: list[dict]) -> dict:
         batch = pad_sequences([(r["prompt_ids"], answer) for r in rows for answer in r["responses"]], pad_id)
         batch["scores"] = torch.tensor([r["scores"] for r in rows])
+        batch["group_mask"] = torch.ones(batch["scores"].shape, dtype=torch.bool)
         if "ref_logps" in rows[0]:
             batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows])
         return batch

@@ -24,7 +24,7 @@ from align.losses import rank as rank_losses
 from align.losses.sft import sft_loss
 from align.models import adapters
 from align.models.logprobs import packed_logprobs
-from align.stages.engine import AlignTrainer, StageContext, StageOutput, fit
+from align.stages.engine import AlignTrainer, StageContext, StageOutput, device_batch_size, fit
 
 REFERENCE_FREE = {"pro", "rrhf"}
 
@@ -121,6 +121,9 @@ class GroupTrainer(AlignTrainer):
     def batch_size_of(self, batch) -> int:
         return len(batch["scores"])
 
+    def sequences_in(self, batch) -> int:
+        return int(batch["group_mask"].sum())  # a packed row holds a whole group
+
 
 def prepare(stage, ctx: StageContext, train_rows, eval_rows, needs_ref: bool):
     """The policy (from `init`) on the base and, where the loss needs one, the frozen reference
@@ -137,7 +140,7 @@ def prepare(stage, ctx: StageContext, train_rows, eval_rows, needs_ref: bool):
     if stage.precompute_ref:
         for name, rows in (("train", train_rows), ("eval", eval_rows)):
             if rows:
-                attach_reference_logps(model, rows, ref, ctx, stage.train.batch_size, name)
+                attach_reference_logps(model, rows, ref, ctx, device_batch_size(stage), name)
         if ref:
             model.delete_adapter(ref)  # every log-prob it can give is cached; free its memory
             ref = None

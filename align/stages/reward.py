@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from align import distributed
 from align.data.collate import encode, pad_sequences
 from align.losses.reward import reward_loss, reward_metrics
 from align.models import adapters, heads
@@ -74,5 +75,6 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     head = model.score_head
     out = fit(RewardTrainer, model, stage, ctx, train_rows, eval_rows, collate(ctx.tokenizer.pad_token_id),
               center_coef=stage.loss.center_coef)
-    heads.save_head(head, out.adapter)
+    if distributed.is_main():  # the adapter folder is the main process's (engine.fit)
+        heads.save_head(head, out.adapter)
     return out
