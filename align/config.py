@@ -88,6 +88,7 @@ class TrainConfig:
     eval_steps: int | None = None  # None = no periodic eval
     seed: int | None = None  # None = the recipe's seed (filled in by Recipe)
     gradient_checkpointing: bool = False
+    group_by_length: bool = False  # batches of similar lengths (shuffled in groups of 50 batches) pad less
 
     def __post_init__(self):
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")

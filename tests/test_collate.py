@@ -234,3 +234,24 @@ def test_packed_groups_score_each_response_as_if_alone(attention):
             assert (sums[b, :k] - alone_sums).abs().max() < 1e-4 and sums[b, k:].abs().sum() == 0
     tokens_packed = batch["input_ids"].shape[1]
     assert tokens_packed == 12 + 3 + 6 + 1 + 8  # the longest group, its prompt once
+
+
+def test_length_grouped_batches_pad_less_than_random_ones():
+    """`train.group_by_length`: transformers' length-grouped sampler, fed the token counts of our rows."""
+    from types import SimpleNamespace
+
+    from align.stages.engine import AlignTrainer, row_tokens
+
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(4, 200, (96, 2), generator=g).tolist()
+    rows = [{"prompt_ids": [1] * p, "responses": [[2] * r, [3] * (r // 2)], "scores": [1.0, 0.0]} for p, r in sizes]
+    assert row_tokens(rows[0]) == sizes[0][0] + sizes[0][1] + sizes[0][1] // 2  # scores are not tokens
+
+    def padded_tokens(order):
+        lengths = [row_tokens(rows[i]) for i in order]
+        return sum(max(lengths[i:i + 8]) * len(lengths[i:i + 8]) for i in range(0, len(lengths), 8))
+
+    args = SimpleNamespace(train_sampling_strategy="group_by_length", train_batch_size=8, gradient_accumulation_steps=1)
+    order = list(AlignTrainer._get_train_sampler(SimpleNamespace(args=args, train_dataset=rows)))
+    assert sorted(order) == list(range(96))
+    assert padded_tokens(order) < 0.8 * padded_tokens(torch.randperm(96, generator=g).tolist())

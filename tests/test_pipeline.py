@@ -117,3 +117,10 @@ eval:
     assert all(0.0 <= a <= 1.0 for a in accuracy.values())
     on_disk = json.loads((tmp_path / "tiny" / "summary.json").read_text())
     assert on_disk["heldout"]["task_accuracy"] == accuracy
+
+
+def test_length_grouped_dpo_trains(tmp_path):
+    text = tiny_recipe(tmp_path, dpo_steps=2).replace("save_steps: 50}", "save_steps: 50, group_by_length: true}")
+    assert "group_by_length" in text
+    metrics = _run(text)["stages"]["dpo"]["metrics"]
+    assert metrics["global_step"] == 2 and metrics["train_loss"] > 0

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from align import distributed
 from align.errors import AlignError
@@ -90,6 +91,7 @@ def training_arguments(stage, ctx: StageContext) -> TrainingArguments:
         data_seed=seed,
         bf16=ctx.dtype == torch.bfloat16,
         gradient_checkpointing=t.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         gradient_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=not cuda,
         report_to=[],
@@ -211,12 +213,31 @@ class AlignTrainer(Trainer):
         self.log(out)
         return out
 
+    def _get_train_sampler(self, train_dataset=None):
+        """transformers' length-grouped sampler, told the lengths: it would look for `input_ids` in the rows."""
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        rows = train_dataset if train_dataset is not None else self.train_dataset
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=[row_tokens(row) for row in rows])
+
     def batch_size_of(self, batch) -> int:
         return len(batch["input_ids"])
 
     def sequences_in(self, batch) -> int:
         """(prompt, completion) sequences the batch trains on: what a replay fraction is a fraction of."""
         return len(batch["input_ids"])
+
+
+def row_tokens(row: dict) -> int:
+    """The tokens of a training row: every list of ids in it (a group's responses are a list of them)."""
+    total = 0
+    for value in row.values():
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            total += sum(map(len, value))
+        elif isinstance(value, list) and value and isinstance(value[0], int):
+            total += len(value)
+    return total
 
 
 def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_rows, eval_rows, collator,
