@@ -112,7 +112,9 @@ class Client(threading.Thread):
         """The JSON of a 200 answer, asking again (same request, same submission id) until there is one."""
         payload = json.dumps(body).encode() if body is not None else None
         while time.monotonic() < self.deadline:
-            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            # A killed server resets its connections at once, so the timeout only has to outlast a busy one: 20
+            # clients and a write (with fsync) per request on 2 loaded cores can take seconds. 5 s was not enough.
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
             self.count_in_flight(method, +1)
             try:
                 connection.request(method, f"/api/{self.who.token}/{path}", body=payload,
