@@ -127,3 +127,15 @@ def tiny_run(tmp_path_factory) -> Path:
         mp.setenv("ALIGN_CACHE", cache)
         run_recipe(parse_recipe(tiny_recipe(out, quantization="nf4", dpo_steps=4)), quiet=True)
     return out / "tiny"
+
+
+def load_script(name: str):
+    """A script of scripts/ (not a package) imported as a module, for tests to call its functions."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+

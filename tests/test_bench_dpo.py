@@ -1,20 +1,15 @@
 """scripts/bench_dpo.py: every side of every comparison trains on the same ids, and a tiny run reports every number."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_dpo.py"
+from tests.conftest import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_dpo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_dpo")
 
 
 def test_each_sides_rows_hold_the_same_sequences():

@@ -1,25 +1,19 @@
 """Smoke tests of scripts/bench_ppo_memory.py on the tiny model: every mode measured, ratios finite, and
 the random Llama it builds loads through align's loader."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from align.config import ModelConfig
 from align.models.load import load_base
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_ppo_memory.py"
+from tests.conftest import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_ppo_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_ppo_memory")
 
 
 @pytest.mark.slow  # six fresh Python processes that each import torch and transformers: ~70 s on 2 busy cores
