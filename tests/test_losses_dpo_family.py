@@ -9,7 +9,7 @@ import torch
 from align.losses.dpo import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
 
 T = lambda *xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
-close = functools.partial(torch.testing.assert_close, atol=1e-6, rtol=0)
+assert_close = functools.partial(torch.testing.assert_close, atol=1e-6, rtol=0)
 identity = lambda t: t  # noqa: E731
 # a one-process accelerator
 CPU = types.SimpleNamespace(device="cpu", gather=identity, gather_for_metrics=identity)
@@ -45,9 +45,9 @@ def random_mean_logps(B=8, seed=0):
 )
 def test_simpo_hand_worked(eps, expected):
     out = simpo_loss(T(-1, -0.5), T(-1.5, -2), beta=2.0, gamma_beta_ratio=0.5, label_smoothing=eps)
-    close(out.losses, T(*expected))
-    close(out.chosen_rewards, T(-2, -1))  # beta * c
-    close(out.rejected_rewards, T(-3, -4))  # beta * r
+    assert_close(out.losses, T(*expected))
+    assert_close(out.chosen_rewards, T(-2, -1))  # beta * c
+    assert_close(out.rejected_rewards, T(-3, -4))  # beta * r
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.2])
@@ -57,7 +57,7 @@ def test_simpo_without_margin_is_dpo_with_zero_reference(eps):
     dpo = dpo_loss(c, r, torch.zeros_like(c), torch.zeros_like(r), beta=2.5, label_smoothing=eps)
     for a, b in zip((simpo.losses, simpo.chosen_rewards, simpo.rejected_rewards),
                     (dpo.losses, dpo.chosen_rewards, dpo.rejected_rewards)):  # fmt: skip
-        close(a, b)
+        assert_close(a, b)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.15])
@@ -71,9 +71,9 @@ def test_simpo_matches_trl_cpo_trainer(eps):
     )
     trl_losses, trl_chosen, trl_rejected = CPOTrainer.cpo_loss(stand_in, c, r)
     out = simpo_loss(c, r, beta=beta, gamma_beta_ratio=ratio, label_smoothing=eps)
-    close(out.losses, trl_losses)
-    close(out.chosen_rewards, trl_chosen)
-    close(out.rejected_rewards, trl_rejected)
+    assert_close(out.losses, trl_losses)
+    assert_close(out.chosen_rewards, trl_chosen)
+    assert_close(out.rejected_rewards, trl_rejected)
 
 
 # ---------------------------------------------------------------- ORPO
@@ -86,9 +86,9 @@ def test_orpo_hand_worked():
     #   pair 1: p_c = 0.75 (odds 3), p_r = 0.5 (odds 1): ratio 3, sigma(log 3) = 3/4, -log 0.75 = 0.2876821
     c, r = T(0.5, 0.75).log(), T(0.2, 0.5).log()
     out = orpo_loss(c, r, beta=0.1)
-    close(out.losses, T(0.02231435513, 0.02876820725))
-    close(out.chosen_rewards, T(-0.0693147181, -0.0287682072))  # beta * log p_c: 0.1*log 0.5, 0.1*log 0.75
-    close(out.rejected_rewards, T(-0.1609437912, -0.0693147181))  # 0.1*log 0.2, 0.1*log 0.5
+    assert_close(out.losses, T(0.02231435513, 0.02876820725))
+    assert_close(out.chosen_rewards, T(-0.0693147181, -0.0287682072))  # beta * log p_c: 0.1*log 0.5, 0.1*log 0.75
+    assert_close(out.rejected_rewards, T(-0.1609437912, -0.0693147181))  # 0.1*log 0.2, 0.1*log 0.5
 
 
 def test_orpo_matches_trl_odds_ratio_loss():
@@ -100,9 +100,9 @@ def test_orpo_matches_trl_odds_ratio_loss():
     # computes in float32
     trl_losses, trl_chosen, trl_rejected, _, _ = ORPOTrainer.odds_ratio_loss(stand_in, c, r)
     out = orpo_loss(c, r, beta=0.2)
-    close(out.losses, -trl_losses.double())
-    close(out.chosen_rewards, trl_chosen.double())
-    close(out.rejected_rewards, trl_rejected.double())
+    assert_close(out.losses, -trl_losses.double())
+    assert_close(out.chosen_rewards, trl_chosen.double())
+    assert_close(out.rejected_rewards, trl_rejected.double())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -133,12 +133,12 @@ def test_kto_hand_worked():
     #   ex 2 (U): 2 * (1 - sigma(0.5*(1 - 0))) = 2 * (1 - 0.6224593) = 0.7550813
     pi, ref, d = T(-3, -5, -4), T(-4, -4, -4), torch.tensor([True, False, False])
     out = kto_loss(pi, ref, d, T(1.0)[0], beta=0.5, undesirable_weight=2.0)
-    close(out.losses, T(0.5, 0.5378828428, 0.7550813376))
-    close(out.rewards, T(0.5, -0.5, 0.0))  # beta * r
+    assert_close(out.losses, T(0.5, 0.5378828428, 0.7550813376))
+    assert_close(out.rewards, T(0.5, -0.5, 0.0))  # beta * r
     # a negative KL estimate counts as 0:
     #   ex 0: 1 - sigma(0.5) = 0.3775407;  ex 1: 2*(1 - sigma(0.5)) = 0.7550813;  ex 2: 2*(1 - sigma(0)) = 1
     out = kto_loss(pi, ref, d, T(-0.3)[0], beta=0.5, undesirable_weight=2.0)
-    close(out.losses, T(0.3775406688, 0.7550813376, 1.0))
+    assert_close(out.losses, T(0.3775406688, 0.7550813376, 1.0))
     assert out.kl.item() == 0.0
 
 
@@ -210,7 +210,7 @@ def test_kto_matches_trl(kl_shift):
     kl = kto_kl_estimate(kl_logps, ref_kl)
     assert (kl.item() > 0) == (kl_shift > 0)
     out = kto_loss(logps, ref_logps, labels, kl, beta=beta, desirable_weight=w_d, undesirable_weight=w_u)
-    close(out.losses.mean(), trl_loss)
+    assert_close(out.losses.mean(), trl_loss)
     assert m["kl"] == pytest.approx(kl.item(), abs=1e-6)
     assert m["rewards/chosen"] == pytest.approx(out.rewards[labels].mean().item(), abs=1e-6)
     assert m["rewards/rejected"] == pytest.approx(out.rewards[~labels].mean().item(), abs=1e-6)
