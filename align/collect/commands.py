@@ -31,11 +31,17 @@ def _links(collection: Collection, url: str) -> None:
     console.print(f"admin page (counts, progress, agreement): {url}/admin/{collection.admin_token}", soft_wrap=True)
 
 
+def _added(collection: Collection, new: dict) -> None:
+    from align.ui import console
+
+    console.print(f"[green]ok[/] {collection.path}: {new['prompts']} new prompts, {new['responses']} new responses, "
+                  f"{new['pairs']} new pairs ({collection.counts()['pairs']} in all)", soft_wrap=True)
+
+
 def _cmd_generate(args) -> int:
     from align.collect.generate import as_candidates, parse_source, sample_responses
     from align.data.formats import load_examples
     from align.eval.generation import Decoding
-    from align.ui import console
 
     for spec in args.model:
         parse_source(spec)  # a wrong run or stage fails before the prompts are read and a model loads
@@ -44,20 +50,17 @@ def _cmd_generate(args) -> int:
     responses = sample_responses(args.model, prompts, args.samples, decoding, args.batch_size, args.quiet)
     collection = Collection.create(args.collection)
     new = collection.add(as_candidates(prompts, responses), pairs=args.pairs, seed=args.seed)
-    console.print(f"[green]ok[/] {args.collection}: {new['prompts']} new prompts, {new['responses']} new responses, "
-                  f"{new['pairs']} new pairs ({collection.counts()['pairs']} in all)", soft_wrap=True)
+    _added(collection, new)
     return 0
 
 
 def _cmd_import(args) -> int:
     from align.collect.generate import read_candidates
-    from align.ui import console
 
     candidates = read_candidates(args.file, args.max_rows)
     collection = Collection.create(args.collection)
     new = collection.add(candidates, pairs="within", seed=args.seed)
-    console.print(f"[green]ok[/] {args.collection}: {new['prompts']} new prompts, {new['responses']} new responses, "
-                  f"{new['pairs']} new pairs ({collection.counts()['pairs']} in all)", soft_wrap=True)
+    _added(collection, new)
     return 0
 
 
