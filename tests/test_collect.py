@@ -2,8 +2,10 @@
 AI judging from run stages, and an exported collection training a dpo stage."""
 
 import json
+import os
 import random
 import sqlite3
+import stat
 import uuid
 
 import pytest
@@ -63,14 +65,31 @@ def test_submissions_are_idempotent_and_map_the_shown_side_to_the_pair(tmp_path)
     pair = collection.pairs()[0]
     assert verdict["choice"] == ("a" if task["right"]["id"] == pair["a"]["id"] else "b")
     assert verdict["rationale"] == "fine" and verdict["left_id"] == task["left"]["id"]
-    collection.submit(who, task["pair_id"], task["left"]["id"], "tie", "s-2")  # a change of mind counts
-    assert [v["choice"] for v in collection.verdicts()] == ["tie"]
     with pytest.raises(AlignError, match="choice must be one of"):
         collection.submit(who, task["pair_id"], task["left"]["id"], "A", "s-3")
-    with pytest.raises(AlignError, match="no pair"):
-        collection.submit(who, 99, 1, "left", "s-4")
     with pytest.raises(AlignError, match="another pair or annotator"):
         collection.submit(collection.add_annotator("bob"), task["pair_id"], task["left"]["id"], "left", "s-1")
+
+
+def test_a_verdict_counts_only_for_an_open_assignment_as_it_was_shown(tmp_path):
+    collection = _collection(tmp_path, prompts=2, overlap=2)
+    ann, bob = (collection.add_annotator(name) for name in ("ann", "bob"))
+    judge = collection.add_annotator("judge", kind="ai")
+    task = collection.next_pair(ann)
+    pair_id, left, right = task["pair_id"], task["left"]["id"], task["right"]["id"]
+    other = next(p for p in collection.pairs() if p["pair_id"] != pair_id)
+    refused = [(bob, pair_id, left), (bob, pair_id, right),  # ann's pair, not bob's: he could decide it alone
+               (ann, other["pair_id"], other["a"]["id"]),  # a real pair no one gave ann
+               (ann, pair_id, right),  # ann's pair with the other side on the left: her choice would flip
+               (judge, pair_id, left)]  # AI judges record through `collect judge`, never an assignment
+    for n, (who, pair, shown_left) in enumerate(refused):
+        with pytest.raises(AlignError, match="is not assigned to"):
+            collection.submit(who, pair, shown_left, "left", f"forged-{n}")
+    collection.submit(ann, pair_id, left, "left", "s-1")
+    with pytest.raises(AlignError, match="ann has judged this pair already"):  # one verdict per person
+        collection.submit(ann, pair_id, left, "right", "s-2")
+    assert collection.submit(ann, pair_id, left, "left", "s-1")["repeated"]  # a resend is still answered
+    assert [(v["annotator"], v["pair_id"], v["left_id"]) for v in collection.verdicts()] == [("ann", pair_id, left)]
 
 
 def test_the_file_is_sqlite_in_wal_mode(tmp_path):
@@ -83,23 +102,58 @@ def test_the_file_is_sqlite_in_wal_mode(tmp_path):
         Collection.open(tmp_path / "missing.sqlite")
 
 
+def test_the_file_is_private_before_sqlite_opens_it(tmp_path, monkeypatch):
+    def private(path) -> bool:
+        return stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+    connect = sqlite3.connect
+
+    def checked_connect(path, *args, **kwargs):
+        assert private(path), "SQLite opened a file that others may read"
+        return connect(path, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", checked_connect)
+    collection = _collection(tmp_path)
+    with collection.reading() as db:  # while a connection is open, the -wal and -shm files exist
+        db.execute("SELECT COUNT(*) FROM pairs").fetchone()
+        assert all(private(f"{collection.path}{suffix}") for suffix in ("", "-wal", "-shm"))
+
+
+def test_a_file_from_before_handles_gets_them_and_keeps_its_holds(tmp_path):
+    collection = _collection(tmp_path)
+    ann = collection.add_annotator("ann")
+    task = collection.next_pair(ann)
+    with collection.transaction() as db:  # the assignments table as it was before handles
+        db.execute("DROP INDEX assignments_by_handle")
+        db.execute("ALTER TABLE assignments DROP COLUMN handle")
+    collection = Collection.open(collection.path)
+    again = collection.next_pair(ann)
+    assert again["handle"] and again == task | {"handle": again["handle"]}
+    assert collection.assigned(ann, again["handle"]) == (task["pair_id"], task["left"]["id"])
+
+
 def _verdicts(collection, choices: dict[str, list[str]]) -> None:
-    """Annotator name -> their choices (in a/b terms) on pairs 1, 2, ... in order."""
+    """Annotator name -> their choices (in a/b terms) on pairs 1, 2, ... in order, each given on the pair's
+    assignment (in the order they are assigned; the overlap must let every name judge every pair)."""
     pairs = collection.pairs()
+    index = {pair["pair_id"]: n for n, pair in enumerate(pairs)}
     for name, picks in choices.items():
         who = collection.add_annotator(name)
-        for pair, pick in zip(pairs, picks):
-            shown = {"a": "left", "b": "right"}.get(pick, pick)
-            collection.submit(who, pair["pair_id"], pair["a"]["id"], shown, str(uuid.uuid4()))
+        while (task := collection.next_pair(who)) is not None:
+            pick = picks[index[task["pair_id"]]]
+            left_is_a = task["left"]["id"] == pairs[index[task["pair_id"]]]["a"]["id"]
+            shown = {"a": "left" if left_is_a else "right", "b": "right" if left_is_a else "left"}.get(pick, pick)
+            collection.submit(who, task["pair_id"], task["left"]["id"], shown, str(uuid.uuid4()))
 
 
 def test_export_rules_majority_all_ties_and_both_bad(tmp_path):
-    collection = _collection(tmp_path, prompts=5)
+    collection = _collection(tmp_path, prompts=5, overlap=3)
     _verdicts(collection, {"ann": ["a", "a", "tie", "both_bad", "a"],
                            "bob": ["a", "b", "tie", "both_bad", "b"],
                            "cy": ["b", "b", "a", "both_bad", "tie"]})
     summary = export_collection(collection, tmp_path / "majority.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "majority.jsonl").read_text().splitlines()]
+    rows.sort(key=lambda row: row["pair_id"])
     # pair 1: a 2-1; pair 2: b 2-1; pair 3: tie wins; pair 4: both bad; pair 5: a, b, tie one each
     assert [(r["prompt"][0]["content"], r["chosen"], r["rejected"]) for r in rows] == [
         ("question 0", "answer 0.0", "answer 0.1"), ("question 1", "answer 1.1", "answer 1.0")]
@@ -110,7 +164,8 @@ def test_export_rules_majority_all_ties_and_both_bad(tmp_path):
     bob = export_collection(collection, tmp_path / "bob.jsonl", aggregate="all", who="bob")
     assert bob["rows"] == 3
     loaded = load_examples(str(tmp_path / "majority.jsonl"), "preference")
-    assert loaded.format == "preference" and loaded.examples[1].chosen[-1]["content"] == "answer 1.1"
+    assert loaded.format == "preference"
+    assert {ex.chosen[-1]["content"] for ex in loaded.examples} == {"answer 0.0", "answer 1.1"}
     with pytest.raises(AlignError, match="no annotator zed; annotators: ann, bob, cy"):
         export_collection(collection, tmp_path / "x.jsonl", who="zed")
     with pytest.raises(AlignError, match="nothing to export"):
@@ -227,8 +282,30 @@ def test_cli_annotators_status_and_export(tmp_path, capsys):
     out = capsys.readouterr().err
     assert "ann – bob" in out and "67%" in out  # agree on 2 of 3 pairs
     assert main(["collect", "export", str(collection.path), str(tmp_path / "out")]) == 0
-    assert "1 preference rows from 6 verdicts on 3 of 3 pairs; left out: 1 no majority, 1 tie" in \
-        capsys.readouterr().err
+    out = capsys.readouterr().err
+    assert "1 preference rows from 6 verdicts on 3 of 3 pairs; left out: " in out
+    assert "1 no majority" in out and "1 tie" in out
     assert load_examples(str(tmp_path / "out"), "preference").format == "preference"  # a datasets folder
     assert main(["collect", "export", str(tmp_path / "none.sqlite"), str(tmp_path / "x.jsonl")]) == 2
     assert "no collection there" in capsys.readouterr().err
+
+
+def test_export_complete_only_takes_pairs_that_reached_their_overlap(tmp_path, capsys):
+    collection = _collection(tmp_path, prompts=3, overlap=2)
+    _verdicts(collection, {"ann": ["a", "a", "b"]})
+    bob = collection.add_annotator("bob")
+    for _ in range(2):  # bob judges two of the three pairs; the third has one verdict of the two it needs
+        task = collection.next_pair(bob)
+        collection.submit(bob, task["pair_id"], task["left"]["id"], "tie", str(uuid.uuid4()))
+    judge = collection.add_annotator("judge", kind="ai")  # AI verdicts do not complete a pair
+    collection.record_ai_verdicts(judge, [(p["pair_id"], "a", "") for p in collection.pairs()])
+    complete = collection.complete_pairs()
+    assert len(complete) == 2
+    summary = export_collection(collection, tmp_path / "all.jsonl", aggregate="all", complete_only=True)
+    rows = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert {row["pair_id"] for row in rows} == complete and summary["rows"] == 2
+    assert summary["left_out"] == {"incomplete": 1, "tie": 2}
+    assert export_collection(collection, tmp_path / "every.jsonl", aggregate="all")["rows"] == 3
+    assert main(["collect", "export", str(collection.path), str(tmp_path / "cli.jsonl"), "--aggregate", "all",
+                 "--complete-only"]) == 0
+    assert "left out: 2 tie, 1 incomplete" in capsys.readouterr().err

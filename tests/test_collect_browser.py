@@ -223,3 +223,24 @@ def test_a_choice_made_while_the_server_is_down_is_sent_once_it_is_back(collecti
     [verdict] = collection.verdicts()
     picked = "a" if pair["a"]["text"] == shown["right"] else "b"
     assert (verdict["pair_id"], verdict["choice"]) == (pair["pair_id"], picked)
+
+
+def test_a_refused_verdict_shows_why_and_is_not_sent_again(collection, server, driver):
+    alice = collection.add_annotator("alice")
+    driver.get(f"{server.url}/a/{alice.token}")
+    wait_for_pair(driver, 0)
+    box = driver.find_element(By.ID, "rationale")
+    driver.execute_script("arguments[0].value = 'fine \\ud800'", box)  # a lone surrogate: no file can store it
+    driver.find_element(By.CSS_SELECTOR, "[data-choice=left]").click()
+    status = driver.find_element(By.ID, "status")
+    WebDriverWait(driver, 10).until(lambda d: "not valid text" in status.text)
+    assert status.get_attribute("class") == "error"
+    time.sleep(1)  # a retry would come within half a second
+    sent = driver.execute_script(
+        "return performance.getEntriesByType('resource').filter((e) => e.name.endsWith('/verdict')).length")
+    assert sent == 1 and collection.verdicts() == []
+    assert driver.find_elements(By.CSS_SELECTOR, "[data-choice]:disabled") == []  # the person may try again
+    box.clear()
+    driver.find_element(By.CSS_SELECTOR, "[data-choice=left]").click()
+    wait_for_pair(driver, 1)
+    assert not status.is_displayed() and len(collection.verdicts()) == 1

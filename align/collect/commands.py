@@ -122,7 +122,8 @@ def _cmd_export(args) -> int:
     from align.ui import console
 
     fmt = args.format or ("jsonl" if args.out.endswith(".jsonl") else "datasets")
-    summary = export_collection(Collection.open(args.collection), args.out, args.kind, args.aggregate, args.who, fmt)
+    summary = export_collection(Collection.open(args.collection), args.out, args.kind, args.aggregate, args.who, fmt,
+                                args.complete_only)
     left_out = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in summary["left_out"].items()) or "none"
     console.print(f"[green]ok[/] {args.out}: {summary['rows']} {args.kind} rows from {summary['verdicts']} verdicts "
                   f"on {summary['pairs_judged']} of {summary['pairs']} pairs; left out: {left_out}. A {args.kind} "
@@ -200,6 +201,8 @@ def add_parser(sub) -> None:
     p.add_argument("--aggregate", choices=["majority", "all"], default="majority")
     p.add_argument("--who", default="humans", metavar="WHO", help="humans, ai, all, or annotator names (a,b)")
     p.add_argument("--format", choices=["jsonl", "datasets"], help="default: jsonl for a .jsonl OUT, else datasets")
+    p.add_argument("--complete-only", action="store_true", help="only pairs that reached their overlap (judged by "
+                                                                  "as many people as it asks for)")
     p.set_defaults(fn=_cmd_export)
 
 
@@ -210,4 +213,6 @@ majority: a pair gives one row when one of its choices (A, B, tie, both bad) has
 all:      every verdict for A or B is a row of its own; ties and both-bad verdicts give none.
 ranked:   each prompt's compared responses scored by net win rate, (wins - losses) / comparisons, over
           the outcomes above; a prompt gives a list when at least two scores differ.
+complete: with --complete-only, only pairs judged by as many people as the overlap asks for; the
+          summary counts the pairs it left out as "incomplete".
 """

@@ -3,6 +3,8 @@ as it is: JSONL, or a `datasets` folder saved with `save_to_disk`.
 
 The rules, in full:
 - **Whose verdicts**: `humans` (default), `ai`, `all`, or annotators by name.
+- **Which pairs**: every pair with verdicts, or with `complete_only` only those that reached their overlap
+  (that many people judged them), so that no pair is decided by fewer people than planned.
 - **Preference pairs**, `aggregate="majority"` (default): a pair gives one row when one of the four
   choices (A, B, tie, both bad) has more of its verdicts than any other and that choice is A or B. A pair
   whose plurality is tie or both bad, or whose top count is shared, gives none.
@@ -110,14 +112,21 @@ def ranked_rows(decided: list[dict]) -> tuple[list[dict], int]:
 
 
 def export_collection(collection: Collection, out: str | Path, kind: str = "preference", aggregate: str = "majority",
-                      who: str = "humans", fmt: str = "jsonl") -> dict:
+                      who: str = "humans", fmt: str = "jsonl", complete_only: bool = False) -> dict:
     """Write `kind` rows ("preference" or "ranked") from `who`'s verdicts to `out` as `fmt` ("jsonl" or
-    "datasets"); returns a summary: rows written, verdicts used, and what was left out and why."""
+    "datasets"), on every pair or only on those that reached their overlap (`complete_only`); returns a
+    summary: rows written, verdicts used, and what was left out and why (`incomplete`: pairs)."""
     if kind not in ("preference", "ranked") or fmt not in ("jsonl", "datasets"):
         raise AlignError(f"export kind must be preference or ranked and format jsonl or datasets, got {kind}, {fmt}")
     verdicts = pick_verdicts(collection, who)
+    incomplete = 0
+    if complete_only:
+        complete = collection.complete_pairs()
+        incomplete = len({v["pair_id"] for v in verdicts} - complete)
+        verdicts = [v for v in verdicts if v["pair_id"] in complete]
     pairs = {p["pair_id"]: p for p in collection.pairs()}
     decided, left_out = outcomes(pairs, verdicts, aggregate)
+    left_out["incomplete"] = incomplete
     if kind == "preference":
         rows = preference_rows(decided)
     else:

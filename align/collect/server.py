@@ -1,11 +1,19 @@
 """The annotation server: a page per annotator (`/a/{token}`) that shows pairs and takes verdicts through a
 small JSON API (`/api/{token}/...`), and an admin page (`/admin/{admin_token}`) with progress and agreement.
 
-Tokens in URLs are the only credentials, so no response hands them on in a Referer header or lets another
-site frame a page. Prompts and responses are untrusted text: the page inserts them as text only, and a
-strict Content-Security-Policy (no inline code, nothing from elsewhere) would stop any that slipped into
-markup from running. Durability lives in the store: a verdict is acknowledged only once it is committed,
-and a submission sent again gets its first verdict back, so the page may resend until it hears back.
+Tokens in URLs are the only credentials, so no response hands them on in a Referer header, lets another
+site frame a page, or stays in a cache (`no-store` on the API and the admin page). A request must name
+this server by its own address in its Host header, so that a site an attacker points at this machine (DNS
+rebinding) cannot use a visitor's browser to read or post. Prompts and responses are untrusted text: the
+page inserts them as text only, and a strict Content-Security-Policy (no inline code, nothing from
+elsewhere) would stop any that slipped into markup from running.
+
+Annotators are untrusted too. The page names its task by an opaque handle and sees only texts, never an id
+(ids follow the models), and a verdict counts only for an open assignment of its annotator, on the side
+the assignment showed on the left (the store checks; the body cannot claim a side). A body the API cannot
+take is answered 4xx with a message, never 5xx, which the page would retry. Durability lives in the
+store: a verdict is acknowledged only once it is committed, and a submission sent again gets its first
+verdict back, so the page may resend until it hears back.
 
 Run it with `serve()` (what `align collect serve` does) or `python -m align.collect.server COLLECTION`.
 """
@@ -14,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import secrets
 import statistics
 import sys
@@ -25,11 +32,10 @@ import uvicorn
 from jinja2 import Environment, FileSystemLoader
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,14 +52,20 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+PRIVATE_PATHS = ("/api/", "/admin/")  # what they answer names tokens, verdicts or tasks: never cached
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 UNKNOWN_LINK = "This annotation link is not valid (any more). Ask the person who sent it for a new one."
+NOT_YOURS = "This pair is not (or no longer) yours to judge. Reload the page to get your next one."
+SERVER_FAILED = "The server failed to answer; the page tries again. If it keeps failing, tell the organiser."
+VERDICT_FIELDS = ("handle", "choice", "submission", "rationale", "seconds")
 SHOWN = ("left", "right", "tie", "both_bad")
 
 _templates = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True)
 
 
 class SecurityHeaders:
-    """Adds SECURITY_HEADERS to every response (pages, JSON, static files and errors alike)."""
+    """Adds SECURITY_HEADERS to every response (pages, JSON, static files and errors, 5xx included: it wraps
+    the whole app), and `Cache-Control: no-store` under PRIVATE_PATHS."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -61,14 +73,50 @@ class SecurityHeaders:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).update(SECURITY_HEADERS)
+                headers = MutableHeaders(scope=message)
+                headers.update(SECURITY_HEADERS)
+                if scope["path"].startswith(PRIVATE_PATHS):
+                    headers["Cache-Control"] = "no-store"
             await send(message)
 
         await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
 
 
-def create_app(collection_path: str | Path) -> Starlette:
-    """The web app for the collection at `collection_path` (an AlignError where there is none)."""
+class AllowedHosts:
+    """Answers 400 to a request whose Host header is not this server's own name and port (against DNS
+    rebinding): a loopback name, the address it was asked to bind (`host`), or the address the connection
+    came in on (an address, never a name an attacker controls: serving on 0.0.0.0, each network's own
+    address works)."""
+
+    def __init__(self, app: ASGIApp, host: str):
+        self.app, self.names = app, {*LOOPBACK_NAMES, host.lower()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.allowed(scope):
+            response = PlainTextResponse("This server answers only to its own address: open the link that "
+                                         "`align collect serve` printed.", 400)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def allowed(self, scope: Scope) -> bool:
+        local, port = scope.get("server") or ("", None)
+        local = str(local).lower().removeprefix("::ffff:")  # an IPv4 address, as a dual-stack socket gives it
+        names = [_bracketed(name) for name in self.names | {local}]
+        accepted = {f"{name}:{port}" for name in names}
+        if port == 80:  # browsers leave the default port out
+            accepted.update(names)
+        return Headers(scope=scope).get("host", "").lower() in accepted
+
+
+def _bracketed(address: str) -> str:
+    """An address as a Host header writes it: an IPv6 one in brackets."""
+    return f"[{address}]" if ":" in address else address
+
+
+def create_app(collection_path: str | Path, host: str = "127.0.0.1") -> ASGIApp:
+    """The web app for the collection at `collection_path` (an AlignError where there is none), answering to
+    requests for `host`, the address it is served on, and this machine's loopback names."""
     collection = Collection.open(collection_path)
 
     def annotator(request: Request) -> Annotator | None:
@@ -86,10 +134,13 @@ def create_app(collection_path: str | Path) -> Starlette:
         who = annotator(request)
         if who is None:
             return JSONResponse({"error": UNKNOWN_LINK}, 404)
-        pair = collection.next_pair(who)
-        return JSONResponse(pair if pair is not None else {"done": True, "progress": collection.progress(who)})
+        task = collection.next_pair(who)
+        return JSONResponse(_task_view(task) if task else {"done": True, "progress": collection.progress(who)})
 
     async def verdict(request: Request) -> Response:
+        # JSON only: a cross-site form or a "simple" fetch cannot send this type without asking first (CORS)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return JSONResponse({"error": "a verdict is sent as JSON (Content-Type: application/json)"}, 415)
         body = await request.body()
         return await run_in_threadpool(record, request, body)
 
@@ -98,9 +149,14 @@ def create_app(collection_path: str | Path) -> Starlette:
         if who is None:
             return JSONResponse({"error": UNKNOWN_LINK}, 404)
         try:
-            return JSONResponse(collection.submit(who, **_verdict_fields(body)))
+            fields = _verdict_fields(body)
+            assigned = collection.assigned(who, fields.pop("handle"))
+            if assigned is None:
+                raise AlignError(NOT_YOURS)
+            result = collection.submit(who, *assigned, **fields)
         except AlignError as err:
             return JSONResponse({"error": str(err)}, 400)
+        return JSONResponse({"repeated": result["repeated"], "progress": result["progress"]})
 
     def admin(request: Request) -> Response:
         if not secrets.compare_digest(request.path_params["token"].encode(), collection.admin_token.encode()):
@@ -116,43 +172,69 @@ def create_app(collection_path: str | Path) -> Starlette:
         Route("/admin/{token}", admin),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)],
-                     exception_handlers={HTTPException: _http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    return SecurityHeaders(AllowedHosts(app, host))
 
 
 def serve(collection_path: str | Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False) -> None:
     """Serve the collection in this process until interrupted. Prints nothing itself: uvicorn logs its
     start, its errors and, unless `quiet`, a line per request."""
-    config = uvicorn.Config(create_app(collection_path), host=host, port=port, access_log=not quiet,
+    config = uvicorn.Config(create_app(collection_path, host), host=host, port=port, access_log=not quiet,
                             server_header=False)
     uvicorn.Server(config).run()
 
 
+def _task_view(task: dict) -> dict:
+    """What the page sees of a task: its handle, the texts in the order shown, and the progress."""
+    return {"handle": task["handle"], "prompt": task["prompt"], "left": task["left"]["text"],
+            "right": task["right"]["text"], "progress": task["progress"]}
+
+
 def _verdict_fields(body: bytes) -> dict:
-    """The keyword arguments of `Collection.submit` in a verdict's JSON body; an AlignError that names
-    what is wrong."""
+    """`handle` and the keyword arguments of `Collection.submit` in a verdict's JSON body; an AlignError that
+    names what is wrong."""
     try:
         data = json.loads(body)
-    except ValueError:  # bad JSON and bad UTF-8 alike
+    except (ValueError, RecursionError):  # bad JSON and bad UTF-8 alike; nesting deeper than Python recurses
         data = None
     if not isinstance(data, dict):
-        raise AlignError('the body must be a JSON object: {"pair_id", "left_id", "choice", "submission", '
+        raise AlignError('the body must be a JSON object: {"handle", "choice", "submission", '
                          '"rationale" (optional), "seconds" (optional)}')
-    for field, kind, name in (("pair_id", int, "an integer"), ("left_id", int, "an integer"),
-                              ("choice", str, "a string"), ("submission", str, "a string")):
+    if unknown := sorted(set(data) - set(VERDICT_FIELDS)):  # a claimed side or pair id, say: refused, not ignored
+        raise AlignError(f"unknown field '{unknown[0]}': a verdict has only {', '.join(VERDICT_FIELDS)}")
+    for field in ("handle", "choice", "submission"):
         if field not in data:
             raise AlignError(f"field '{field}' is missing")
-        if not isinstance(data[field], kind) or isinstance(data[field], bool):
-            raise AlignError(f"field '{field}' must be {name}, got {json.dumps(data[field])}")
-    rationale = "" if data.get("rationale") is None else data["rationale"]
-    seconds = data.get("seconds")
-    if not isinstance(rationale, str):
-        raise AlignError(f"field 'rationale' must be a string, got {json.dumps(rationale)}")
-    if seconds is not None and (not isinstance(seconds, (int, float)) or isinstance(seconds, bool)
-                                or not math.isfinite(seconds) or seconds < 0):
-        raise AlignError(f"field 'seconds' must be a number >= 0, got {json.dumps(seconds)}")
-    return {"pair_id": data["pair_id"], "left_id": data["left_id"], "choice": data["choice"],
-            "submission": data["submission"], "rationale": rationale, "seconds": seconds}
+    return {"handle": _text(data, "handle"), "choice": _text(data, "choice"),
+            "submission": _text(data, "submission"), "rationale": _text(data, "rationale", default=""),
+            "seconds": _seconds(data.get("seconds"))}
+
+
+def _text(data: dict, field: str, default: str | None = None) -> str:
+    value = default if data.get(field) is None else data[field]
+    if not isinstance(value, str):
+        raise AlignError(f"field '{field}' must be a string, got {_brief(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"), which no file can store
+        raise AlignError(f"field '{field}' is not valid text (it has a lone surrogate)") from None
+    return value
+
+
+def _seconds(value) -> float | None:
+    # the upper bound keeps a huge integer from overflowing the float it is stored as
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 <= value <= sys.float_info.max):
+        raise AlignError(f"field 'seconds' must be a number >= 0, got {_brief(value)}")
+    return None if value is None else float(value)
+
+
+def _brief(value) -> str:
+    """A value for an error message: short, and never walked into (it may nest as deep as Python can go)."""
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else "an array"
+    shown = json.dumps(value)
+    return shown if len(shown) <= 40 else shown[:40] + "…"
 
 
 def _admin_view(collection: Collection, request: Request) -> dict:
@@ -208,6 +290,13 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
     if request.url.path.startswith("/api/"):
         return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
     return _error_page(request, exc.detail, "Check the link you followed.", exc.status_code)
+
+
+def _server_error(request: Request, exc: Exception) -> Response:
+    """A bug or a failing disk: a message, never the traceback (uvicorn logs that for whoever serves)."""
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": SERVER_FAILED}, 500)
+    return _error_page(request, "Server error", SERVER_FAILED, 500)
 
 
 def main() -> None:

@@ -22,8 +22,7 @@ def _number(value: float | None) -> str:
 def status_tables(collection: Collection) -> list[Table]:
     counts, verdicts, k = collection.counts(), collection.verdicts(), collection.overlap
     human = [v for v in verdicts if v["kind"] == "human"]
-    per_pair = Counter(v["pair_id"] for v in human)
-    complete = sum(n >= k for n in per_pair.values())
+    complete = len(collection.complete_pairs())
     overview = Table(title=str(collection.path), title_justify="left", show_header=False)
     for label, value in (("prompts", counts["prompts"]), ("responses", counts["responses"]),
                          ("pairs", counts["pairs"]), ("overlap (people per pair)", k),

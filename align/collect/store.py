@@ -5,19 +5,24 @@ Durability is the point of the design. The file is in WAL mode with `synchronous
 one transaction, and a verdict is acknowledged only after its transaction commits, so a server killed at
 any moment keeps every verdict it acknowledged. Submissions are idempotent: the client names each one
 (`submission`, a UUID it makes once per click), and the same submission sent again, after a lost reply
-or a restart, returns the first one's verdict instead of adding another. A person may change their mind:
-a new submission on a pair they judged is kept too, and the latest one counts (`current_verdicts`).
+or a restart, returns the first one's verdict instead of adding another. The file is made readable by
+its owner only (it holds every token), before SQLite first opens it; its -wal and -shm files follow it.
 
 Assignment: each pair is shown to `overlap` human annotators. An annotator asking for work gets the pair
 they were last given and have not judged, or else one that fewer than `overlap` people have judged or
 hold (a hold lapses after `HOLD_SECONDS`), fullest first, so that pairs reach their overlap before new
-ones start. Left/right order is drawn at random when a pair is assigned and recorded with the verdict.
-AI annotators (`align collect judge`) judge every pair and take no part in assignment.
+ones start. Left/right order is drawn at random when a pair is assigned. A human verdict is accepted only
+for an open assignment of its annotator (assigned, not judged yet), with the side the assignment put on
+the left, so nobody can vote on pairs they were not given, nor twice on one. Each assignment has a random
+`handle`: the page names its task by it and never sees an id (ids follow the order responses were added
+in, and so tell the models apart). AI annotators (`align collect judge`) judge every pair and take no
+part in assignment.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import secrets
 import sqlite3
@@ -49,7 +54,7 @@ CREATE TABLE IF NOT EXISTS annotators (
     kind TEXT NOT NULL CHECK (kind IN ('human', 'ai')), created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS assignments (
     pair_id INTEGER NOT NULL REFERENCES pairs(id), annotator_id INTEGER NOT NULL REFERENCES annotators(id),
-    left_id INTEGER NOT NULL REFERENCES responses(id), issued REAL NOT NULL,
+    left_id INTEGER NOT NULL REFERENCES responses(id), issued REAL NOT NULL, handle TEXT,
     PRIMARY KEY (pair_id, annotator_id));
 CREATE TABLE IF NOT EXISTS verdicts (
     id INTEGER PRIMARY KEY, pair_id INTEGER NOT NULL REFERENCES pairs(id),
@@ -96,11 +101,13 @@ class Collection:
         """The collection at `path`, made (with its admin token) where no file is there yet."""
         collection = cls(path)
         collection.path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(collection.path)
         with collection.reading() as db:
             db.executescript(SCHEMA)  # idempotent; executescript commits by itself
         with collection.transaction() as db:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('admin_token', ?), ('overlap', '1'), ('created', ?)",
                        (secrets.token_urlsafe(16), _now()))
+            _add_handles(db)
         return collection
 
     @classmethod
@@ -112,10 +119,14 @@ class Collection:
                              f"or `align collect import {path} FILE`")
         collection = cls(path)
         try:
-            with collection._connect() as db:
+            with collection.reading() as db:
                 db.execute("SELECT value FROM meta WHERE key = 'admin_token'").fetchone()
+                outdated = not _has_handles(db)
         except sqlite3.DatabaseError as err:
             raise AlignError(f"{path}: not a collection file ({err})") from None
+        if outdated:  # write only where needed: reading a collection must not need write access
+            with collection.transaction() as db:
+                _add_handles(db)
         return collection
 
     def _connect(self) -> sqlite3.Connection:
@@ -239,15 +250,15 @@ class Collection:
 
     def next_pair(self, who: Annotator) -> dict | None:
         """The pair `who` should judge now, shown in the order recorded for them, or None when nothing is
-        left for them: `{pair_id, prompt, left: {id, text}, right: {id, text}, progress}`."""
+        left for them: `{handle, pair_id, prompt, left: {id, text}, right: {id, text}, progress}`."""
         with self.transaction() as db:
             k, cutoff = self.overlap_in(db), time.time() - HOLD_SECONDS
             held = db.execute(
-                "SELECT s.pair_id, s.left_id FROM assignments s WHERE s.annotator_id = :me AND NOT EXISTS ("
-                "  SELECT 1 FROM verdicts v WHERE v.pair_id = s.pair_id AND v.annotator_id = :me) "
+                "SELECT s.pair_id, s.left_id, s.handle FROM assignments s WHERE s.annotator_id = :me "
+                "AND NOT EXISTS (SELECT 1 FROM verdicts v WHERE v.pair_id = s.pair_id AND v.annotator_id = :me) "
                 "ORDER BY s.issued DESC LIMIT 1", {"me": who.id}).fetchone()
             if held and _load(db, held["pair_id"], who.id, cutoff) < k:
-                pair_id, left_id = held["pair_id"], held["left_id"]
+                pair_id, left_id, handle = held["pair_id"], held["left_id"], held["handle"]
             else:
                 if held:  # others filled it meanwhile: let it go
                     db.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator_id = ?",
@@ -259,10 +270,10 @@ class Collection:
                     "ORDER BY load DESC, p.shuffle LIMIT 1", {"me": who.id, "cutoff": cutoff, "k": k}).fetchone()
                 if row is None:
                     return None
-                pair_id, left_id = row["id"], random.choice((row["a"], row["b"]))
-                db.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?)",
-                           (pair_id, who.id, left_id, time.time()))
-            return self._shown(db, pair_id, left_id) | {"progress": self._progress(db, who, k)}
+                pair_id, left_id, handle = row["id"], random.choice((row["a"], row["b"])), _new_handle()
+                db.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?)",
+                           (pair_id, who.id, left_id, time.time(), handle))
+            return {"handle": handle} | self._shown(db, pair_id, left_id) | {"progress": self._progress(db, who, k)}
 
     @staticmethod
     def overlap_in(db) -> int:
@@ -294,10 +305,18 @@ class Collection:
             {"me": who.id, "k": k}).fetchone()[0]
         return {"done": done, "total": done + open_}
 
+    def assigned(self, who: Annotator, handle: str) -> tuple[int, int] | None:
+        """(pair_id, left_id) of `who`'s assignment called `handle`, judged or not; None where `who` has none."""
+        with self.reading() as db:
+            row = db.execute("SELECT pair_id, left_id FROM assignments WHERE handle = ? AND annotator_id = ?",
+                             (handle, who.id)).fetchone()
+        return (row["pair_id"], row["left_id"]) if row else None
+
     def submit(self, who: Annotator, pair_id: int, left_id: int, choice: str, submission: str,
                rationale: str = "", seconds: float | None = None) -> dict:
-        """Record `who`'s verdict on a pair as they saw it (`left_id` on the left; `choice` one of
-        SHOWN_CHOICES). Idempotent in `submission`. Returns `{verdict_id, repeated, progress}`."""
+        """Record `who`'s verdict on a pair assigned to them and not judged by them yet, as the assignment
+        showed it (`left_id` on the left; `choice` one of SHOWN_CHOICES). Idempotent in `submission`.
+        Returns `{verdict_id, repeated, progress}`. Messages name no ids: the page must not learn them."""
         if choice not in SHOWN_CHOICES:
             raise AlignError(f"choice must be one of {', '.join(SHOWN_CHOICES)}, got {choice!r}")
         if not submission or len(submission) > 100:
@@ -309,10 +328,7 @@ class Collection:
                 if (seen["pair_id"], seen["annotator_id"]) != (pair_id, who.id):
                     raise AlignError(f"submission {submission!r} was used for another pair or annotator")
                 return {"verdict_id": seen["id"], "repeated": True, "progress": self._progress(db, who, k)}
-            in_range = all(0 < number < 1 << 63 for number in (pair_id, left_id))  # SQLite's integers
-            pair = db.execute("SELECT a, b FROM pairs WHERE id = ?", (pair_id,)).fetchone() if in_range else None
-            if pair is None or left_id not in (pair["a"], pair["b"]):
-                raise AlignError(f"no pair {pair_id} with response {left_id} in this collection")
+            pair = _open_assignment(db, who, pair_id, left_id)
             cur = db.execute(
                 "INSERT INTO verdicts (pair_id, annotator_id, choice, left_id, rationale, seconds, submission, "
                 "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -357,6 +373,15 @@ class Collection:
                  "left_id": r["left_id"], "rationale": r["rationale"], "seconds": r["seconds"],
                  "created": r["created"]} for r in rows]
 
+    def complete_pairs(self) -> set[int]:
+        """The pairs that have reached their overlap: `overlap` people judged them (AI judges, which take every
+        pair, do not count)."""
+        with self.reading() as db:
+            rows = db.execute("SELECT v.pair_id FROM current_verdicts v JOIN annotators n ON n.id = v.annotator_id "
+                              "WHERE n.kind = 'human' GROUP BY v.pair_id HAVING COUNT(*) >= ?",
+                              (self.overlap_in(db),)).fetchall()
+        return {row["pair_id"] for row in rows}
+
     def counts(self) -> dict:
         with self.reading() as db:
             return {table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
@@ -375,9 +400,50 @@ def _load(db, pair_id: int, me: int, cutoff: float) -> int:
                       {"me": me, "cutoff": cutoff, "pair": pair_id}).fetchone()[0]
 
 
+def _open_assignment(db, who: Annotator, pair_id: int, left_id: int):
+    """The pair (a, b) that `who` holds an open assignment for with `left_id` on the left; an AlignError where
+    there is no such assignment or `who` judged it already."""
+    pair = db.execute("SELECT p.a, p.b FROM assignments s JOIN pairs p ON p.id = s.pair_id "
+                      "WHERE s.pair_id = ? AND s.annotator_id = ? AND s.left_id = ?",
+                      (pair_id, who.id, left_id)).fetchone()
+    if pair is None:
+        raise AlignError(f"this pair, with this side on the left, is not assigned to {who.name}")
+    judged = db.execute("SELECT 1 FROM verdicts WHERE pair_id = ? AND annotator_id = ?", (pair_id, who.id))
+    if judged.fetchone():
+        raise AlignError(f"{who.name} has judged this pair already")
+    return pair
+
+
 def _stored_choice(shown: str, left_id: int, pair) -> str:
     """A choice as shown on the page (left/right) in the pair's own terms (a/b)."""
     if shown in ("tie", "both_bad"):
         return shown
     picked_left = shown == "left"
     return "a" if (left_id == pair["a"]) == picked_left else "b"
+
+
+def _create_private(path: Path) -> None:
+    """An empty file that only its owner may read or write, made before SQLite opens it (SQLite gives the
+    -wal and -shm files the database file's permissions). An existing file keeps the ones it has."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
+def _new_handle() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def _has_handles(db) -> bool:
+    return "handle" in {row["name"] for row in db.execute("PRAGMA table_info(assignments)")}
+
+
+def _add_handles(db) -> None:
+    """Index assignments by handle, first giving each one a handle where the file was made before they had
+    them (holds in progress then keep their pair and sides)."""
+    if not _has_handles(db):
+        db.execute("ALTER TABLE assignments ADD COLUMN handle TEXT")
+        for row in db.execute("SELECT rowid FROM assignments").fetchall():
+            db.execute("UPDATE assignments SET handle = ? WHERE rowid = ?", (_new_handle(), row["rowid"]))
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS assignments_by_handle ON assignments (handle)")

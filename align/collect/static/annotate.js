@@ -1,7 +1,8 @@
-// The annotation page. It asks the server for the pair to judge and shows it as text only: prompts and
-// responses are untrusted, so they never become markup. Each click gets a submission id once, and the
-// verdict is resent with that same id until the server acknowledges it; the server answers a repeated id
-// with the first verdict, so a lost reply or a restarted server neither loses a verdict nor doubles it.
+// The annotation page. It asks the server for the task to judge (an opaque handle, a prompt and two texts)
+// and shows it as text only: prompts and responses are untrusted, so they never become markup. Each click
+// gets a submission id once, and the verdict is resent with that same id until the server acknowledges it;
+// the server answers a repeated id with the first verdict, so a lost reply or a restarted server neither
+// loses a verdict nor doubles it. An answer that asking again will not change (4xx) is shown as an error.
 "use strict";
 
 const KEYS = {"1": "left", ArrowLeft: "left", "2": "right", ArrowRight: "right",
@@ -13,7 +14,7 @@ const token = location.pathname.split("/").pop();
 const $ = (id) => document.getElementById(id);
 const buttons = Array.from(document.querySelectorAll("[data-choice]"));
 
-let pair = null;  // the pair on screen
+let task = null;  // the task on screen
 let shownAt = 0;  // when it was shown: a verdict records the seconds it took
 let busy = true;  // a request is under way; choices wait for it
 
@@ -92,15 +93,15 @@ function show(data) {
   $("progress").value = done;
   $("progress-text").textContent = `${done} of ${total} judged`;
   if (data.done) {
-    pair = null;
+    task = null;
     $("task").hidden = true;
     $("done").hidden = false;
     return;
   }
-  pair = data;
+  task = data;
   $("prompt").replaceChildren(...data.prompt.map(messageElement));
-  $("left").textContent = data.left.text;
-  $("right").textContent = data.right.text;
+  $("left").textContent = data.left;
+  $("right").textContent = data.right;
   $("rationale").value = "";
   $("done").hidden = true;
   $("task").hidden = false;
@@ -115,10 +116,10 @@ function fail(err) {
 }
 
 async function choose(choice) {
-  if (busy || pair === null) return;
+  if (busy || task === null) return;
   setBusy(true, choice);
   const verdict = {
-    pair_id: pair.pair_id, left_id: pair.left.id, choice, submission: newId(),
+    handle: task.handle, choice, submission: newId(),
     rationale: $("rationale").value, seconds: (performance.now() - shownAt) / 1000,
   };
   try {
