@@ -216,10 +216,11 @@ class EvalConfig:
     top_p: float = 1.0
     seed: int = 0
     samples: int = 12  # prompts shown side by side in the report
+    bootstrap: int = 2000  # paired-bootstrap resamples for each stage's task-accuracy change against the reference
 
     def __post_init__(self):
         _require(self.tasks is not None or self.prompts is not None, "tasks", "give tasks, prompts or both")
-        for name in ("max_new_tokens", "batch_size"):
+        for name in ("max_new_tokens", "batch_size", "bootstrap"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")

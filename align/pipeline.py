@@ -2,8 +2,9 @@
 interrupted ones, then evaluate (`align.eval.evaluate`, when the recipe has an eval section) and write
 `runs/<recipe>/summary.json`.
 
-A stage's config hash covers the model section, the stage's own section, its data fingerprints and the
-hashes of the stages it references, so changing the SFT stage reruns the DPO stage that starts from
+A stage's config hash covers the base model's identity (what `model.base` resolved to, its quantization, dtype and
+chat template: align.models.identity), the rest of the model section, the stage's own section, its data fingerprints
+and the hashes of the stages it references, so changing the SFT stage reruns the DPO stage that starts from
 it, and nothing else reruns. `stage.json` says `running` from the start of a stage until it is `done`:
 a run killed in between (even with SIGKILL) resumes from the stage's last checkpoint next time.
 
@@ -30,6 +31,7 @@ from align.refs import parse_refs, resolve_all_refs, resolve_refs
 from align.runs import Run, save_recipe
 from align.data.formats import load_examples
 from align.errors import AlignError
+from align.models.identity import base_identity, identity_key, machine
 from align.models.load import compute_dtype, load_base, resolve_base
 from align.stages import dpo, kto, ppo, rank, reward, sft
 from align.stages.engine import StageContext, device_batch_size
@@ -42,7 +44,7 @@ DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "rank": "ran
 # DPO is scored on held-out rankings as well as pairs: its pairs are groups of two to the ranking metrics
 EVAL_DATA_KIND = {**DATA_KIND, "dpo": "ranked"}
 SUMMARY_EVAL_KEYS = ("win_rate", "lc_win_rate", "mean_reward", "mean_length", "kl_to_reference", "task_accuracy",
-                     "implicit_reward_accuracy")
+                     "task_accuracy_change", "implicit_reward_accuracy")
 LIBRARIES = ("align", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
 
 
@@ -85,6 +87,7 @@ class Pipeline:
         self.run_dir = Path(recipe.output_dir) / recipe.name
         with distributed.main_first():  # a GGUF base is converted once, into the cache that the others then read
             self.resolved = resolve_base(recipe.model.base)
+            self.identity = base_identity(recipe.model)
         self.dtype = compute_dtype(recipe.model.precision)
         self.base = self.tokenizer = None
         self.outputs: dict[str, dict[str, str]] = {}
@@ -114,7 +117,7 @@ class Pipeline:
         parents = sorted({ref.stage for value in _strings(asdict(stage)) for ref in parse_refs(value)})
         config_hash = _hash(
             {
-                "model": asdict(self.recipe.model),
+                "model": {**model_settings(self.recipe.model), "identity": self.identity},
                 "stage": asdict(stage),
                 "seed": self.recipe.seed,
                 "data": {k: v.fingerprint for k, v in data.items() if v},
@@ -132,8 +135,10 @@ class Pipeline:
         main = distributed.is_main()
         if not main:
             distributed.barrier()  # until the main process has prepared the stage: `prepared` below is its side
-        elif state.get("config_hash") != config_hash and stage_dir.exists():
-            shutil.rmtree(stage_dir)  # a changed stage starts over; an interrupted one keeps its checkpoints
+        if state.get("config_hash") != config_hash:
+            state = {}  # a changed stage starts over; an interrupted one keeps its checkpoints and start time
+            if main and stage_dir.exists():
+                shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
         for bad in (e for v in data.values() if v for e in v.skipped):
             console.print(f"[yellow]skipped[/] {escape(str(bad))}", soft_wrap=True)
@@ -145,6 +150,8 @@ class Pipeline:
             "parents": parents,
             "data": {k: _data_summary(v) for k, v in data.items() if v},
             "base": self.resolved.description,
+            "identity": self.identity,
+            "machine": machine(),
             "versions": library_versions(),
             "started_at": state.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -192,10 +199,11 @@ class Pipeline:
             return
         console.print(f"measuring what [bold]{stage.name}[/] forgot (from {escape(start or 'the base')})")
         cache_path = self.run_dir / "forgetting_cache.json"
-        cache = _read_json(cache_path)
+        base_key = identity_key(self.identity)  # measurements on another base (or dtype) are not these
+        cache = _read_json(cache_path).get(base_key, {})
         result, self.base = stage_forgetting(self.ensure_base(), self.tokenizer, stage, start, state["adapter"],
-                                             self.forgetting_sets, self.recipe.forgetting, cache)
-        _write_json(cache_path, cache)
+                                             self.forgetting_sets, self.recipe.forgetting, cache, self.quiet)
+        _write_json(cache_path, {base_key: cache})
         state["forgetting"] = {"key": key, "start": start or "base", **result}
         _write_json(self.run_dir / stage.name / "stage.json", state)
 
@@ -226,7 +234,8 @@ class Pipeline:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(self.recipe, self.run_dir)
-        summary = {"recipe": self.recipe.name, "run_dir": str(self.run_dir), "base": self.resolved.description, "stages": {}}
+        summary = {"recipe": self.recipe.name, "run_dir": str(self.run_dir), "base": self.resolved.description,
+                   "identity": self.identity, "machine": machine(), "stages": {}}
         if self.resolved.tiny:
             summary["warning"] = "tiny random model: no pretrained model was found"
         summary["forgetting"] = {}
@@ -272,6 +281,12 @@ class Pipeline:
             console.print(summary_table([evaluation]))
             console.print(f"report: {summary['eval']['report']}")
         return summary
+
+
+def model_settings(model_cfg) -> dict:
+    """The model section without what the identity already says in resolved form: the name `base` resolves from,
+    `precision` (the identity has the dtype it gave) and `chat_template` (the identity has the template used)."""
+    return {k: v for k, v in asdict(model_cfg).items() if k not in ("base", "precision", "chat_template")}
 
 
 def _strings(obj):

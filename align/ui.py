@@ -28,7 +28,7 @@ class StageProgress(TrainerCallback):
         if self.quiet:
             return
         self.progress = Progress(
-            TextColumn(f"[bold]{self.stage_name}"),
+            TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
@@ -68,6 +68,21 @@ class StageProgress(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
+
+    @contextmanager
+    def subtask(self, description: str, total: int):
+        """A second bar under the stage's while training runs (rich shows one live display at a time), else a bar of
+        its own; yields `advance(n=1)`."""
+        if self.progress is None:
+            with work_progress(f"{self.stage_name} {description}", total, self.quiet) as advance:
+                yield advance
+            return
+        task = self.progress.add_task(f"  {description}", total=total, info="")
+        try:
+            yield lambda n=1: self.progress.advance(task, n)
+        finally:
+            self.progress.remove_task(task)
 
 
 def _fmt(value) -> str:

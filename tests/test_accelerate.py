@@ -153,4 +153,4 @@ def test_the_global_batch_must_divide_among_the_processes(tmp_path, monkeypatch)
 def test_accelerate_configs_load(config):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    assert load_config_from_file(str(config)).num_processes >= 1
+    assert load_config_from_file(str(config)).num_processes == 2  # unless --num_processes says otherwise

@@ -127,6 +127,43 @@ def test_row_out_of_range(capsys):
     assert_error(*inspect(capsys, path, "--row", "5"), "--row 5", "two.jsonl", "2 usable rows")
 
 
+def write_empty(name: str) -> str:
+    """A data file of type `name` (by its extension, a folder without one) that holds no rows."""
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), name)
+    elif "." not in name:
+        import datasets
+
+        datasets.Dataset.from_dict({"prompt": []}).save_to_disk(name)
+    else:
+        Path(name).write_text("")
+    return name
+
+
+@pytest.mark.parametrize("name", ["empty.jsonl", "empty.json", "empty.txt", "empty.parquet", "empty_dataset"])
+def test_empty_data_file(capsys, name):
+    write_empty(name)
+    capsys.readouterr()  # datasets' progress bar
+    assert_error(*inspect(capsys, name), name, "no rows")
+
+
+HH_PAIR = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."}
+
+
+def test_inspect_reads_an_hh_file_as_pairs_even_with_a_bad_row(capsys):
+    # The bad row's rejected reply is empty: an error of the preference kind, not a reason to read chosen as SFT.
+    path = write_lines("hh.jsonl", [HH_PAIR, {**HH_PAIR, "rejected": "\n\nHuman: Hi?\n\nAssistant: "}])
+    assert_error(*inspect(capsys, path), "hh.jsonl", "row 2", "field 'rejected'", "is empty")
+    code, err = inspect(capsys, path, "--skip-bad-rows")
+    assert code == 0, err
+    flat = " ".join(err.split())
+    assert "preference / hh_rlhf" in flat
+    assert "other kinds (--kind)" in flat and "sft, prompt, ranked, unpaired" in flat
+
+
 def test_skip_bad_rows_lists_every_skipped_row(capsys):
     path = write_lines("mixed.jsonl", [GOOD, "{oops", GOOD, {"prompt": "q", "chosen": "a"}, GOOD])
     code, err = inspect(capsys, path, "--skip-bad-rows")
@@ -259,6 +296,11 @@ def test_missing_recipe_file(capsys):
 def test_yaml_syntax_error(capsys):
     path = recipe("syntax.yaml", "    loss:\n", "    loss: [\n")
     assert_error(*validate(capsys, path), "syntax.yaml:", "YAML syntax")
+
+
+def test_run_on_an_empty_data_file(capsys):
+    path = recipe("empty_data.yaml", 'data: {path: "synthetic:sft"}', f"data: {{path: {write_empty('empty.jsonl')}}}")
+    assert_error(*run(capsys, "run", path), "empty.jsonl", "no rows")
 
 
 def test_bad_override_names_the_command_line(capsys):

@@ -151,15 +151,40 @@ class Client(threading.Thread):
                 self.shared.failed_clients[kills] += 1
 
 
+def _collection(tmp_path, prompts: int, responses: int, overlap: int, annotators: int):
+    """A collection of every pair of `responses` answers to each of `prompts` prompts, and its annotators."""
+    collection = Collection.create(tmp_path / "prefs.sqlite")
+    collection.add([Candidates([{"role": "user", "content": f"prompt {i}"}],
+                               [(f"response {i}.{j}", f"model-{j}") for j in range(responses)])
+                    for i in range(prompts)])
+    collection.set_overlap(overlap)
+    return collection, [collection.add_annotator(f"person-{n}") for n in range(annotators)]
+
+
+def _kill_and_restart(server, clients, thresholds, kill_now, deadline: float) -> None:
+    """Start the clients; at each threshold, once `kill_now(threshold)`, SIGKILL the server and restart it on the same
+    port a moment later; then wait for the clients until `deadline` (monotonic) and stop the server."""
+    for client in clients:
+        client.start()
+    try:
+        for threshold in thresholds:
+            while not kill_now(threshold):
+                assert [(c.who.name, c.error) for c in clients if c.error] == []  # fail now, not at the deadline
+                assert time.monotonic() < deadline, f"kill at {threshold} verdicts never came"
+                time.sleep(0.001)
+            server.kill()
+            time.sleep(0.3)  # down for a moment: clients meet refused connections too
+            server.start()
+        for client in clients:
+            client.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        server.stop()
+
+
 @pytest.mark.timeout(90)
 def test_verdicts_survive_a_killed_server(tmp_path):
     started = time.monotonic()
-    collection = Collection.create(tmp_path / "prefs.sqlite")
-    collection.add([Candidates([{"role": "user", "content": f"prompt {i}"}],
-                               [(f"response {i}.{j}", f"model-{j}") for j in range(RESPONSES)])
-                    for i in range(PROMPTS)])
-    collection.set_overlap(OVERLAP)
-    people = [collection.add_annotator(f"person-{n}") for n in range(CLIENTS)]
+    collection, people = _collection(tmp_path, PROMPTS, RESPONSES, OVERLAP, CLIENTS)
     pairs = {p["pair_id"]: p for p in collection.pairs()}
     assert len(pairs) * OVERLAP == 1000
 
@@ -167,24 +192,15 @@ def test_verdicts_survive_a_killed_server(tmp_path):
     server.start()
     shared = Shared()
     clients = [Client(who, server.port, shared, started + DEADLINE_S) for who in people]
-    for client in clients:
-        client.start()
-    try:
-        for threshold in KILL_AFTER:
-            while True:  # kill once enough verdicts are in and submissions are on the wire
-                with shared.lock:
-                    if len(shared.acked) >= threshold and shared.posts_in_flight >= 2:
-                        shared.kills += 1
-                        break
-                assert time.monotonic() < started + DEADLINE_S, f"{len(shared.acked)} verdicts before kill {threshold}"
-                time.sleep(0.001)
-            server.kill()
-            time.sleep(0.3)  # down for a moment: clients meet refused connections too
-            server.start()
-        for client in clients:
-            client.join(max(0.0, started + DEADLINE_S - time.monotonic()))
-    finally:
-        server.stop()
+
+    def kill_now(threshold: int) -> bool:  # once enough verdicts are in and submissions are on the wire
+        with shared.lock:
+            if len(shared.acked) < threshold or shared.posts_in_flight < 2:
+                return False
+            shared.kills += 1  # counted before the kill: the clients tell which kill cut their submission
+            return True
+
+    _kill_and_restart(server, clients, KILL_AFTER, kill_now, started + DEADLINE_S)
     assert [(c.who.name, c.error) for c in clients if c.error or c.is_alive()] == []
 
     for kill in range(1, KILLS + 1):
@@ -368,37 +384,22 @@ class Forger(threading.Thread):
 @pytest.mark.timeout(60)
 def test_forgeries_and_garbage_against_a_killed_server(tmp_path):
     started = time.monotonic()
-    collection = Collection.create(tmp_path / "prefs.sqlite")
-    collection.add([Candidates([{"role": "user", "content": f"prompt {i}"}],
-                               [(f"response {i}.{j}", f"model-{j}") for j in range(FORGERY_RESPONSES)])
-                    for i in range(FORGERY_PROMPTS)])
-    collection.set_overlap(FORGERY_OVERLAP)
-    people = [collection.add_annotator(f"person-{n}") for n in range(FORGERS)]
+    collection, people = _collection(tmp_path, FORGERY_PROMPTS, FORGERY_RESPONSES, FORGERY_OVERLAP, FORGERS)
     pairs = {p["pair_id"]: p for p in collection.pairs()}
 
     server = Server(collection.path, free_port(), tmp_path / "server.log")
     server.start()
     ledger = Ledger()
     clients = [Forger(who, server.port, ledger, started + FORGERY_DEADLINE_S, pairs) for who in people]
-    for client in clients:
-        client.start()
-    try:
-        for threshold in FORGERY_KILL_AFTER:
-            while True:
-                with ledger.lock:
-                    if len(ledger.acked) >= threshold:
-                        ledger.kills += 1
-                        break
-                assert [(c.who.name, c.error) for c in clients if c.error] == []  # fail now, not at the deadline
-                assert time.monotonic() < started + FORGERY_DEADLINE_S, f"{len(ledger.acked)} verdicts by then"
-                time.sleep(0.001)
-            server.kill()
-            time.sleep(0.3)  # down for a moment: clients meet refused connections too
-            server.start()
-        for client in clients:
-            client.join(max(0.0, started + FORGERY_DEADLINE_S - time.monotonic()))
-    finally:
-        server.stop()
+
+    def kill_now(threshold: int) -> bool:
+        with ledger.lock:
+            if len(ledger.acked) < threshold:
+                return False
+            ledger.kills += 1
+            return True
+
+    _kill_and_restart(server, clients, FORGERY_KILL_AFTER, kill_now, started + FORGERY_DEADLINE_S)
     assert [(c.who.name, c.error) for c in clients if c.error or c.is_alive()] == []
     assert ledger.server_errors == [] and ledger.wrong == []
     assert set(ledger.handled) == set(Forger.KINDS)  # every kind was tried, and answered as it should be

@@ -152,13 +152,14 @@ def test_each_kind_tries_its_own_formats_before_those_it_reads_from_other_kinds(
     assert [name for (k, name) in FORMATS if k == "unpaired"] == ["unpaired"] + pairs + ranked
 
 
-def test_prompt_kind_reads_hh_transcripts_as_preference_pairs(tmp_path):
-    # The reply in `chosen` invents a turn: read as SFT it would move the prompt; the shared prefix does not.
+def test_hh_transcripts_that_part_before_the_last_reply_are_no_pair(tmp_path):
+    # `chosen` goes on with a Human turn that `rejected` lacks: the two answer different prompts.
     row = {"chosen": "\n\nHuman: q\n\nAssistant: a\n\nHuman: more?\n\nAssistant: b",
            "rejected": "\n\nHuman: q\n\nAssistant: c"}
-    assert load_one(tmp_path, row, "sft").examples[0].prompt != [user("q")]
-    data = load_one(tmp_path, row, "prompt")
-    assert data.format == "hh_rlhf" and data.examples == [TaskExample([user("q")], {})]
+    for kind in ("preference", "prompt", "ranked", "unpaired"):  # every kind that reads HH rows as pairs
+        err = raises(tmp_path, [row], kind)
+        assert (err.row, err.field) == (1, "rejected") and "share the prompt" in err.message
+    assert load_one(tmp_path, row, "sft").examples == [SFTExample([user("q"), bot("a"), user("more?")], [bot("b")])]
 
 
 def test_margin_defaults_to_none(tmp_path):
@@ -187,7 +188,7 @@ HH_OK = "\n\nHuman: q\n\nAssistant: a"
      "no 'Assistant:' turn"),
     ("preference", "hh_rlhf", {"chosen": HH_OK, "rejected": HH_OK}, "rejected", "identical"),
     ("preference", "implicit_prompt", {"chosen": [user("q"), bot("a")], "rejected": [user("r"), bot("b")]},
-     "chosen[0].role", "differ"),
+     "chosen[0].role", "inside the response"),
     ("sft", "messages", {"messages": [user("a"), bot("b"), user("c"), {"role": "assistant", "content": 5}]},
      "messages[3].content", "string"),
     ("sft", "messages", {"messages": [bot("b"), user("c")]}, "messages", "end with an assistant"),

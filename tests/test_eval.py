@@ -9,7 +9,9 @@ import pytest
 from align.cli import main
 from align.collect.export import export_collection
 from align.collect.store import Collection
+from align.data.formats import load_examples
 from align.eval import evaluate, metrics
+from align.eval.rules import check
 
 
 def test_wilson_interval_matches_hand_computation():
@@ -67,10 +69,15 @@ def test_eval_of_a_tiny_run(tiny_run, tmp_path, monkeypatch):
     assert list(stages) == ["sft", "base", "dpo"]  # the reference (the sft stage) first
     sft, dpo = stages["sft"], stages["dpo"]
     assert sft["is_reference"] and sft["win_rate"] is None and sft["kl_to_reference"] is None
-    assert dpo["win_rate"]["n"] == 6 and 0 <= dpo["win_rate"]["low"] <= dpo["win_rate"]["value"] <= dpo["win_rate"]["high"] <= 1
-    assert dpo["lc_win_rate"] is not None and len(dpo["lengths"]) == len(dpo["rewards"]) == 6
+    # the judge's scores of dpo's replies against those of the reference's replies to the same prompts
+    verdicts = metrics.verdicts(dpo["rewards"], sft["rewards"])
+    assert len(dpo["lengths"]) == len(verdicts) == 6 and dpo["win_rate"] == metrics.win_rate(verdicts)
+    assert dpo["lc_win_rate"] == metrics.length_controlled_win_rate(verdicts, dpo["lengths"], sft["lengths"], seed=0)
     assert dpo["kl_to_reference"] > 0 and stages["base"]["kl_to_reference"] > 0
-    assert 0 <= dpo["task_accuracy"] <= 1 and dpo["task_per_family"]
+    tasks = load_examples("synthetic:heldout", "task", max_rows=6).examples
+    correct = [check(task.rule, sample["responses"]["dpo"]["text"]) for task, sample in zip(tasks, result["samples"])]
+    assert dpo["task_accuracy"] == sum(correct) / 6 == sum(dpo["rewards"]) / 6  # the judge gives 1 for correct, else 0
+    assert set(dpo["task_per_family"]) == {task.rule["family"] for task in tasks}
     # the implicit reward of the DPO stage on its own held-out pairs, as training measured it
     trained = json.loads((tiny_run / "dpo" / "stage.json").read_text())["metrics"]
     assert dpo["implicit_reward_accuracy"] == pytest.approx(trained["eval_rewards/accuracies"])

@@ -100,7 +100,8 @@ def test_kl_is_zero_against_itself_and_positive_against_a_perturbed_adapter(tiny
     model, tokenizer = tiny
     for name in ("fresh", "moved"):
         same = kl_to_reference(model, tokenizer, prompts, name, name, NEW_TOKENS, batch_size=2)
-        assert abs(same["kl"]) < 1e-6 and abs(same["kl_per_reply"]) < 1e-6 and same["tokens"] >= len(prompts)
+        assert abs(same["kl"]) < 1e-6 and abs(same["kl_per_reply"]) < 1e-6
+        assert same["tokens"] == NEW_TOKENS * len(prompts)  # the random model never says <|im_end|>
     model.train()
     out = kl_to_reference(model, tokenizer, prompts, "fresh", "moved", NEW_TOKENS, batch_size=2)
     assert model.training and model.active_adapter == "fresh"  # mode and adapter as they were

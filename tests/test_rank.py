@@ -1,12 +1,15 @@
 """The rank stage, and the DPO family (dpo, kto) on the same group batch, end to end on the tiny model."""
 
 import json
+import statistics
 
 import pytest
 import torch
 
 from align.config import parse_recipe
+from align.losses.dpo import kto_kl_estimate
 from align.pipeline import run_recipe
+from align.stages import kto
 from tests.conftest import _tiny_head
 
 TRAIN = "max_length: 96, max_prompt_length: 64, batch_size: 4"
@@ -78,10 +81,20 @@ def test_reference_free_dpo_family_losses_train_without_a_reference(tmp_path, lo
     assert state["reference"].startswith("none") and not list((tmp_path / "tinyrank" / "dpo").glob("ref_logps_*"))
 
 
-def test_kto_on_pairs_split_into_desirable_and_undesirable(tmp_path):
+def test_kto_on_pairs_split_into_desirable_and_undesirable(tmp_path, monkeypatch):
+    estimates = []  # KTO's reference point z0 before its clamp at 0: 12 training steps, then 8 held-out batches
+
+    def unclamped(policy_kl_logps, ref_kl_logps):
+        estimates.append(float((policy_kl_logps - ref_kl_logps).mean()))
+        return kto_kl_estimate(policy_kl_logps, ref_kl_logps)
+
+    monkeypatch.setattr(kto, "kto_kl_estimate", unclamped)
     stages = _run(tmp_path, _stage("kto", "kto", "synthetic:preference", "beta: 0.1", 12,
                                    eval_data="synthetic:preference_heldout"))
     metrics = stages["kto"]["metrics"]
-    assert metrics["global_step"] == 12 and metrics["kl"] >= 0
+    assert metrics["global_step"] == 12 and len(estimates) == 12 + 8
+    # the policy starts as its reference, the SFT adapter (0 up to bf16 rounding), and training moves it away
+    assert abs(estimates[0]) < 1e-4
+    assert statistics.mean(map(abs, estimates[12:])) > 0.05  # 0.23 measured
     # desirable answers' implicit rewards rise above undesirable ones' on held-out pairs
     assert metrics["eval_rewards/chosen"] > metrics["eval_rewards/rejected"]

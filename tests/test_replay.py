@@ -1,6 +1,7 @@
 """Replay buffers: the reservoir sample, its files, the exact mix per step, and the same draws after a resume."""
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -13,7 +14,7 @@ from align.data.schemas import PreferenceExample, RankedExample, SFTExample, Tas
 from align.errors import ConfigError
 from align.pipeline import run_recipe
 from align.replay import ReplayMixer, as_sft, replay_count, reservoir_sample
-from tests.conftest import tiny_ppo_recipe, tiny_recipe
+from tests.conftest import _tiny_head, tiny_ppo_recipe, tiny_recipe
 
 REPLAY = "    replay: {fraction: 0.2, coef: 1.0}\n"  # 8 pairs = 16 sequences a step, so 4 from the buffer
 
@@ -89,8 +90,23 @@ def test_every_step_mixes_exactly_the_fraction_and_a_reservoir_of_the_asked_size
     logs = _train_logs(tmp_path / "tiny" / "dpo")
     assert len(logs) == 4
     assert all(line["replay/sequences"] == 4 and line["replay/fraction"] == 0.2 for line in logs)
-    assert all(line["replay/nll"] > 0 for line in logs)
+    # at step 1 the policy is still its reference, so DPO's part of the loss is log 2: the rest is coef * NLL
+    assert logs[0]["loss"] == pytest.approx(math.log(2) + 0.5 * logs[0]["replay/nll"], abs=1e-4)
     assert len(load_examples(str(tmp_path / "tiny" / "dpo" / "replay" / "mixed.jsonl"), "sft").examples) == 10
+
+
+def test_kto_counts_only_the_answers_it_trains_on(tmp_path):
+    # each example also scores another prompt's answer for the KL reference point, with no gradient: not counted
+    kto = """\
+  - name: kto
+    kind: kto
+    init: ${sft.adapter}
+    data: {path: "synthetic:preference", max_rows: 32}
+    train: {max_steps: 2, lr: 3.0e-3, batch_size: 8, max_length: 96, max_prompt_length: 64}
+""" + REPLAY
+    _run(_tiny_head("tiny", tmp_path, "none", sft_steps=2) + kto)
+    logs = _train_logs(tmp_path / "tiny" / "kto")
+    assert [(line["replay/sequences"], line["replay/fraction"]) for line in logs] == [(2, 0.2)] * 2  # 8 answers
 
 
 def test_without_replay_no_replay_metrics(tmp_path):

@@ -83,21 +83,58 @@ def _turns(row: dict, key: str, role: str) -> list[Message]:
     return _as_messages(_get(row, key, (str, list), "a string or a list of messages"), key, role)
 
 
-def _nonempty(messages: list[Message], field: str) -> list[Message]:
-    if not messages or not any(m["content"].strip() for m in messages):
+# What every format's parts must be, whatever the format calls them.
+def _prompt(messages: list[Message], field: str, listed: bool = True) -> list[Message]:
+    """A prompt ends with the user message that the response answers, and that message says something.
+
+    `listed`: the prompt is the list at `field` (or its start), so its messages are named `field[i]`.
+    """
+    if not messages:
+        raise DataError("has no prompt: a response needs a user message to answer", field=field)
+    last = f"{field}[{len(messages) - 1}]" if listed else field
+    if messages[-1]["role"] != "user":
+        raise DataError(f"the prompt ends with a message of role '{messages[-1]['role']}'; it must end with the user "
+                        "message that the response answers", field=last)
+    if not messages[-1]["content"].strip():
+        raise DataError("is empty; there is no question for the response to answer", field=last)
+    return messages
+
+
+def _response(messages: list[Message], field: str, first: int = 0) -> list[Message]:
+    """A response is the model's: assistant messages only (any other would be trained as the model's words),
+    not all blank. `first` is the index of `messages[0]` in the list at `field`."""
+    for i, message in enumerate(messages, start=first):
+        if message["role"] != "assistant":
+            raise DataError(f"is '{message['role']}' inside the response; a response holds only assistant messages",
+                            field=f"{field}[{i}].role")
+    if not any(m["content"].strip() for m in messages):
         raise DataError("is empty; there is nothing to train on", field=field)
     return messages
+
+
+def _prompt_in(row: dict) -> list[Message]:
+    return _prompt(_turns(row, "prompt", "user"), "prompt", listed=isinstance(row["prompt"], list))
+
+
+def _response_in(row: dict, key: str) -> list[Message]:
+    return _response(_turns(row, key, "assistant"), key)
 
 
 def _split_last_assistant(messages: list[Message], field: str) -> SFTExample:
     if not messages or messages[-1]["role"] != "assistant":
         raise DataError("the conversation must end with an assistant message (the completion)", field=field)
-    return SFTExample(prompt=messages[:-1], completion=_nonempty(messages[-1:], f"{field}[{len(messages) - 1}]"))
+    last = len(messages) - 1
+    return SFTExample(_prompt(messages[:last], field), _response(messages[last:], f"{field}[{last}]"))
+
+
+def _said(messages: list[Message]) -> tuple:
+    """What a response says, to compare responses: whitespace around a message's text does not count."""
+    return tuple((m["role"], m["content"].strip()) for m in messages)
 
 
 def _check_differ(chosen: list[Message], rejected: list[Message]) -> None:
     # A pair with the same answer on both sides carries no preference, only noise.
-    if [(m["role"], m["content"].strip()) for m in chosen] == [(m["role"], m["content"].strip()) for m in rejected]:
+    if _said(chosen) == _said(rejected):
         raise DataError("is identical to 'chosen'; a pair needs two different responses", field="rejected")
 
 
@@ -117,41 +154,42 @@ def _hh_text(text: str) -> str:
     return text[1:] if text.startswith(" ") else text  # HH writes "Assistant: text"; keep the rest exactly
 
 
-def _hh_last_assistant(text: str, field: str) -> re.Match:
-    """The marker of the transcript's last Assistant turn: the prompt ends before it, the reply after."""
-    markers = [m for m in HH_TURN.finditer(text) if m.group(1) == "Assistant"]
-    if not markers:
-        raise DataError("the transcript has no 'Assistant:' turn", field=field)
-    return markers[-1]
+def _hh_reply_marker(text: str, field: str) -> re.Match:
+    """The marker of the Assistant turn that answers the last Human turn: the prompt ends before it.
+
+    All after it is the reply, further "\n\nAssistant:" markers included: real replies go on with their
+    own turn that way (HH-RLHF helpful-base rows 157, 324). A Human turn after it would be a later prompt.
+    """
+    markers = list(HH_TURN.finditer(text))
+    humans = [i for i, marker in enumerate(markers) if marker.group(1) == "Human"]
+    if not humans:
+        raise DataError("the transcript has no 'Human:' turn", field=field)
+    if humans[-1] == len(markers) - 1:
+        raise DataError("no 'Assistant:' turn answers the last 'Human:' turn", field=field)
+    return markers[humans[-1] + 1]
+
+
+def _hh_transcript(row: dict, key: str) -> tuple[str, SFTExample]:
+    """The text up to the reply (the prompt and the marker that starts the reply), and prompt and reply."""
+    text = _get(row, key, str, "a Human/Assistant transcript string")
+    marker = _hh_reply_marker(text, key)
+    prompt = _prompt(_hh_turns(text[: marker.start()], key), key, listed=False)
+    reply = [{"role": "assistant", "content": _hh_text(text[marker.end():])}]
+    return text[: marker.end()], SFTExample(prompt, _response(reply, key))
 
 
 def hh_sft(row: dict) -> SFTExample:
-    chosen = _get(row, "chosen", str, "a Human/Assistant transcript string")
-    last = _hh_last_assistant(chosen, "chosen")
-    reply = _nonempty([{"role": "assistant", "content": _hh_text(chosen[last.end():])}], "chosen")
-    return SFTExample(prompt=_hh_turns(chosen[: last.start()], "chosen"), completion=reply)
+    return _hh_transcript(row, "chosen")[1]
 
 
 def hh_preference(row: dict) -> PreferenceExample:
-    chosen = _get(row, "chosen", str, "a Human/Assistant transcript string")
-    rejected = _get(row, "rejected", str, "a Human/Assistant transcript string")
-    last_c, last_r = _hh_last_assistant(chosen, "chosen"), _hh_last_assistant(rejected, "rejected")
-    # Usually both transcripts have the same text up to their last Assistant marker. But a reply may
-    # itself contain "\n\nAssistant:" (the model went on to invent turns), so the prompt is the text up
-    # to either transcript's last Assistant marker that the other transcript also starts with.
-    if rejected.startswith(chosen[: last_c.end()]):
-        last = last_c
-    elif chosen.startswith(rejected[: last_r.end()]):
-        last = last_r
-    else:
-        raise DataError("differs from 'chosen' before the last Assistant turn; the two must share the prompt",
-                        field="rejected")
-    replies = {key: [{"role": "assistant", "content": _hh_text(text[last.end():])}]
-               for key, text in (("chosen", chosen), ("rejected", rejected))}
-    for key, reply in replies.items():
-        _nonempty(reply, key)
-    _check_differ(replies["chosen"], replies["rejected"])
-    return PreferenceExample(_hh_turns(chosen[: last.start()], "chosen"), replies["chosen"], replies["rejected"])
+    (head, chosen), (rejected_head, rejected) = (_hh_transcript(row, key) for key in ("chosen", "rejected"))
+    # Transcripts that part before the reply answer different prompts: two conversations, not a pair.
+    if rejected_head != head:
+        raise DataError("differs from 'chosen' before the reply to the last 'Human:' turn; the two must share the "
+                        "prompt", field="rejected")
+    _check_differ(chosen.completion, rejected.completion)
+    return PreferenceExample(chosen.prompt, chosen.completion, rejected.completion)
 
 
 # the other formats
@@ -161,7 +199,7 @@ def messages_sft(row: dict) -> SFTExample:
 
 
 def prompt_completion(row: dict) -> SFTExample:
-    return SFTExample(_turns(row, "prompt", "user"), _nonempty(_turns(row, "completion", "assistant"), "completion"))
+    return SFTExample(_prompt_in(row), _response_in(row, "completion"))
 
 
 def alpaca(row: dict) -> SFTExample:
@@ -170,8 +208,9 @@ def alpaca(row: dict) -> SFTExample:
     if not isinstance(extra, str):
         raise DataError(f"expected a string, got {type(extra).__name__} {_short(extra)}", field="input")
     output = _get(row, "output", str, "a string")
+    _prompt([{"role": "user", "content": instruction}], "instruction", listed=False)  # the input alone asks nothing
     user = instruction + ("\n\n" + extra if extra.strip() else "")
-    completion = _nonempty([{"role": "assistant", "content": output}], "output")
+    completion = _response([{"role": "assistant", "content": output}], "output")
     return SFTExample(prompt=[{"role": "user", "content": user}], completion=completion)
 
 
@@ -187,9 +226,9 @@ def _margin(row: dict) -> float | None:
 
 
 def preference(row: dict) -> PreferenceExample:
-    chosen, rejected = (_nonempty(_turns(row, key, "assistant"), key) for key in ("chosen", "rejected"))
+    chosen, rejected = (_response_in(row, key) for key in ("chosen", "rejected"))
     _check_differ(chosen, rejected)
-    return PreferenceExample(_turns(row, "prompt", "user"), chosen, rejected, _margin(row))
+    return PreferenceExample(_prompt_in(row), chosen, rejected, _margin(row))
 
 
 def implicit_prompt(row: dict) -> PreferenceExample:
@@ -198,18 +237,14 @@ def implicit_prompt(row: dict) -> PreferenceExample:
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
     _check_differ(chosen[shared:], rejected[shared:])
-    for key, messages in (("chosen", chosen), ("rejected", rejected)):
-        # If the two diverge at a user turn, the "responses" would include that turn: not a preference pair.
-        if shared < len(messages) and messages[shared]["role"] != "assistant":
-            raise DataError(f"is '{messages[shared]['role']}' where the conversations part; they may differ only "
-                            "from an assistant reply on", field=f"{key}[{shared}].role")
-        _nonempty(messages[shared:], key)
-    return PreferenceExample(prompt=chosen[:shared], chosen=chosen[shared:], rejected=rejected[shared:],
-                             margin=_margin(row))
+    # The responses are where the two part: a user turn there means two conversations, not one prompt's pair.
+    conversations = (("chosen", chosen), ("rejected", rejected))
+    replies = [_response(messages[shared:], key, first=shared) for key, messages in conversations]
+    return PreferenceExample(_prompt(chosen[:shared], "chosen"), *replies, margin=_margin(row))
 
 
 def task(row: dict) -> TaskExample:
-    prompt = _turns(row, "prompt", "user")
+    prompt = _prompt_in(row)
     rule = _get(row, "rule", dict, 'an object such as {"kind": "exact", "answer": "12"}')
     from align.eval.rules import RULE_KINDS, RULE_FIELDS
 
@@ -219,11 +254,25 @@ def task(row: dict) -> TaskExample:
     needed = RULE_FIELDS[kind]
     if needed not in rule:
         raise DataError(f"a rule of kind {kind!r} needs '{needed}'", field=f"rule.{needed}")
+    if kind == "one_of":
+        answers = rule["answers"]
+        if not isinstance(answers, list) or not answers:  # a string would be read as a list of its characters
+            raise DataError(f"expected a list of answers, got {_short(answers)}", field="rule.answers")
+        for i, answer in enumerate(answers):
+            _check_answer(answer, f"rule.answers[{i}]")
+    elif kind == "exact":
+        _check_answer(rule["answer"], "rule.answer")
     return TaskExample(prompt=prompt, rule=rule)
 
 
+def _check_answer(answer: object, field: str) -> None:
+    # The rules compare a response with the answer's text: null would be "None", a list its Python repr.
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+        raise DataError(f"expected an answer: a non-empty string or a number, got {_short(answer)}", field=field)
+
+
 def bare_prompt(row: dict) -> TaskExample:
-    return TaskExample(prompt=_turns(row, "prompt", "user"), rule={})
+    return TaskExample(prompt=_prompt_in(row), rule={})
 
 
 # ranked formats: K >= 2 responses to one prompt, each with a score
@@ -235,25 +284,34 @@ def _ranking(prompt: list[Message], responses: list[list[Message]], scores: list
     if len(set(scores)) == 1:
         raise DataError(f"all {len(scores)} responses have the same score; a ranking needs at least two different "
                         "scores", field=scores_field)
+    # A response scored two ways contradicts itself; as a pair, best against worst, it could beat itself.
+    first_score: dict[tuple, float] = {}
+    for response, score in zip(responses, scores):
+        if first_score.setdefault(_said(response), score) != score:
+            raise DataError(f"the response {_short(' '.join(m['content'] for m in response))} appears twice, with "
+                            "two different scores", field=scores_field)
     return RankedExample(prompt, responses, scores)
 
 
-def _rank_score(rank: float) -> float:
+def _rank_score(value: object, field: str) -> float:
+    rank = _finite(value, field)
+    if rank < 0 or not rank.is_integer():
+        raise DataError(f"expected a rank: a whole number, 0 for the best, got {_short(value)}", field=field)
     return 0.0 - rank  # rank 0 is the best; `-rank` would make it -0.0, which prints as "-0"
 
 
 def _listed(row: dict, responses_key: str, scores_key: str, ranks: bool = False) -> RankedExample:
     """A prompt, a list of responses and a parallel list of scores (or of ranks, 0 = best)."""
     values = _get(row, responses_key, list, "a list of responses (strings or message lists)")
-    responses = [_nonempty(_as_messages(value, f"{responses_key}[{i}]", "assistant"), f"{responses_key}[{i}]")
+    responses = [_response(_as_messages(value, f"{responses_key}[{i}]", "assistant"), f"{responses_key}[{i}]")
                  for i, value in enumerate(values)]
     numbers = _get(row, scores_key, list, "a list of numbers, one per response")
     if len(numbers) != len(responses):
         raise DataError(f"has {len(numbers)} entries for the {len(responses)} responses in '{responses_key}'; "
                         "give one per response", field=scores_key)
-    scores = [_finite(number, f"{scores_key}[{i}]") for i, number in enumerate(numbers)]
-    scores = [_rank_score(rank) for rank in scores] if ranks else scores
-    return _ranking(_turns(row, "prompt", "user"), responses, scores, responses_key, scores_key)
+    score = _rank_score if ranks else _finite
+    scores = [score(number, f"{scores_key}[{i}]") for i, number in enumerate(numbers)]
+    return _ranking(_prompt_in(row), responses, scores, responses_key, scores_key)
 
 
 def ranked(row: dict) -> RankedExample:
@@ -270,14 +328,15 @@ def scored_responses(row: dict) -> RankedExample:
 
 
 def ultrafeedback(row: dict) -> RankedExample:
-    prompt = [{"role": "user", "content": _get(row, "instruction", str, "a string")}]
+    prompt = _prompt([{"role": "user", "content": _get(row, "instruction", str, "a string")}], "instruction",
+                     listed=False)
     responses, scores = [], []
     for i, completion in enumerate(_get(row, "completions", list, "a list of {response, overall_score} objects")):
         where = f"completions[{i}]"
         if not isinstance(completion, dict):
             raise DataError(f"expected an object {{response, overall_score}}, got {_short(completion)}", field=where)
         text = _get(completion, "response", str, "a string", within=where)
-        responses.append(_nonempty([{"role": "assistant", "content": text}], _at(where, "response")))
+        responses.append(_response([{"role": "assistant", "content": text}], _at(where, "response")))
         # UltraFeedback's overall score (the critique's) is its headline rating; the mean of the
         # fine-grained ratings stands in where a dataset has only that.
         key = "overall_score" if completion.get("overall_score") is not None else "fine-grained_score"
@@ -299,7 +358,7 @@ def oasst_tree(row: dict) -> list[RankedExample]:
 
 def _oasst_walk(node: object, field: str, path: list[Message], groups: list[RankedExample]) -> None:
     """Collect the groups at and below `node`; `path` is the conversation from the root down to its parent."""
-    path = [*path, _oasst_message(node, field)]
+    path = [*path, _oasst_message(node, field, path[-1] if path else None)]
     replies = node.get("replies", [])
     if not isinstance(replies, list):
         raise DataError(f"expected a list of messages, got {_short(replies)}", field=_at(field, "replies"))
@@ -309,25 +368,30 @@ def _oasst_walk(node: object, field: str, path: list[Message], groups: list[Rank
     ranked = [(where, reply) for where, reply in kept if isinstance(reply, dict) and reply.get("rank") is not None]
     # Humans ranked the assistant replies to a prompter message; one ranked reply has nothing to beat.
     if path[-1]["role"] == "user" and len(ranked) >= 2:
-        responses = [_nonempty([_oasst_message(reply, where)], _at(where, "text")) for where, reply in ranked]
-        scores = [_rank_score(_finite(reply["rank"], _at(where, "rank"))) for where, reply in ranked]
-        groups.append(_ranking(path, responses, scores, _at(field, "replies"), _at(field, "replies")))
+        responses = [_response([_oasst_message(reply, where, path[-1])], _at(where, "text"))
+                     for where, reply in ranked]
+        scores = [_rank_score(reply["rank"], _at(where, "rank")) for where, reply in ranked]
+        prompt = _prompt(path, _at(field, "text"), listed=False)
+        groups.append(_ranking(prompt, responses, scores, _at(field, "replies"), _at(field, "replies")))
     for where, reply in kept:
         _oasst_walk(reply, where, path, groups)
 
 
-def _oasst_message(node: object, field: str) -> Message:
+def _oasst_message(node: object, field: str, parent: Message | None) -> Message:
     if not isinstance(node, dict):
         raise DataError(f"expected a message object {{text, role, replies}}, got {_short(node)}", field=field)
     role = node.get("role")
     if role not in OASST_ROLES:
         raise DataError(f"unknown role {_short(role)}; expected one of {list(OASST_ROLES)}", field=_at(field, "role"))
+    # A tree alternates from a prompter message at its root: each reply is the other role's turn.
+    if OASST_ROLES[role] == (parent["role"] if parent else "assistant"):
+        raise DataError(f"is '{role}' where the other role's turn is due: a tree alternates prompter and assistant "
+                        "messages, from a prompter message at its root", field=_at(field, "role"))
     return {"role": OASST_ROLES[role], "content": _get(node, "text", str, "a string", within=field)}
 
 
 def unpaired(row: dict) -> UnpairedExample:
-    completion = _nonempty(_turns(row, "completion", "assistant"), "completion")
-    return UnpairedExample(_turns(row, "prompt", "user"), completion, _get(row, "label", bool, "true or false"))
+    return UnpairedExample(_prompt_in(row), _response_in(row, "completion"), _get(row, "label", bool, "true or false"))
 
 
 def fastchat_question(row: dict) -> TaskExample:

@@ -145,8 +145,8 @@ FORMATS.update(_derived_kinds())
 def _prompt_kind() -> dict[tuple[str, str], Format]:
     """The prompt kind (what PPO samples responses for): task rows keep their rule; bare prompts and the
     prompt of every preference (ranked formats included: one per group) and SFT row get none. Where both
-    kinds have a name (hh_rlhf), the preference one wins: its prompt is the prefix both transcripts share,
-    which a reply that invents turns cannot move."""
+    kinds have a name (hh_rlhf), the preference one wins: a row of two transcripts is a pair, whose
+    transcripts must share their prompt."""
     out = {("prompt", "task"): FORMATS[("task", "task")],
            ("prompt", "prompt"): Format("prompt (string or message list), without rule, chosen, rejected or completion",
                                         _is_bare_prompt, converters.bare_prompt),
@@ -203,7 +203,7 @@ def load_examples(
         try:
             if isinstance(row, DataError):
                 raise row
-            picked = picked or _detect(row, kind, available, path)
+            picked = picked or _detect(row, kind, path)
             examples.extend(_as_list(available[picked].convert(row)))
         except DataError as e:
             if e.file is None:  # converters name the field; the file and row are known here
@@ -215,15 +215,19 @@ def load_examples(
         if skipped:
             reason = f"all {rows_read} rows are bad; the first: {skipped[0]}"
         else:  # rows that give none: OASST trees without a ranked group
-            reason = f"its {rows_read} rows hold none" if rows_read else "no rows in the file"
+            reason = f"its {rows_read} rows hold none"
         raise DataError(f"no usable {kind} examples: {reason}", file=path)
     return LoadedData(examples, picked, path, rows_read, skipped, sources.fingerprint(path))
 
 
-def _detect(row: dict, kind: str, available: dict[str, Format], path: str) -> str:
-    for name, fmt in available.items():
-        if fmt.detect(row):
-            return name
+def detect_format(row: dict, kind: str) -> str | None:
+    """The first of `kind`'s formats that `row` looks like, or None."""
+    return next((name for name, fmt in formats_for(kind).items() if fmt.detect(row)), None)
+
+
+def _detect(row: dict, kind: str, path: str) -> str:
+    if name := detect_format(row, kind):
+        return name
     raise DataError(f"cannot tell the {kind} data format from the first row's keys {sorted(row)}. Formats for {kind} "
                     f"data and the keys each expects:\n{describe_formats(kind)}\nRename the fields to match one, or "
                     "set data.format in the recipe to the one your data is in.", file=path)

@@ -1,8 +1,9 @@
 """`align data inspect`: the pre-flight check before training on a file.
 
-Shows the detected format, rows, length statistics in tokens, and one row rendered through the
-model's chat template with its token ids and the prompt/completion mask, then warns about what
-silently spoils training: two BOS tokens, a completion without EOS, rows that will be truncated.
+Shows the kind the file is meant for (and the other kinds that could read it), its format, rows, length
+statistics in tokens, and one row rendered through the model's chat template with its token ids and the
+prompt/completion mask, then warns about what silently spoils training: two BOS tokens, a completion
+without EOS, rows that will be truncated.
 """
 
 from __future__ import annotations
@@ -14,37 +15,60 @@ from rich.table import Table
 from rich.text import Text
 
 from align.data.collate import encode, encode_prompt
-from align.data.formats import PAIR_FORMATS, describe_formats, load_examples
-from align.data.sources import read_rows
+from align.data.formats import PAIR_FORMATS, describe_formats, detect_format, formats_for, load_examples
+from align.data.sources import read_records
 from align.errors import AlignError, DataError
 from align.ui import console
 
-# Auto tries the kinds in this order, bare prompts last. Ranked and unpaired come before the kinds that
-# also read their files (preference reads ranked files, sft reads {prompt, completion, label}), so their
-# files show as what they are; the pair files that they too read are left to the preference kind.
+# Auto names the first of these kinds that reads the file's first row, bare prompts last. Ranked and
+# unpaired come before the kinds that also read their files (preference reads ranked files, sft reads
+# {prompt, completion, label}), so their files show as what they are; the pair files that they too read
+# are left to the preference kind.
 KINDS = ("ranked", "preference", "unpaired", "sft", "task", "prompt")
 READ_FROM_PAIRS = ("ranked", "unpaired")
 
 
 def _load_any_kind(path, kind, format, skip_bad_rows):
+    """The kind to read the file as, its examples, and the other kinds that could read it (auto only)."""
     if kind != "auto":
-        return kind, load_examples(path, kind, format, skip_bad_rows)
-    errors = []
-    for candidate in KINDS:
+        return kind, load_examples(path, kind, format, skip_bad_rows), []
+    (kind, _), *others = _readers(path, format)
+    # The file's bad rows are errors of the kind it is meant for, not a reason to pick a laxer kind.
+    return kind, load_examples(path, kind, format, skip_bad_rows), [other for other, _ in others]
+
+
+def _readers(path, format) -> list[tuple[str, str]]:
+    """(kind, format) for every kind that reads the file's first row, the kind it is meant for first."""
+    if path.startswith("synthetic:"):  # the embedded task: no rows to look at, its split says what it holds
+        from align.data import synthetic
+
         try:
-            loaded = load_examples(path, candidate, format, skip_bad_rows)
-        except DataError as err:
-            errors.append(err)
-            continue
-        if not (candidate in READ_FROM_PAIRS and loaded.format in PAIR_FORMATS):
-            return candidate, loaded
-    row_errors = [e for e in errors if e.row is not None]
-    if row_errors:  # a kind whose format matched and then met a bad row: that is the user's problem
-        raise max(row_errors, key=lambda e: e.row)
-    row, first = next(read_rows(path))
-    listing = "\n".join(f"{k}:\n{describe_formats(k)}" for k in KINDS)
-    raise DataError(f"no known format has the keys {sorted(first)}; set --kind and --format. Known formats:\n{listing}",
-                    file=str(path), row=row)
+            return [(kind, "synthetic") for kind in synthetic.kinds(path.removeprefix("synthetic:"))]
+        except ValueError as err:
+            raise DataError(str(err), file=path) from err
+    number, row = _first_row(path)
+    found = [(kind, name) for kind in KINDS if (name := _format_for(row, kind, format))]
+    if not found:
+        listing = "\n".join(f"{k}:\n{describe_formats(k)}" for k in KINDS)
+        raise DataError(f"no known format has the keys {sorted(row)}; set --kind and --format. Known formats:\n"
+                        f"{listing}", file=path, row=number)
+    return sorted(found, key=lambda read: read[0] in READ_FROM_PAIRS and read[1] in PAIR_FORMATS)
+
+
+def _first_row(path) -> tuple[int, dict]:
+    """The first row that reads; where none does, the first row's error is the file's problem."""
+    first_error = None
+    for number, row in read_records(path):
+        if not isinstance(row, DataError):
+            return number, row
+        first_error = first_error or row
+    raise first_error
+
+
+def _format_for(row, kind, format) -> str | None:
+    if format == "auto":
+        return detect_format(row, kind)
+    return format if format in formats_for(kind) else None
 
 
 def _tokenizer_for(model: str):
@@ -77,7 +101,7 @@ def _stats(values: list[int]) -> str:
 
 
 def inspect_file(path, model, kind="auto", format="auto", skip_bad_rows=False, row=1, max_length=512):
-    kind, loaded = _load_any_kind(path, kind, format, skip_bad_rows)
+    kind, loaded, other_kinds = _load_any_kind(path, kind, format, skip_bad_rows)
     if not 1 <= row <= len(loaded.examples):
         raise AlignError(f"--row {row}: {path} has {len(loaded.examples)} usable rows")
     tokenizer, model_desc = _tokenizer_for(model)
@@ -95,6 +119,8 @@ def inspect_file(path, model, kind="auto", format="auto", skip_bad_rows=False, r
 
     summary = Table(title=f"{path}", show_header=False)
     summary.add_row("kind / format", f"{kind} / {loaded.format}")
+    if other_kinds:
+        summary.add_row("other kinds (--kind)", ", ".join(other_kinds))
     rows = f"{len(loaded.examples)} usable, {len(loaded.skipped)} skipped"
     if len(loaded.examples) != loaded.rows_read - len(loaded.skipped):  # a row may give several (OASST trees)
         rows += f", from {loaded.rows_read} rows read"

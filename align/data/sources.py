@@ -12,7 +12,7 @@ import gzip
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from align.errors import DataError
 
@@ -35,37 +35,39 @@ def read_records(path: str) -> Iterator[tuple[int, dict | DataError]]:
     """Like `read_rows`, but a bad row comes out as its DataError instead of being raised.
 
     This lets a loader that skips bad rows carry on past a broken JSON line; a generator that raised
-    could not be resumed. Problems with the whole file (missing, unsupported, unreadable) still raise.
+    could not be resumed. Problems with the whole file (missing, unsupported, unreadable, empty) still raise.
     """
-    if os.path.isdir(path):
-        yield from _read_datasets_folder(path)
-        return
-    if not os.path.isfile(path):
-        raise DataError(f"file not found (supported: {SUPPORTED})", file=path)
-    name = path.lower()
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        records = _read_jsonl(path)
-    elif name.endswith((".json", ".json.gz")):
-        records = _read_json(path)
-    elif name.endswith(".parquet"):
-        records = _read_parquet(path)
-    elif name.endswith(".txt"):
-        records = _read_text_prompts(path)
-    else:
-        raise DataError(f"unsupported file type; supported: {SUPPORTED}", file=path)
-    for number, row in records:
+    number = 0
+    for number, row in _reader(path)(path):
         if not isinstance(row, (dict, DataError)):
             row = DataError(f"row is a JSON {_json_type(row)}, expected an object with named fields",
                             file=path, row=number)
         yield number, row
+    if not number:
+        raise DataError(f"no rows: the {'dataset' if os.path.isdir(path) else 'file'} is empty", file=path)
 
 
-def _read_text_prompts(path: str) -> Iterator[tuple[int, dict]]:
+def _reader(path: str) -> Callable[[str], Iterator[tuple[int, object]]]:
+    if os.path.isdir(path):
+        return _read_datasets_folder
+    if not os.path.isfile(path):
+        raise DataError(f"file not found (supported: {SUPPORTED})", file=path)
+    name = path.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return _read_jsonl
+    if name.endswith((".json", ".json.gz")):
+        return _read_json
+    if name.endswith(".parquet"):
+        return _read_parquet
+    if name.endswith(".txt"):
+        return _read_text_prompts
+    raise DataError(f"unsupported file type; supported: {SUPPORTED}", file=path)
+
+
+def _read_text_prompts(path: str) -> Iterator[tuple[int, dict | DataError]]:
     """A plain prompt list: every non-blank line is `{"prompt": line}`."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                yield number, {"prompt": line.rstrip("\n")}
+    for number, line in _lines(path):
+        yield number, line if isinstance(line, DataError) else {"prompt": line.rstrip("\r\n")}
 
 
 def fingerprint(path: str) -> str:
@@ -98,7 +100,8 @@ def _open_bytes(path: str):
     return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[int, object]]:
+def _lines(path: str) -> Iterator[tuple[int, str | DataError]]:
+    """The non-blank lines of a text file, gzipped or not, numbered as an editor shows them."""
     try:
         with _open_bytes(path) as f:
             for number, raw in enumerate(f, start=1):
@@ -108,20 +111,28 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, object]]:
                 except UnicodeDecodeError as e:
                     yield number, DataError(f"not valid UTF-8: {e}", file=path, row=number)
                     continue
-                if not line.strip():
-                    continue
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield number, DataError(f"not valid JSON: {e.msg} (column {e.colno})", file=path, row=number)
+                if line.strip():
+                    yield number, line
     except (OSError, EOFError) as e:  # a truncated or corrupt gzip stream
         raise DataError(f"cannot read the file: {e}", file=path) from e
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[int, object]]:
+    for number, line in _lines(path):
+        if isinstance(line, DataError):
+            yield number, line
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield number, DataError(f"not valid JSON: {e.msg} (column {e.colno})", file=path, row=number)
 
 
 def _read_json(path: str) -> Iterator[tuple[int, object]]:
     try:
         with _open_bytes(path) as f:
-            data = json.loads(f.read().decode("utf-8-sig"))
+            text = f.read().decode("utf-8-sig")
+        data = json.loads(text) if text.strip() else []  # a blank file is an empty one, not a JSON error
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})", file=path) from e
     except (OSError, EOFError, UnicodeDecodeError) as e:
@@ -163,6 +174,9 @@ def _read_datasets_folder(path: str) -> Iterator[tuple[int, object]]:
     except FileNotFoundError as e:
         raise DataError(f"folder is not a dataset saved with save_to_disk ({e}); supported: {SUPPORTED}",
                         file=path) from e
+    except IndexError as e:  # datasets saves a split of no rows without data files, then cannot load it
+        raise DataError("no rows in the dataset, or in one of its splits (datasets cannot load a split saved empty); "
+                        "save the split to use on its own", file=path) from e
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
         if "train" in loaded:

@@ -238,11 +238,17 @@ def parse_split(spec: str) -> tuple[str, tuple[str, ...]]:
     return split, families
 
 
+def kinds(spec: str) -> tuple[str, ...]:
+    """The kinds a split loads as, the kind of its own examples first."""
+    kind = SPLIT_KINDS[parse_split(spec)[0]]
+    return (kind, *ALSO_LOADS_AS.get(kind, ()), "prompt")
+
+
 def load(spec: str, kind: str, n: int | None = None, seed: int = 0) -> list:
     """Examples of one split (`spec`: a split name, optionally with `?families=...`) as schema objects;
     `kind` must be one the split loads as (see the module docstring)."""
     split, families = parse_split(spec)
-    loads_as = (SPLIT_KINDS[split], *ALSO_LOADS_AS.get(SPLIT_KINDS[split], ()), "prompt")
+    loads_as = kinds(spec)
     if kind not in loads_as:
         raise ValueError(f"synthetic:{split} holds {SPLIT_KINDS[split]} examples; it loads as {', '.join(loads_as)}, "
                          f"not {kind}")

@@ -13,7 +13,7 @@ prompts, greedy or sampled, as adapters on the one base. Then, per stage:
 
 Everything lands in `RUN/eval/`: eval.json (the report's only input), report.html with plots/, and
 pairs.jsonl, each stage's reply next to the reference's, for people to judge. Replies are cached by the
-adapter's fingerprint, prompts and decoding, so evaluating again after one stage changed regenerates
+base model's identity (align.models.identity), the adapter's fingerprint, prompts and decoding, so evaluating again after one stage changed regenerates
 only that stage; eval.json is reused as a whole while nothing it depends on changed.
 """
 
@@ -31,6 +31,8 @@ from align.eval.forgetting import adapter_fingerprint
 from align.eval.generation import Decoding, Reply, generate
 from align.eval.kl import kl_along
 from align.eval.tasks import score_answers
+from align.models.identity import base_identity, machine
+from align.models.load import give_back
 from align.refs import resolve_refs
 from align.runs import BASE, acting_as, with_adapters
 from align.ui import console, work_progress
@@ -101,7 +103,9 @@ class Evaluation:
         self.preferences = _load(cfg.preferences or default_preferences(recipe), "preference")
         self.verdicts = judges.load_human_verdicts(cfg.verdicts) if cfg.verdicts else {}
         self.decoding = Decoding(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.seed)
+        self.identity = base_identity(recipe.model)
         self.key = _hash({
+            "base": self.identity,
             "settings": asdict(cfg), "reference": self.reference, "stages": self.stages, "judge": self.judge_spec,
             "data": [d.fingerprint if d else None for d in (self.tasks, self.prompts, self.preferences)],
             "verdicts": sorted(self.verdicts.items()),
@@ -151,7 +155,8 @@ class Evaluation:
         """`name`'s replies to `examples`' prompts, from the cache when this adapter answered them before."""
         cache_path = self.out_dir / "cache" / "replies.json"
         cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-        key = _hash([adapter_fingerprint(self.run_.adapter(name)), [ex.prompt for ex in examples], asdict(self.decoding)])
+        key = _hash([self.identity, adapter_fingerprint(self.run_.adapter(name)), [ex.prompt for ex in examples],
+                     asdict(self.decoding)])
         if key not in cache:
             with work_progress(f"replies of {name}", len(examples), self.quiet) as advance, acting_as(model, name):
                 replies = generate(model, self.tokenizer, [ex.prompt for ex in examples], self.decoding,
@@ -172,8 +177,7 @@ class Evaluation:
         try:
             result = self._measure(model, folders)
         finally:
-            if hasattr(model, "peft_config"):
-                self.base = model.unload()
+            self.base = give_back(model)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cached_path.write_text(json.dumps(result, indent=1))
         self._write_pairs(result)
@@ -190,10 +194,11 @@ class Evaluation:
         rewards = self._judge_scores(judge, examples, replies) if judge else {}
         kls = self._kls(model, prompts, replies)
         implicit = self._implicit_accuracies(model, folders)
+        graded = {name: score_answers(self.tasks.examples, [r.text for r in task_replies[name]]) if self.tasks else {}
+                  for name in self.stages}
         stages = {}
         for name in self.stages:
             lengths = [len(r.ids) for r in replies[name]]
-            graded = score_answers(self.tasks.examples, [r.text for r in task_replies[name]]) if self.tasks else {}
             forgetting = self.run_.state(name).get("forgetting") if name != BASE else None
             stages[name] = {
                 "kind": BASE if name == BASE else self.run_.stage(name).kind,
@@ -204,8 +209,9 @@ class Evaluation:
                 "mean_reward": sum(rewards[name]) / len(rewards[name]) if name in rewards else None,
                 **self._comparison(name, prompts, replies, rewards),
                 "kl_to_reference": kls.get(name),
-                "task_accuracy": graded.get("accuracy"),
-                "task_per_family": graded.get("per_family") or None,
+                "task_accuracy": graded[name].get("accuracy"),
+                "task_accuracy_change": self._accuracy_change(graded, name),
+                "task_per_family": graded[name].get("per_family") or None,
                 "implicit_reward_accuracy": implicit.get(name),
                 "forgetting": {k: v for k, v in forgetting.items() if k != "key"} if forgetting else None,
             }
@@ -223,6 +229,8 @@ class Evaluation:
             "run": self.run_.name,
             "run_dir": str(self.run_.dir),
             "base": self.run_.state(self.run_.recipe.stages[0].name).get("base", self.run_.recipe.model.base),
+            "identity": self.identity,
+            "machine": machine(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "settings": {"prompts": self.prompts.source, "n_prompts": len(examples), "reference": self.reference,
                          "judge": judge.name if judge else None, **asdict(self.decoding),
@@ -233,6 +241,13 @@ class Evaluation:
             "samples": [self._sample(i, prompts[i], replies, stages) for i in range(len(examples))],
             "curves": {name: _curves(self.run_.dir / name) for name in self.stages if name != BASE},
         }
+
+    def _accuracy_change(self, graded: dict, name: str) -> dict | None:
+        """Task accuracy of `name` minus the reference's on the same prompts, with a paired-bootstrap 95% interval."""
+        if name == self.reference or not graded[name].get("correct"):
+            return None
+        return metrics.paired_bootstrap(graded[name]["correct"], graded[self.reference]["correct"], self.cfg.bootstrap,
+                                        self.cfg.seed)
 
     def _judge_scores(self, judge, examples, replies: dict) -> dict[str, list[float]]:
         prompts, rules = [ex.prompt for ex in examples], [ex.rule for ex in examples]

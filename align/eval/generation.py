@@ -38,7 +38,9 @@ class Decoding:
     def kwargs(self) -> dict:
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} if self.do_sample else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        return {"max_new_tokens": self.max_new_tokens, **sampling}
+        # use_cache whatever the model's config says (the Trainer turns it off): replies depend on the base, the
+        # adapter and these settings only, and in bf16 replies computed without the KV cache differ from those with it
+        return {"max_new_tokens": self.max_new_tokens, "use_cache": True, **sampling}
 
 
 @torch.no_grad()

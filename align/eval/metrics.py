@@ -83,3 +83,17 @@ def length_controlled_win_rate(outcomes: list[str], stage_lengths, reference_len
     samples = [fit(rng.integers(0, len(y), len(y))) for _ in range(bootstrap)] if len(y) > 1 else [value]
     low, high = np.percentile(samples, [2.5, 97.5])
     return {"value": value, "low": float(low), "high": float(high)}
+
+
+def paired_bootstrap(stage_values, reference_values, resamples: int = 2000, seed: int = 0) -> dict | None:
+    """{"value", "low", "high", "n"}: the mean of stage − reference over paired items (the same prompts) with a
+    percentile-bootstrap 95% interval that resamples whole items, so each prompt's pair moves together: a change that
+    one stage answers right and the other wrong counts, while the prompts both get right or wrong add no noise
+    (Efron & Tibshirani 1993, ch. 13; Koehn 2004 for paired bootstrap on test sets). None for no items."""
+    diff = np.asarray(stage_values, dtype=float) - np.asarray(reference_values, dtype=float)  # [N]
+    if diff.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, (resamples, diff.size))].mean(axis=1) if resamples else diff[None].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"value": float(diff.mean()), "low": float(low), "high": float(high), "n": int(diff.size)}

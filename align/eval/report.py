@@ -110,15 +110,23 @@ def _cells(st: dict) -> list[tuple[str, str]]:
     """The summary columns after the label, as (value, CI) strings."""
     return [_rate(st.get("win_rate")), _rate(st.get("lc_win_rate")), (_num(st.get("mean_reward")), ""),
             (_num(st.get("mean_length"), 1), ""), (_num(st.get("kl_to_reference")), ""),
-            (_pct(st.get("task_accuracy")), ""), (_pct(st.get("implicit_reward_accuracy")), ""),
+            (_pct(st.get("task_accuracy")), ""), _change(st.get("task_accuracy_change")),
+            (_pct(st.get("implicit_reward_accuracy")), ""),
             (", ".join(_forgetting_change(st.get("forgetting"))) or "–", "")]
 
 
-COLUMNS = ["win rate ± CI", "LC win rate", "mean reward", "length", "KL", "task acc", "implicit-reward acc",
-           "forgetting change"]
+COLUMNS = ["win rate ± CI", "LC win rate", "mean reward", "length", "KL", "task acc", "task acc vs ref ± CI",
+           "implicit-reward acc", "forgetting change"]
 
 
 TERMINAL_COLUMNS = ["win", "95% CI", "LC win", "reward", "length", "KL", "task", "implicit"]
+
+
+def _change(r: dict | None) -> tuple[str, str]:
+    """(change, paired-bootstrap CI) of a difference of rates, in percentage points."""
+    if not r:
+        return "–", ""
+    return f"{100 * r['value']:+.1f} pt", f"{100 * r['low']:+.1f} to {100 * r['high']:+.1f}"
 
 
 def _terminal_ci(r: dict | None) -> str:

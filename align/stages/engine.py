@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from align import distributed
 from align.errors import AlignError
 from align.models import adapters
+from align.models.load import give_back
 from align.replay import ReplayMixer
 from align.ui import StageProgress
 
@@ -109,14 +111,37 @@ def last_checkpoint(stage_dir: Path) -> str | None:
 
 
 class MetricsFile(TrainerCallback):
-    """Every logged dict, one JSON line, appended (a resumed stage continues the same file)."""
+    """Every step's logged metrics, one JSON line each, appended: a resumed stage continues the same file, from which
+    `keep_until` first drops what the killed run logged after its checkpoint. The Trainer's end-of-training summary
+    (runtime, mean loss) is not a step: it goes to stage.json only."""
 
     def __init__(self, path: Path):
         self.path = path
 
+    def keep_until(self, step: int) -> None:
+        keep_metrics_until(self.path, step)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": state.global_step, **(logs or {})}) + "\n")
+        if logs and "train_runtime" not in logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the records after `step` (a checkpoint's): a killed run may have logged steps that its resume redoes."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+class LogAtCheckpoints(TrainerCallback):
+    """Log at every checkpoint and at the last step, whatever `logging_steps` says. Metrics are averaged over the
+    steps since the last log, and a resumed run starts averaging at its checkpoint: so a resumed stage logs exactly
+    what an uninterrupted one does only when every checkpoint closes a logging window; and no step goes unlogged."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
 
 
 class AlignTrainer(Trainer):
@@ -198,20 +223,29 @@ class AlignTrainer(Trainer):
         model.eval()
         totals: dict[str, float] = defaultdict(float)
         count = 0
-        for batch in loader:
-            batch = self._prepare_inputs(batch)
-            loss, metrics = self.loss_and_metrics(model, batch)
-            size = self.batch_size_of(batch)
-            for k, v in {"loss": float(loss), **metrics}.items():
-                totals[k] += v * size
-            count += size
+        with self._progress("held-out evaluation", len(loader)) as advance:
+            for batch in loader:
+                batch = self._prepare_inputs(batch)
+                loss, metrics = self.loss_and_metrics(model, batch)
+                size = self.batch_size_of(batch)
+                for k, v in {"loss": float(loss), **metrics}.items():
+                    totals[k] += v * size
+                count += size
+                advance()
         model.train(was_training)
         parts = distributed.gather((dict(totals), count))
         count = sum(n for _, n in parts)
         keys = dict.fromkeys(k for sums, _ in parts for k in sums)
         out = {f"{metric_key_prefix}_{k}": sum(sums.get(k, 0.0) for sums, _ in parts) / count for k in keys}
         self.log(out)
+        # the Trainer's own evaluate says so to the callbacks; without it the Trainer evaluates the last step again
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, out)
         return out
+
+    def _progress(self, description: str, total: int):
+        """A bar under the stage's progress, in the process that shows it; nothing in the others."""
+        bar = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, StageProgress)), None)
+        return bar.subtask(description, total) if bar else nullcontext(lambda n=1: None)
 
     def _get_train_sampler(self, train_dataset=None):
         """transformers' length-grouped sampler, told the lengths: it would look for `input_ids` in the rows."""
@@ -240,6 +274,12 @@ def row_tokens(row: dict) -> int:
     return total
 
 
+def evaluated_at_end(state) -> bool:
+    """Whether periodic evaluation already scored the final adapter (its record is at the last step)."""
+    return any(entry.get("step") == state.global_step and any(k.startswith("eval_") for k in entry)
+               for entry in state.log_history)
+
+
 def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_rows, eval_rows, collator,
         **kwargs) -> StageOutput:
     """Train the `policy` adapter of `model` (resuming from the stage's last checkpoint), evaluate it,
@@ -260,19 +300,22 @@ def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_
                          "evaluates and hands the base on to the next stage from whole weights: launch with several "
                          "processes and no sharding (DDP), or DeepSpeed ZeRO-2 (recipes/accelerate/)")
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts when tqdm is off; the progress bar shows them
-    if distributed.is_main():  # one process writes and shows the stage's progress for all
-        trainer.add_callback(MetricsFile(ctx.stage_dir / "metrics.jsonl"))
-        trainer.add_callback(StageProgress(stage.name, quiet=ctx.quiet))
+    trainer.add_callback(LogAtCheckpoints())  # in every process: each takes part in gathering the logged metrics
     resume = last_checkpoint(ctx.stage_dir)
+    if distributed.is_main():  # one process writes and shows the stage's progress for all
+        metrics_file = MetricsFile(ctx.stage_dir / "metrics.jsonl")
+        metrics_file.keep_until(int(resume.rsplit("-", 1)[1]) if resume else 0)
+        trainer.add_callback(metrics_file)
+        trainer.add_callback(StageProgress(stage.name, quiet=ctx.quiet))
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     for entry in trainer.state.log_history:  # the last value of each logged metric
         metrics.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
     metrics["global_step"] = trainer.state.global_step
-    if eval_rows:
+    if eval_rows and not evaluated_at_end(trainer.state):
         metrics.update(trainer.evaluate())
     adapter = ctx.stage_dir / "adapter"
     if distributed.is_main():  # every process holds the same trained adapter
         adapters.save(model, adapter)
-    ctx.base = model.unload()  # take the LoRA layers out again: the next stage starts from the bare base
+    ctx.base = give_back(model)  # the next stage starts from the bare base, as loaded
     return StageOutput(adapter, metrics, resume)

@@ -41,10 +41,11 @@ from align.errors import AlignError, DataError
 from align.eval.generation import Decoding, generate
 from align.losses.ppo import RunningMoments, kl_controller, policy_loss, value_loss
 from align.models import adapters, heads
+from align.models.load import give_back
 from align.rewards import LearnedReward, RuleReward, load_reward
-from align.stages.engine import StageContext, StageOutput
+from align.stages.engine import StageContext, StageOutput, keep_metrics_until
 from align.stages.ppo_rollout import make_experience, response_logprobs, response_values
-from align.ui import StageProgress
+from align.ui import StageProgress, work_progress
 
 
 @dataclass
@@ -102,6 +103,7 @@ def ppo_update(model, roles: Roles, rollout, optimizer, scheduler, cfg, groups, 
     """`ppo_epochs` passes of clipped updates over shuffled minibatches; metrics averaged over them.
     With `replay`, each minibatch's policy loss gains the NLL of buffer sequences (InstructGPT's ptx)."""
     stats: dict[str, list[float]] = defaultdict(list)
+    model.eval()  # dropout off in updates as in rollouts (Huang et al.): the ratios compare the same function
     size = rollout.query_response.shape[0]
     minibatches = -(-size // cfg.minibatch_size)
     for epoch in range(cfg.ppo_epochs):
@@ -184,17 +186,12 @@ def load_checkpoint(path: Path, model, roles: Roles, optimizer, scheduler, kl_ct
     return state["step"]
 
 
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """A killed run may have logged steps after its last checkpoint; the resumed run logs them again."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
-
-
-def evaluate_policy(model, roles: Roles, tokenizer, loaded, cfg) -> dict[str, float]:
+def evaluate_policy(model, roles: Roles, tokenizer, loaded, cfg, quiet: bool) -> dict[str, float]:
     """Mean reward of greedy responses to held-out prompts, per reward and weighted in total."""
     examples = loaded.examples
-    replies = generate(model, tokenizer, [ex.prompt for ex in examples], Decoding(cfg.max_new_tokens), cfg.rollout_batch_size)
+    with work_progress("held-out replies", len(examples), quiet) as advance:
+        replies = generate(model, tokenizer, [ex.prompt for ex in examples], Decoding(cfg.max_new_tokens),
+                           cfg.rollout_batch_size, on_batch=advance)
     texts = [r.text for r in replies]
     total, out = 0.0, {}
     for reward, weight, label in roles.rewards:
@@ -228,11 +225,12 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
 
     metrics: dict[str, float] = {}
     if data.get("eval"):  # the starting (SFT) policy's held-out reward, the baseline PPO must beat
-        metrics.update({f"eval_init_{k}": v for k, v in evaluate_policy(model, roles, ctx.tokenizer, data["eval"], cfg).items()})
+        start_scores = evaluate_policy(model, roles, ctx.tokenizer, data["eval"], cfg, ctx.quiet)
+        metrics.update({f"eval_init_{k}": v for k, v in start_scores.items()})
     metrics_file = ctx.stage_dir / "metrics.jsonl"
     resumed = _checkpoints(ctx.stage_dir)[-1] if _checkpoints(ctx.stage_dir) else None
     start = load_checkpoint(resumed, model, roles, optimizer, scheduler, kl_ctl, moments) if resumed else 0
-    _keep_metrics_until(metrics_file, start)
+    keep_metrics_until(metrics_file, start)
     seed = train.seed if train.seed is not None else ctx.recipe.seed
 
     progress = StageProgress(stage.name, quiet=ctx.quiet)
@@ -261,9 +259,10 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
         progress.on_train_end(None, state, None)
     metrics["global_step"] = total
     if data.get("eval"):
-        metrics.update({f"eval_{k}": v for k, v in evaluate_policy(model, roles, ctx.tokenizer, data["eval"], cfg).items()})
+        final_scores = evaluate_policy(model, roles, ctx.tokenizer, data["eval"], cfg, ctx.quiet)
+        metrics.update({f"eval_{k}": v for k, v in final_scores.items()})
     adapter = adapters.save(model, ctx.stage_dir / "adapter", adapters.POLICY)
     value_dir = adapters.save(model, ctx.stage_dir / "value_adapter", adapters.VALUE)
     heads.save_head(roles.value_head, value_dir)
-    ctx.base = model.unload()
+    ctx.base = give_back(model)
     return StageOutput(adapter, metrics, str(resumed) if resumed else None)

@@ -67,7 +67,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], cfg):
     batch = {k: v.to(model.device) for k, v in left_pad(prompt_ids, tokenizer.pad_token_id).items()}
     generation = GenerationConfig(
         do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
     )
     out = model.generate(**batch, generation_config=generation)
     width = batch["input_ids"].shape[1]

@@ -19,12 +19,14 @@ from collections.abc import Callable
 
 import torch
 
+from align import distributed
 from align.data.collate import encode, pack_groups
 from align.losses import rank as rank_losses
 from align.losses.sft import sft_loss
 from align.models import adapters
 from align.models.logprobs import packed_logprobs
 from align.stages.engine import AlignTrainer, StageContext, StageOutput, device_batch_size, fit
+from align.ui import work_progress
 
 REFERENCE_FREE = {"pro", "rrhf"}
 
@@ -68,8 +70,9 @@ def group_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def reference_logps(model, rows: list[dict], ref: str | None, pad_id: int, batch_size: int) -> list[list[float]]:
-    """Each row's response log-probs under adapter `ref` (None: adapters disabled)."""
+def reference_logps(model, rows: list[dict], ref: str | None, pad_id: int, batch_size: int,
+                    on_batch: Callable[[int], None] = lambda n: None) -> list[list[float]]:
+    """Each row's response log-probs under adapter `ref` (None: adapters disabled); `on_batch(rows)` after each batch."""
     was_training = model.training
     model.eval()
     out = []
@@ -78,6 +81,7 @@ def reference_logps(model, rows: list[dict], ref: str | None, pad_id: int, batch
             batch = collate_groups(pad_id)(rows[i : i + batch_size])
             logps, _ = group_logps(model, batch)
             out += [row[mask].tolist() for row, mask in zip(logps, batch["group_mask"])]
+            on_batch(len(batch["group_mask"]))
     model.train(was_training)
     return out
 
@@ -87,7 +91,9 @@ def attach_reference_logps(model, rows, ref, ctx: StageContext, batch_size: int,
     if cache.is_file():
         logps = torch.load(cache)
     else:
-        logps = reference_logps(model, rows, ref, ctx.tokenizer.pad_token_id, batch_size)
+        quiet = ctx.quiet or not distributed.is_main()  # one process shows the progress for all
+        with work_progress(f"{ctx.stage_dir.name} reference log-probs ({name})", len(rows), quiet) as advance:
+            logps = reference_logps(model, rows, ref, ctx.tokenizer.pad_token_id, batch_size, advance)
         torch.save(logps, cache.with_suffix(".tmp"))
         cache.with_suffix(".tmp").replace(cache)  # a kill mid-write must not leave a cache that looks valid
     for row, values in zip(rows, logps):
