@@ -81,7 +81,7 @@ def kill_run_after(recipe_path, ready, timeout: float = 240, linger: float = 0.0
     deadline = time.time() + timeout
     while time.time() < deadline and not ready():
         assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.01)
     time.sleep(linger)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -9,13 +9,14 @@ from align.config import parse_recipe
 from align.pipeline import run_recipe
 from tests.conftest import _tiny_head, kill_run_after, rerun
 
-STEPS, SAVE = 6, 2
-TRAIN = f"max_steps: {STEPS}, save_steps: {SAVE}, lr: 3.0e-3, batch_size: 4, max_length: 96, max_prompt_length: 64"
+# A kill must land after a step's log and before the next checkpoint: two steps of each three are such windows.
+STEPS, SAVE = 10, 3
+TRAIN = f"max_steps: {STEPS}, save_steps: {SAVE}, lr: 3.0e-3, batch_size: 8, max_length: 96, max_prompt_length: 64"
 KINDS = ("sft", "rm", "dpo", "rank", "kto")
 
 
 def _recipe(output_dir) -> str:
-    # sft comes from the shared head; the others start from it. rm evaluates every 2 steps, the last one included.
+    # sft comes from the shared head; the others start from it. rm evaluates every 5 steps, the last one included.
     stage = """\
   - name: {name}
     kind: {name}
@@ -27,7 +28,7 @@ def _recipe(output_dir) -> str:
     text = _tiny_head("killed", output_dir, "none", sft_steps=STEPS).replace(
         f"max_steps: {STEPS}, lr: 3.0e-3, batch_size: 8, max_length: 96, max_prompt_length: 64", TRAIN)
     for name, data in (("rm", "preference"), ("dpo", "preference"), ("rank", "ranked"), ("kto", "preference")):
-        text += stage.format(name=name, data=data, train=TRAIN, extra=", eval_steps: 2" if name == "rm" else "")
+        text += stage.format(name=name, data=data, train=TRAIN, extra=", eval_steps: 5" if name == "rm" else "")
     return text
 
 
@@ -70,6 +71,6 @@ def test_every_trainer_stage_killed_after_a_checkpoint_logs_each_step_once_with_
             for key, value in want.items():
                 assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-6), (kind, got["step"], key)
     rm_evals = [r["step"] for r in _records(tmp_path / "straight" / "killed" / "rm") if "eval_loss" in r]
-    assert rm_evals == [2, 4, 6]  # the last step is evaluated once, by the periodic evaluation
+    assert rm_evals == [5, 10]  # the last step is evaluated once, by the periodic evaluation
     assert straight["stages"]["rm"]["metrics"]["eval_accuracy"] == _records(tmp_path / "straight" / "killed" / "rm")[-1][
         "eval_accuracy"]
