@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, metavar="T")
     p.add_argument("--top-p", type=float, metavar="P")
     p.add_argument("--seed", type=int)
-    p.add_argument("--bootstrap", type=int, metavar="N", help="paired-bootstrap resamples for the 95%% interval of each "
-                   "stage's task-accuracy change against the reference (default 2000)")
+    p.add_argument("--bootstrap", type=int, metavar="N", help="paired-bootstrap resamples for the 95%% interval of "
+                   "each stage's task-accuracy change against the reference (default 2000)")
     p.add_argument("--out", metavar="DIR", help="output folder; default RUN/eval/")
     p.add_argument("--compare", default="runs/compare.html", metavar="HTML", help="the page comparing several runs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -59,7 +59,8 @@ def test_new_bytes_at_the_same_path_rerun_the_stage_and_regenerate_replies(tmp_p
     assert evaluation["identity"] == changed["identity"] and evaluation["machine"] == state["machine"]
     change = evaluation["stages"]["base"]["task_accuracy_change"]  # against the sft reference, on the same 4 prompts
     assert change["n"] == 4 and change["low"] <= change["value"] <= change["high"]
-    assert change["value"] == evaluation["stages"]["base"]["task_accuracy"] - evaluation["stages"]["sft"]["task_accuracy"]
+    accuracy = {name: st["task_accuracy"] for name, st in evaluation["stages"].items()}
+    assert change["value"] == accuracy["base"] - accuracy["sft"]
 
 
 def test_identity_covers_dtype_and_chat_template_but_not_the_path(tmp_path):

@@ -38,7 +38,8 @@ def _records(stage_dir) -> list[dict]:
 
 def _logged_past_a_checkpoint(stage_dir) -> bool:
     """A checkpoint is complete and a later step has been logged: the kill must undo that log."""
-    checkpoints = [int(p.parent.name.split("-")[1]) for p in stage_dir.glob("checkpoints/checkpoint-*/trainer_state.json")]
+    complete = stage_dir.glob("checkpoints/checkpoint-*/trainer_state.json")
+    checkpoints = [int(p.parent.name.split("-")[1]) for p in complete]
     try:
         steps = [r["step"] for r in _records(stage_dir) if "loss" in r]
     except (OSError, ValueError):  # not written yet, or a line half written
@@ -72,5 +73,5 @@ def test_every_trainer_stage_killed_after_a_checkpoint_logs_each_step_once_with_
                 assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-6), (kind, got["step"], key)
     rm_evals = [r["step"] for r in _records(tmp_path / "straight" / "killed" / "rm") if "eval_loss" in r]
     assert rm_evals == [5, 10]  # the last step is evaluated once, by the periodic evaluation
-    assert straight["stages"]["rm"]["metrics"]["eval_accuracy"] == _records(tmp_path / "straight" / "killed" / "rm")[-1][
-        "eval_accuracy"]
+    last_rm_record = _records(tmp_path / "straight" / "killed" / "rm")[-1]
+    assert straight["stages"]["rm"]["metrics"]["eval_accuracy"] == last_rm_record["eval_accuracy"]

@@ -39,12 +39,16 @@ stages:
     loss: {{beta: 0.1, rpo_alpha: 1.0}}
     train: {{max_steps: 3, {TRAIN}}}
 forgetting: {{max_rows: 8}}
-eval: {{tasks: {{path: "synthetic:heldout", max_rows: 21}}, stages: [base, sft, dpo], max_new_tokens: 16, batch_size: 7}}
+eval:
+  tasks: {{path: "synthetic:heldout", max_rows: 21}}
+  stages: [base, sft, dpo]
+  max_new_tokens: 16
+  batch_size: 7
 """), quiet=True)
     run_dir = tmp_path / "replies"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    subprocess.run([sys.executable, "-m", "align.cli", "eval", str(run_dir), "--out", str(tmp_path / "fresh"), "--quiet"],
-                   env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "align.cli", "eval", str(run_dir), "--out", str(tmp_path / "fresh"), "--quiet"]
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     in_run = json.loads((run_dir / "eval" / "cache" / "replies.json").read_text())
     fresh = json.loads((tmp_path / "fresh" / "cache" / "replies.json").read_text())

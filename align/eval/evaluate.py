@@ -13,8 +13,9 @@ prompts, greedy or sampled, as adapters on the one base. Then, per stage:
 
 Everything lands in `RUN/eval/`: eval.json (the report's only input), report.html with plots/, and
 pairs.jsonl, each stage's reply next to the reference's, for people to judge. Replies are cached by the
-base model's identity (align.models.identity), the adapter's fingerprint, prompts and decoding, so evaluating again after one stage changed regenerates
-only that stage; eval.json is reused as a whole while nothing it depends on changed.
+base model's identity (align.models.identity), the adapter's fingerprint, prompts and decoding, so evaluating
+again after one stage changed regenerates only that stage; eval.json is reused as a whole while nothing it
+depends on changed.
 """
 
 from __future__ import annotations

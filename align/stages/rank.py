@@ -72,7 +72,8 @@ def group_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def reference_logps(model, rows: list[dict], ref: str | None, pad_id: int, batch_size: int,
                     on_batch: Callable[[int], None] = lambda n: None) -> list[list[float]]:
-    """Each row's response log-probs under adapter `ref` (None: adapters disabled); `on_batch(rows)` after each batch."""
+    """Each row's response log-probs under adapter `ref` (None: adapters disabled); `on_batch(rows)` after each
+    batch."""
     was_training = model.training
     model.eval()
     out = []
