@@ -57,6 +57,8 @@ def test_new_bytes_at_the_same_path_rerun_the_stage_and_regenerate_replies(tmp_p
     assert state["identity"]["dtype"] == "float32" and state["machine"]
     evaluation = json.loads((tmp_path / "runs" / "ident" / "eval" / "eval.json").read_text())
     assert evaluation["identity"] == changed["identity"] and evaluation["machine"] == state["machine"]
+    report = (tmp_path / "runs" / "ident" / "eval" / "report.html").read_text()
+    assert "Computed in <b>float32</b> on <b>" in report
     change = evaluation["stages"]["base"]["task_accuracy_change"]  # against the sft reference, on the same 4 prompts
     assert change["n"] == 4 and change["low"] <= change["value"] <= change["high"]
     accuracy = {name: st["task_accuracy"] for name, st in evaluation["stages"].items()}

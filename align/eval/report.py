@@ -280,6 +280,10 @@ def _header(evals: list[dict]) -> str:
     lines = [f'<p class="meta">Runs compared: {runs}</p>']
     for base in dict.fromkeys(str(ev["base"]) for ev in evals if ev.get("base")):
         lines.append(f'<p class="meta">Base model: <b>{escape(base)}</b></p>')
+    # the numbers hold for this dtype and processor kind: precision `auto` computes in bf16 on some CPUs, fp32 on others
+    for dtype, machine in dict.fromkeys(((ev.get("identity") or {}).get("dtype"), ev.get("machine")) for ev in evals):
+        if dtype and machine:
+            lines.append(f'<p class="meta">Computed in <b>{escape(dtype)}</b> on <b>{escape(machine)}</b></p>')
     for ev in evals:
         s, j = ev.get("settings") or {}, ev.get("judge") or {}
         judge = j.get("name") or s.get("judge") or "none"
