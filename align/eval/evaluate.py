@@ -288,6 +288,8 @@ class Evaluation:
 
     def _implicit_accuracies(self, model, folders: dict[str, str]) -> dict[str, float]:
         names = self._implicit_stages()
+        if not names:
+            return {}
         out = {}
         with work_progress("implicit rewards on held-out pairs", len(names), self.quiet) as advance:
             for name in names:
