@@ -22,7 +22,6 @@ part in assignment.
 from __future__ import annotations
 
 import json
-import os
 import random
 import secrets
 import sqlite3
@@ -32,41 +31,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from align.collect.schema import SCHEMA, add_handles, create_private, has_handles, new_handle
 from align.errors import AlignError
 
 CHOICES = ("a", "b", "tie", "both_bad")  # stored relative to the pair's (a, b), whatever side showed it
 SHOWN_CHOICES = ("left", "right", "tie", "both_bad")  # what the page sends
 HOLD_SECONDS = 15 * 60  # an assigned, unjudged pair stops counting towards its overlap after this
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS prompts (
-    id INTEGER PRIMARY KEY, messages TEXT NOT NULL UNIQUE, rule TEXT NOT NULL DEFAULT '{}');
-CREATE TABLE IF NOT EXISTS responses (
-    id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id), text TEXT NOT NULL,
-    model TEXT NOT NULL, UNIQUE (prompt_id, text));
-CREATE TABLE IF NOT EXISTS pairs (
-    id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id),
-    a INTEGER NOT NULL REFERENCES responses(id), b INTEGER NOT NULL REFERENCES responses(id),
-    shuffle INTEGER NOT NULL, UNIQUE (a, b), CHECK (a < b));
-CREATE TABLE IF NOT EXISTS annotators (
-    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, token TEXT NOT NULL UNIQUE,
-    kind TEXT NOT NULL CHECK (kind IN ('human', 'ai')), created TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS assignments (
-    pair_id INTEGER NOT NULL REFERENCES pairs(id), annotator_id INTEGER NOT NULL REFERENCES annotators(id),
-    left_id INTEGER NOT NULL REFERENCES responses(id), issued REAL NOT NULL, handle TEXT,
-    PRIMARY KEY (pair_id, annotator_id));
-CREATE TABLE IF NOT EXISTS verdicts (
-    id INTEGER PRIMARY KEY, pair_id INTEGER NOT NULL REFERENCES pairs(id),
-    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
-    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
-    left_id INTEGER NOT NULL REFERENCES responses(id), rationale TEXT NOT NULL DEFAULT '',
-    seconds REAL, submission TEXT NOT NULL UNIQUE, created TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS verdicts_by_pair ON verdicts (pair_id, annotator_id);
-CREATE VIEW IF NOT EXISTS current_verdicts AS
-    SELECT v.* FROM verdicts v WHERE v.id = (
-        SELECT MAX(w.id) FROM verdicts w WHERE w.pair_id = v.pair_id AND w.annotator_id = v.annotator_id);
-"""
 
 
 @dataclass(frozen=True)
@@ -101,13 +72,13 @@ class Collection:
         """The collection at `path`, made (with its admin token) where no file is there yet."""
         collection = cls(path)
         collection.path.parent.mkdir(parents=True, exist_ok=True)
-        _create_private(collection.path)
+        create_private(collection.path)
         with collection.reading() as db:
             db.executescript(SCHEMA)  # idempotent; executescript commits by itself
         with collection.transaction() as db:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('admin_token', ?), ('overlap', '1'), ('created', ?)",
                        (secrets.token_urlsafe(16), _now()))
-            _add_handles(db)
+            add_handles(db)
         return collection
 
     @classmethod
@@ -121,12 +92,12 @@ class Collection:
         try:
             with collection.reading() as db:
                 db.execute("SELECT value FROM meta WHERE key = 'admin_token'").fetchone()
-                outdated = not _has_handles(db)
+                outdated = not has_handles(db)
         except sqlite3.DatabaseError as err:
             raise AlignError(f"{path}: not a collection file ({err})") from None
         if outdated:  # write only where needed: reading a collection must not need write access
             with collection.transaction() as db:
-                _add_handles(db)
+                add_handles(db)
         return collection
 
     def _connect(self) -> sqlite3.Connection:
@@ -270,7 +241,7 @@ class Collection:
                     "ORDER BY load DESC, p.shuffle LIMIT 1", {"me": who.id, "cutoff": cutoff, "k": k}).fetchone()
                 if row is None:
                     return None
-                pair_id, left_id, handle = row["id"], random.choice((row["a"], row["b"])), _new_handle()
+                pair_id, left_id, handle = row["id"], random.choice((row["a"], row["b"])), new_handle()
                 db.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?)",
                            (pair_id, who.id, left_id, time.time(), handle))
             return {"handle": handle} | self._shown(db, pair_id, left_id) | {"progress": self._progress(db, who, k)}
@@ -420,30 +391,3 @@ def _stored_choice(shown: str, left_id: int, pair) -> str:
         return shown
     picked_left = shown == "left"
     return "a" if (left_id == pair["a"]) == picked_left else "b"
-
-
-def _create_private(path: Path) -> None:
-    """An empty file that only its owner may read or write, made before SQLite opens it (SQLite gives the
-    -wal and -shm files the database file's permissions). An existing file keeps the ones it has."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass
-
-
-def _new_handle() -> str:
-    return secrets.token_urlsafe(16)
-
-
-def _has_handles(db) -> bool:
-    return "handle" in {row["name"] for row in db.execute("PRAGMA table_info(assignments)")}
-
-
-def _add_handles(db) -> None:
-    """Index assignments by handle, first giving each one a handle where the file was made before they had
-    them (holds in progress then keep their pair and sides)."""
-    if not _has_handles(db):
-        db.execute("ALTER TABLE assignments ADD COLUMN handle TEXT")
-        for row in db.execute("SELECT rowid FROM assignments").fetchall():
-            db.execute("UPDATE assignments SET handle = ? WHERE rowid = ?", (_new_handle(), row["rowid"]))
-    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS assignments_by_handle ON assignments (handle)")
