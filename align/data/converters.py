@@ -7,7 +7,6 @@ ranked groups, possibly none), or raises `DataError(field=...)` naming the field
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
@@ -19,6 +18,7 @@ from align.data.schemas import (
     TaskExample,
     UnpairedExample,
 )
+from align.data.invariants import check_answer, check_differ, checked_prompt, checked_response, said, short
 from align.errors import DataError
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -37,20 +37,15 @@ def _get(row: dict, key: str, types: type | tuple, what: str, within: str = ""):
     if key not in row or row[key] is None:
         raise DataError(f"missing; this format needs {what}", field=_at(within, key))
     if not isinstance(row[key], types):
-        raise DataError(f"expected {what}, got {type(row[key]).__name__} {_short(row[key])}", field=_at(within, key))
+        raise DataError(f"expected {what}, got {type(row[key]).__name__} {short(row[key])}", field=_at(within, key))
     return row[key]
 
 
 def _finite(value: object, field: str) -> float:
     # bool is an int to Python, but `true` is no number; NaN or infinity would poison the loss.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"expected a finite number, got {type(value).__name__} {_short(value)}", field=field)
+        raise DataError(f"expected a finite number, got {type(value).__name__} {short(value)}", field=field)
     return float(value)
-
-
-def _short(value: object) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _messages(value: list, field: str, role_key="role", content_key="content", roles=ROLES) -> list[Message]:
@@ -59,12 +54,12 @@ def _messages(value: list, field: str, role_key="role", content_key="content", r
     for i, message in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
-            raise DataError(f"expected a message {{{role_key}, {content_key}}}, got {_short(message)}", field=where)
+            raise DataError(f"expected a message {{{role_key}, {content_key}}}, got {short(message)}", field=where)
         role, content = message.get(role_key), message.get(content_key)
         if role not in roles:
-            raise DataError(f"unknown role {_short(role)}; expected one of {list(roles)}", field=f"{where}.{role_key}")
+            raise DataError(f"unknown role {short(role)}; expected one of {list(roles)}", field=f"{where}.{role_key}")
         if not isinstance(content, str):
-            raise DataError(f"expected a string, got {_short(content)}", field=f"{where}.{content_key}")
+            raise DataError(f"expected a string, got {short(content)}", field=f"{where}.{content_key}")
         out.append({"role": roles[role], "content": content})
     return out
 
@@ -75,7 +70,7 @@ def _as_messages(value: object, field: str, role: str) -> list[Message]:
         return [{"role": role, "content": value}]
     if isinstance(value, list):
         return _messages(value, field)
-    raise DataError(f"expected a string or a list of messages, got {type(value).__name__} {_short(value)}",
+    raise DataError(f"expected a string or a list of messages, got {type(value).__name__} {short(value)}",
                     field=field)
 
 
@@ -83,59 +78,19 @@ def _turns(row: dict, key: str, role: str) -> list[Message]:
     return _as_messages(_get(row, key, (str, list), "a string or a list of messages"), key, role)
 
 
-# What every format's parts must be, whatever the format calls them.
-def _prompt(messages: list[Message], field: str, listed: bool = True) -> list[Message]:
-    """A prompt ends with the user message that the response answers, and that message says something.
-
-    `listed`: the prompt is the list at `field` (or its start), so its messages are named `field[i]`.
-    """
-    if not messages:
-        raise DataError("has no prompt: a response needs a user message to answer", field=field)
-    last = f"{field}[{len(messages) - 1}]" if listed else field
-    if messages[-1]["role"] != "user":
-        raise DataError(f"the prompt ends with a message of role '{messages[-1]['role']}'; it must end with the user "
-                        "message that the response answers", field=last)
-    if not messages[-1]["content"].strip():
-        raise DataError("is empty; there is no question for the response to answer", field=last)
-    return messages
-
-
-def _response(messages: list[Message], field: str, first: int = 0) -> list[Message]:
-    """A response is the model's: assistant messages only (any other would be trained as the model's words),
-    not all blank. `first` is the index of `messages[0]` in the list at `field`."""
-    for i, message in enumerate(messages, start=first):
-        if message["role"] != "assistant":
-            raise DataError(f"is '{message['role']}' inside the response; a response holds only assistant messages",
-                            field=f"{field}[{i}].role")
-    if not any(m["content"].strip() for m in messages):
-        raise DataError("is empty; there is nothing to train on", field=field)
-    return messages
-
-
 def _prompt_in(row: dict) -> list[Message]:
-    return _prompt(_turns(row, "prompt", "user"), "prompt", listed=isinstance(row["prompt"], list))
+    return checked_prompt(_turns(row, "prompt", "user"), "prompt", listed=isinstance(row["prompt"], list))
 
 
 def _response_in(row: dict, key: str) -> list[Message]:
-    return _response(_turns(row, key, "assistant"), key)
+    return checked_response(_turns(row, key, "assistant"), key)
 
 
 def _split_last_assistant(messages: list[Message], field: str) -> SFTExample:
     if not messages or messages[-1]["role"] != "assistant":
         raise DataError("the conversation must end with an assistant message (the completion)", field=field)
     last = len(messages) - 1
-    return SFTExample(_prompt(messages[:last], field), _response(messages[last:], f"{field}[{last}]"))
-
-
-def _said(messages: list[Message]) -> tuple:
-    """What a response says, to compare responses: whitespace around a message's text does not count."""
-    return tuple((m["role"], m["content"].strip()) for m in messages)
-
-
-def _check_differ(chosen: list[Message], rejected: list[Message]) -> None:
-    # A pair with the same answer on both sides carries no preference, only noise.
-    if _said(chosen) == _said(rejected):
-        raise DataError("is identical to 'chosen'; a pair needs two different responses", field="rejected")
+    return SFTExample(checked_prompt(messages[:last], field), checked_response(messages[last:], f"{field}[{last}]"))
 
 
 # HH-RLHF transcripts: "\n\nHuman: ...\n\nAssistant: ..."
@@ -146,7 +101,7 @@ HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 def _hh_turns(text: str, field: str) -> list[Message]:
     parts = HH_TURN.split(text)  # [text before the first turn, role, text, role, text, ...]
     if parts[0].strip():
-        raise DataError(f"text before the first 'Human:' turn: {_short(parts[0])}", field=field)
+        raise DataError(f"text before the first 'Human:' turn: {short(parts[0])}", field=field)
     return [{"role": HH_ROLES[r], "content": _hh_text(t)} for r, t in zip(parts[1::2], parts[2::2])]
 
 
@@ -173,9 +128,9 @@ def _hh_transcript(row: dict, key: str) -> tuple[str, SFTExample]:
     """The text up to the reply (the prompt and the marker that starts the reply), and prompt and reply."""
     text = _get(row, key, str, "a Human/Assistant transcript string")
     marker = _hh_reply_marker(text, key)
-    prompt = _prompt(_hh_turns(text[: marker.start()], key), key, listed=False)
+    prompt = checked_prompt(_hh_turns(text[: marker.start()], key), key, listed=False)
     reply = [{"role": "assistant", "content": _hh_text(text[marker.end():])}]
-    return text[: marker.end()], SFTExample(prompt, _response(reply, key))
+    return text[: marker.end()], SFTExample(prompt, checked_response(reply, key))
 
 
 def hh_sft(row: dict) -> SFTExample:
@@ -188,7 +143,7 @@ def hh_preference(row: dict) -> PreferenceExample:
     if rejected_head != head:
         raise DataError("differs from 'chosen' before the reply to the last 'Human:' turn; the two must share the "
                         "prompt", field="rejected")
-    _check_differ(chosen.completion, rejected.completion)
+    check_differ(chosen.completion, rejected.completion)
     return PreferenceExample(chosen.prompt, chosen.completion, rejected.completion)
 
 
@@ -206,11 +161,12 @@ def alpaca(row: dict) -> SFTExample:
     instruction = _get(row, "instruction", str, "a string")
     extra = row.get("input") or ""  # optional: missing, null and "" all mean no input
     if not isinstance(extra, str):
-        raise DataError(f"expected a string, got {type(extra).__name__} {_short(extra)}", field="input")
+        raise DataError(f"expected a string, got {type(extra).__name__} {short(extra)}", field="input")
     output = _get(row, "output", str, "a string")
-    _prompt([{"role": "user", "content": instruction}], "instruction", listed=False)  # the input alone asks nothing
+    # the instruction is the question: an input alone asks nothing
+    checked_prompt([{"role": "user", "content": instruction}], "instruction", listed=False)
     user = instruction + ("\n\n" + extra if extra.strip() else "")
-    completion = _response([{"role": "assistant", "content": output}], "output")
+    completion = checked_response([{"role": "assistant", "content": output}], "output")
     return SFTExample(prompt=[{"role": "user", "content": user}], completion=completion)
 
 
@@ -227,7 +183,7 @@ def _margin(row: dict) -> float | None:
 
 def preference(row: dict) -> PreferenceExample:
     chosen, rejected = (_response_in(row, key) for key in ("chosen", "rejected"))
-    _check_differ(chosen, rejected)
+    check_differ(chosen, rejected)
     return PreferenceExample(_prompt_in(row), chosen, rejected, _margin(row))
 
 
@@ -236,11 +192,11 @@ def implicit_prompt(row: dict) -> PreferenceExample:
     shared = 0  # the prompt is the leading messages both conversations have in common
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
-    _check_differ(chosen[shared:], rejected[shared:])
+    check_differ(chosen[shared:], rejected[shared:])
     # The responses are where the two part: a user turn there means two conversations, not one prompt's pair.
     conversations = (("chosen", chosen), ("rejected", rejected))
-    replies = [_response(messages[shared:], key, first=shared) for key, messages in conversations]
-    return PreferenceExample(_prompt(chosen[:shared], "chosen"), *replies, margin=_margin(row))
+    replies = [checked_response(messages[shared:], key, first=shared) for key, messages in conversations]
+    return PreferenceExample(checked_prompt(chosen[:shared], "chosen"), *replies, margin=_margin(row))
 
 
 def task(row: dict) -> TaskExample:
@@ -250,25 +206,19 @@ def task(row: dict) -> TaskExample:
 
     kind = rule.get("kind")
     if kind not in RULE_KINDS:
-        raise DataError(f"expected one of {', '.join(RULE_KINDS)}, got {_short(kind)}", field="rule.kind")
+        raise DataError(f"expected one of {', '.join(RULE_KINDS)}, got {short(kind)}", field="rule.kind")
     needed = RULE_FIELDS[kind]
     if needed not in rule:
         raise DataError(f"a rule of kind {kind!r} needs '{needed}'", field=f"rule.{needed}")
     if kind == "one_of":
         answers = rule["answers"]
         if not isinstance(answers, list) or not answers:  # a string would be read as a list of its characters
-            raise DataError(f"expected a list of answers, got {_short(answers)}", field="rule.answers")
+            raise DataError(f"expected a list of answers, got {short(answers)}", field="rule.answers")
         for i, answer in enumerate(answers):
-            _check_answer(answer, f"rule.answers[{i}]")
+            check_answer(answer, f"rule.answers[{i}]")
     elif kind == "exact":
-        _check_answer(rule["answer"], "rule.answer")
+        check_answer(rule["answer"], "rule.answer")
     return TaskExample(prompt=prompt, rule=rule)
-
-
-def _check_answer(answer: object, field: str) -> None:
-    # The rules compare a response with the answer's text: null would be "None", a list its Python repr.
-    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-        raise DataError(f"expected an answer: a non-empty string or a number, got {_short(answer)}", field=field)
 
 
 def bare_prompt(row: dict) -> TaskExample:
@@ -287,8 +237,8 @@ def _ranking(prompt: list[Message], responses: list[list[Message]], scores: list
     # A response scored two ways contradicts itself; as a pair, best against worst, it could beat itself.
     first_score: dict[tuple, float] = {}
     for response, score in zip(responses, scores):
-        if first_score.setdefault(_said(response), score) != score:
-            raise DataError(f"the response {_short(' '.join(m['content'] for m in response))} appears twice, with "
+        if first_score.setdefault(said(response), score) != score:
+            raise DataError(f"the response {short(' '.join(m['content'] for m in response))} appears twice, with "
                             "two different scores", field=scores_field)
     return RankedExample(prompt, responses, scores)
 
@@ -296,14 +246,14 @@ def _ranking(prompt: list[Message], responses: list[list[Message]], scores: list
 def _rank_score(value: object, field: str) -> float:
     rank = _finite(value, field)
     if rank < 0 or not rank.is_integer():
-        raise DataError(f"expected a rank: a whole number, 0 for the best, got {_short(value)}", field=field)
+        raise DataError(f"expected a rank: a whole number, 0 for the best, got {short(value)}", field=field)
     return 0.0 - rank  # rank 0 is the best; `-rank` would make it -0.0, which prints as "-0"
 
 
 def _listed(row: dict, responses_key: str, scores_key: str, ranks: bool = False) -> RankedExample:
     """A prompt, a list of responses and a parallel list of scores (or of ranks, 0 = best)."""
     values = _get(row, responses_key, list, "a list of responses (strings or message lists)")
-    responses = [_response(_as_messages(value, f"{responses_key}[{i}]", "assistant"), f"{responses_key}[{i}]")
+    responses = [checked_response(_as_messages(value, f"{responses_key}[{i}]", "assistant"), f"{responses_key}[{i}]")
                  for i, value in enumerate(values)]
     numbers = _get(row, scores_key, list, "a list of numbers, one per response")
     if len(numbers) != len(responses):
@@ -328,15 +278,15 @@ def scored_responses(row: dict) -> RankedExample:
 
 
 def ultrafeedback(row: dict) -> RankedExample:
-    prompt = _prompt([{"role": "user", "content": _get(row, "instruction", str, "a string")}], "instruction",
+    prompt = checked_prompt([{"role": "user", "content": _get(row, "instruction", str, "a string")}], "instruction",
                      listed=False)
     responses, scores = [], []
     for i, completion in enumerate(_get(row, "completions", list, "a list of {response, overall_score} objects")):
         where = f"completions[{i}]"
         if not isinstance(completion, dict):
-            raise DataError(f"expected an object {{response, overall_score}}, got {_short(completion)}", field=where)
+            raise DataError(f"expected an object {{response, overall_score}}, got {short(completion)}", field=where)
         text = _get(completion, "response", str, "a string", within=where)
-        responses.append(_response([{"role": "assistant", "content": text}], _at(where, "response")))
+        responses.append(checked_response([{"role": "assistant", "content": text}], _at(where, "response")))
         # UltraFeedback's overall score (the critique's) is its headline rating; the mean of the
         # fine-grained ratings stands in where a dataset has only that.
         key = "overall_score" if completion.get("overall_score") is not None else "fine-grained_score"
@@ -361,17 +311,17 @@ def _oasst_walk(node: object, field: str, path: list[Message], groups: list[Rank
     path = [*path, _oasst_message(node, field, path[-1] if path else None)]
     replies = node.get("replies", [])
     if not isinstance(replies, list):
-        raise DataError(f"expected a list of messages, got {_short(replies)}", field=_at(field, "replies"))
+        raise DataError(f"expected a list of messages, got {short(replies)}", field=_at(field, "replies"))
     # Moderators deleted these messages: neither they nor the conversations under them are used.
     kept = [(f"{_at(field, 'replies')}[{i}]", reply) for i, reply in enumerate(replies)
             if not (isinstance(reply, dict) and reply.get("deleted"))]
     ranked = [(where, reply) for where, reply in kept if isinstance(reply, dict) and reply.get("rank") is not None]
     # Humans ranked the assistant replies to a prompter message; one ranked reply has nothing to beat.
     if path[-1]["role"] == "user" and len(ranked) >= 2:
-        responses = [_response([_oasst_message(reply, where, path[-1])], _at(where, "text"))
+        responses = [checked_response([_oasst_message(reply, where, path[-1])], _at(where, "text"))
                      for where, reply in ranked]
         scores = [_rank_score(reply["rank"], _at(where, "rank")) for where, reply in ranked]
-        prompt = _prompt(path, _at(field, "text"), listed=False)
+        prompt = checked_prompt(path, _at(field, "text"), listed=False)
         groups.append(_ranking(prompt, responses, scores, _at(field, "replies"), _at(field, "replies")))
     for where, reply in kept:
         _oasst_walk(reply, where, path, groups)
@@ -379,10 +329,10 @@ def _oasst_walk(node: object, field: str, path: list[Message], groups: list[Rank
 
 def _oasst_message(node: object, field: str, parent: Message | None) -> Message:
     if not isinstance(node, dict):
-        raise DataError(f"expected a message object {{text, role, replies}}, got {_short(node)}", field=field)
+        raise DataError(f"expected a message object {{text, role, replies}}, got {short(node)}", field=field)
     role = node.get("role")
     if role not in OASST_ROLES:
-        raise DataError(f"unknown role {_short(role)}; expected one of {list(OASST_ROLES)}", field=_at(field, "role"))
+        raise DataError(f"unknown role {short(role)}; expected one of {list(OASST_ROLES)}", field=_at(field, "role"))
     # A tree alternates from a prompter message at its root: each reply is the other role's turn.
     if OASST_ROLES[role] == (parent["role"] if parent else "assistant"):
         raise DataError(f"is '{role}' where the other role's turn is due: a tree alternates prompter and assistant "
