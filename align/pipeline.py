@@ -87,7 +87,7 @@ class Pipeline:
         self.run_dir = Path(recipe.output_dir) / recipe.name
         with distributed.main_first():  # a GGUF base is converted once, into the cache that the others then read
             self.resolved = resolve_base(recipe.model.base)
-            self.identity = base_identity(recipe.model)
+            self.identity = base_identity(recipe.model, self.resolved)
         self.dtype = compute_dtype(recipe.model.precision)
         self.base = self.tokenizer = None
         self.outputs: dict[str, dict[str, str]] = {}
@@ -223,7 +223,7 @@ class Pipeline:
         from align.eval.evaluate import evaluate_run
 
         result, base = evaluate_run(Run(self.run_dir, self.recipe), self.recipe.eval, base=self.base,
-                                    tokenizer=self.tokenizer, quiet=self.quiet)
+                                    tokenizer=self.tokenizer, quiet=self.quiet, identity=self.identity)
         self.base = base or self.base
         return result
 

@@ -87,7 +87,8 @@ def _curves(stage_dir: Path) -> dict[str, list]:
 class Evaluation:
     """One run's evaluation with settings `cfg` (an EvalConfig); `run()` returns eval.json's dict."""
 
-    def __init__(self, run, cfg, out_dir: Path, base=None, tokenizer=None, quiet: bool = False):
+    def __init__(self, run, cfg, out_dir: Path, base=None, tokenizer=None, quiet: bool = False,
+                 identity: dict | None = None):
         self.run_, self.cfg, self.out_dir, self.quiet = run, cfg, Path(out_dir), quiet
         self.base, self.tokenizer = base, tokenizer
         recipe = run.recipe
@@ -104,7 +105,7 @@ class Evaluation:
         self.preferences = _load(cfg.preferences or default_preferences(recipe), "preference")
         self.verdicts = judges.load_human_verdicts(cfg.verdicts) if cfg.verdicts else {}
         self.decoding = Decoding(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.seed)
-        self.identity = base_identity(recipe.model)
+        self.identity = identity or base_identity(recipe.model)  # the caller's, where it loaded the base
         self.key = _hash({
             "base": self.identity,
             "settings": asdict(cfg), "reference": self.reference, "stages": self.stages, "judge": self.judge_spec,
@@ -337,12 +338,14 @@ class Evaluation:
         (self.out_dir / "pairs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def evaluate_run(run, cfg, out_dir: Path | None = None, base=None, tokenizer=None, quiet: bool = False) -> tuple[dict, object]:
+def evaluate_run(run, cfg, out_dir: Path | None = None, base=None, tokenizer=None, quiet: bool = False,
+                 identity: dict | None = None) -> tuple[dict, object]:
     """Evaluate `run` with `cfg`, write eval.json, pairs.jsonl and report.html to `out_dir` (default
-    RUN/eval/). Returns the result and the bare base (for a caller that reuses it)."""
+    RUN/eval/). Returns the result and the bare base (for a caller that reuses it); `identity` is the base's
+    (align.models.identity), where the caller has it."""
     from align.eval.report import render_html
 
-    evaluation = Evaluation(run, cfg, out_dir or run.dir / "eval", base, tokenizer, quiet)
+    evaluation = Evaluation(run, cfg, out_dir or run.dir / "eval", base, tokenizer, quiet, identity)
     result = evaluation.run()
     render_html([result], evaluation.out_dir / "report.html")
     return result, evaluation.base

@@ -25,10 +25,11 @@ from align.models.load import (DEFAULT_CHAT_TEMPLATE, ResolvedBase, cache_dir, c
                                resolve_base)
 
 
-def base_identity(model_cfg) -> dict:
-    """What `model_cfg` (a recipe's `model` section) resolves to on this machine: weights, quantization, compute
-    dtype and chat template. Equal identities compute the same function; anything else must not share results."""
-    resolved = resolve_base(model_cfg.base)
+def base_identity(model_cfg, resolved: ResolvedBase | None = None) -> dict:
+    """What `model_cfg` (a recipe's `model` section) resolves to on this machine (`resolved`, where the caller has
+    it): weights, quantization, compute dtype and chat template. Equal identities compute the same function;
+    anything else must not share results."""
+    resolved = resolved or resolve_base(model_cfg.base)
     return {
         "weights": weights_identity(resolved),
         "quantization": model_cfg.quantization,

@@ -104,22 +104,23 @@ def training_arguments(stage, ctx: StageContext) -> TrainingArguments:
     )
 
 
+def checkpoint_step(path: str | Path) -> int:
+    return int(Path(path).name.split("-")[-1])
+
+
 def last_checkpoint(stage_dir: Path) -> str | None:
-    ckpts = sorted((stage_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    ckpts = sorted((stage_dir / "checkpoints").glob("checkpoint-*"), key=checkpoint_step)
     complete = [p for p in ckpts if (p / "trainer_state.json").is_file()]  # a kill can leave a half-written one
     return str(complete[-1]) if complete else None
 
 
 class MetricsFile(TrainerCallback):
     """Every step's logged metrics, one JSON line each, appended: a resumed stage continues the same file, from which
-    `keep_until` first drops what the killed run logged after its checkpoint. The Trainer's end-of-training summary
+    `keep_metrics_until` first drops what the killed run logged after its checkpoint. The Trainer's end-of-training summary
     (runtime, mean loss) is not a step: it goes to stage.json only."""
 
     def __init__(self, path: Path):
         self.path = path
-
-    def keep_until(self, step: int) -> None:
-        keep_metrics_until(self.path, step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "train_runtime" not in logs:
@@ -303,9 +304,9 @@ def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_
     trainer.add_callback(LogAtCheckpoints())  # in every process: each takes part in gathering the logged metrics
     resume = last_checkpoint(ctx.stage_dir)
     if distributed.is_main():  # one process writes and shows the stage's progress for all
-        metrics_file = MetricsFile(ctx.stage_dir / "metrics.jsonl")
-        metrics_file.keep_until(int(resume.rsplit("-", 1)[1]) if resume else 0)
-        trainer.add_callback(metrics_file)
+        metrics_file = ctx.stage_dir / "metrics.jsonl"
+        keep_metrics_until(metrics_file, checkpoint_step(resume) if resume else 0)
+        trainer.add_callback(MetricsFile(metrics_file))
         trainer.add_callback(StageProgress(stage.name, quiet=ctx.quiet))
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
