@@ -15,6 +15,7 @@ import warnings
 from align.collect import commands as collect_commands
 from align.data.formats import KINDS
 from align.errors import AlignError
+from align.rewards import cards
 
 
 def _cmd_validate(args) -> int:
@@ -40,7 +41,8 @@ def _eval_settings(recipe_eval, args):
     """The run's recipe `eval` section with the command line's choices over it."""
     from dataclasses import replace
 
-    from align.config import DataConfig, EvalConfig
+    from align.config import EvalConfig
+    from align.settings import DataConfig
 
     given = {name: DataConfig(path=getattr(args, name)) for name in ("prompts", "tasks", "preferences", "verdicts")
              if getattr(args, name)}
@@ -153,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", metavar="FILE", help="prompts with rules, for task accuracy")
     p.add_argument("--max-prompts", type=int, metavar="N", help="use the first N prompts")
     p.add_argument("--reference", metavar="STAGE", help="the stage to compare against; default: the last sft stage, else base")
-    p.add_argument("--judge", metavar="RM", help="an rm stage, a reward card (reward_models/ name or path), or an rm stage folder")
+    p.add_argument("--judge", metavar="RM", help=f"an rm stage, a reward card ({', '.join(cards())}) or rule file, "
+                                                 "or an rm stage folder")
     p.add_argument("--preferences", metavar="FILE", help="held-out preference pairs: judge and implicit-reward accuracy")
     p.add_argument("--verdicts", metavar="FILE", help="human verdicts: preference rows over this eval's pairs.jsonl")
     p.add_argument("--max-new-tokens", type=int, metavar="N")

@@ -29,6 +29,7 @@ from align.errors import AlignError
 from align.models.heads import HEAD_FILE
 from align.models.load import cache_dir, compute_dtype, load_base, load_tokenizer, resolve_base
 from align.runs import open_stage
+from align.stages.kind import kind_of
 from align.ui import console
 
 EXPORT_FILE = "align_export.json"
@@ -43,8 +44,8 @@ def export_stage(spec: str, out: str, merge: bool) -> Path:
     kind = run.stage(stage).kind if adapter else "base"
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise AlignError(f"{out}: already exists and is not empty; export into a new or empty folder")
-    if merge and kind == "rm":
-        raise AlignError(f"{spec}: an rm stage is a reward model (a LoRA adapter plus a score head), not a "
+    if merge and adapter and not kind_of(run.stage(stage)).policy:
+        raise AlignError(f"{spec}: a {kind} stage is a reward model (a LoRA adapter plus a score head), not a "
                          "causal LM, so it cannot be merged; use --adapter-only")
     if not merge and adapter is None:
         raise AlignError(f"{spec}: the base has no adapter to export; use --merge to export the (dequantized) base")

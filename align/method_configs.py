@@ -1,22 +1,31 @@
 """Each training method's own settings, one dataclass per method as TRL has them: the preference and
-reward-model losses, PPO, its reward sources, and replay. `align.config` puts them into stages; their
-`__post_init__` checks raise `ConfigError(key=<field>)`, which the YAML binder points at the field's line.
+reward-model losses, PPO and replay (PPO's reward sources are `align.rewards`' own). `align.config` puts
+them into stages; their `__post_init__` checks raise `ConfigError(key=<field>)`, which the YAML binder
+points at the field's line.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from align.errors import require as _require
+from align.losses import preference
+from align.losses.dpo import KTOLoss
+
+
+def _require_registered(name: str, listwise: bool) -> None:
+    names = preference.names(listwise)
+    _require(name in names, "type", f"'{name}' is not a registered {'listwise' if listwise else 'pairwise'} "
+                                    f"preference loss; choose from: {', '.join(names)}")
 
 
 @dataclass(kw_only=True)
 class DPOLossConfig:
-    """The pairwise DPO-family loss (TRL's names: sigmoid is the DPO paper's loss). simpo and orpo need no
-    reference; they want a larger beta than DPO (SimPO: about 2; ORPO's lambda: 0.1)."""
+    """The pairwise DPO-family loss (TRL's names: sigmoid is the DPO paper's loss), one of the registered pairwise
+    losses (align.losses.preference). simpo and orpo need no reference; they want a larger beta than DPO (SimPO:
+    about 2; ORPO's lambda: 0.1)."""
 
-    type: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = "sigmoid"
+    type: str = "sigmoid"  # a registered pairwise loss: sigmoid, ipo, hinge, simpo, orpo, and any registered since
     beta: float = 0.1  # strength of the pull towards the reference; simpo: reward scale; orpo: odds-ratio weight
     label_smoothing: float = 0.0  # assumed fraction of flipped preference labels (cDPO; sigmoid and simpo)
     # Weight of an NLL term on the chosen answer (RPO, Pang et al. 2024, arXiv 2404.19733; TRL's
@@ -27,12 +36,17 @@ class DPOLossConfig:
     gamma_beta_ratio: float = 0.5
 
     def __post_init__(self):
+        _require_registered(self.type, listwise=False)
         _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         _require(self.rpo_alpha >= 0, "rpo_alpha", f"must be >= 0, got {self.rpo_alpha}")
         _require(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         _require(not self.label_smoothing or self.type in ("sigmoid", "simpo"), "label_smoothing",
                  f"applies to types sigmoid and simpo only, not {self.type}")
         _require(self.gamma_beta_ratio >= 0, "gamma_beta_ratio", f"must be >= 0, got {self.gamma_beta_ratio}")
+
+    def build(self) -> preference.PreferenceLoss:
+        return preference.build(self.type, beta=self.beta, label_smoothing=self.label_smoothing,
+                                gamma_beta_ratio=self.gamma_beta_ratio, nll_weight=self.rpo_alpha)
 
 
 @dataclass(kw_only=True)
@@ -41,15 +55,19 @@ class RankLossConfig:
 
     # plackett_luce: listwise DPO (DPO itself at K = 2); lipo: LiPO-lambda; pro and rrhf: reference-free,
     # on length-normalised log-probs, with an NLL term on the best response
-    type: Literal["plackett_luce", "lipo", "pro", "rrhf"] = "plackett_luce"
+    type: str = "plackett_luce"  # a registered listwise loss (align.losses.preference)
     beta: float = 0.1  # plackett_luce and lipo: scale of the implicit reward beta*(log pi - log ref)
     # Weight of the NLL of each group's best response. None = the method's own: 1 for pro and rrhf, whose
     # losses include it; 0 for plackett_luce and lipo (> 0 adds it, as DPO's rpo_alpha does).
     sft_weight: float | None = None
 
     def __post_init__(self):
+        _require_registered(self.type, listwise=True)
         _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         _require(self.sft_weight is None or self.sft_weight >= 0, "sft_weight", f"must be >= 0, got {self.sft_weight}")
+
+    def build(self) -> preference.PreferenceLoss:
+        return preference.build(self.type, beta=self.beta, nll_weight=self.sft_weight)
 
 
 @dataclass(kw_only=True)
@@ -64,6 +82,9 @@ class KTOLossConfig:
         _require(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         for name in ("desirable_weight", "undesirable_weight"):
             _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+
+    def build(self) -> KTOLoss:
+        return KTOLoss(beta=self.beta, desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
 
 
 @dataclass(kw_only=True)
@@ -103,25 +124,6 @@ class RewardLossConfig:
 
     def __post_init__(self):
         _require(self.center_coef >= 0, "center_coef", f"must be >= 0, got {self.center_coef}")
-
-
-@dataclass(kw_only=True)
-class RewardSource:
-    """One weighted term of PPO's reward: a learned reward model or a rule-based reward."""
-
-    model: str | None = None  # an rm stage's adapter (${rm.adapter}) or any folder an rm stage wrote
-    rule: str | None = None  # a rule-reward file, or the name of one in reward_models/
-    weight: float = 1.0
-
-    def __post_init__(self):
-        _require((self.model is None) != (self.rule is None), "model",
-                 "give exactly one of 'model' (a reward model adapter) or 'rule' (a rule-reward file)")
-        if self.rule is not None:
-            from align.rewards import REWARD_MODELS_DIR, find_rule_file
-
-            names = ", ".join(sorted(p.stem for p in REWARD_MODELS_DIR.glob("*.yaml")))
-            _require(find_rule_file(self.rule) is not None, "rule",
-                     f"no rule-reward file '{self.rule}': give a path, or a name in reward_models/ ({names})")
 
 
 @dataclass(kw_only=True)

@@ -27,22 +27,18 @@ import transformers
 from rich.markup import escape
 
 from align import distributed, replay
-from align.refs import parse_refs, resolve_all_refs, resolve_refs
-from align.runs import Run, save_recipe
 from align.data.formats import load_examples
 from align.errors import AlignError
-from align.models.identity import base_identity, identity_key, machine
-from align.models.load import compute_dtype, load_base, resolve_base
-from align.stages import dpo, kto, ppo, rank, reward, sft
-from align.stages.engine import StageContext, device_batch_size
 from align.eval.forgetting import load_sets, stage_forgetting
 from align.eval.report import summary_table
+from align.models.identity import base_identity, identity_key, machine
+from align.models.load import compute_dtype, load_base, resolve_base
+from align.refs import parse_refs, resolve_all_refs, resolve_refs
+from align.runs import Run, save_recipe
+from align.stages.engine import StageContext, device_batch_size
+from align.stages.kind import KINDS, kind_of
 from align.ui import console, forgetting_table, stages_table
 
-STAGES = {"sft": sft, "rm": reward, "dpo": dpo, "rank": rank, "kto": kto, "ppo": ppo}
-DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "rank": "ranked", "kto": "unpaired", "ppo": "prompt"}
-# DPO is scored on held-out rankings as well as pairs: its pairs are groups of two to the ranking metrics
-EVAL_DATA_KIND = {**DATA_KIND, "dpo": "ranked"}
 SUMMARY_EVAL_KEYS = ("win_rate", "lc_win_rate", "mean_reward", "mean_length", "kl_to_reference", "task_accuracy",
                      "task_accuracy_change", "implicit_reward_accuracy")
 LIBRARIES = ("align", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
@@ -105,8 +101,8 @@ class Pipeline:
             path = resolve_refs(section.path, self.outputs)
             return load_examples(path, kind, section.format, section.skip_bad_rows, section.max_rows)
 
-        data = {"train": load(stage.data, DATA_KIND[stage.kind]),
-                "eval": load(stage.eval_data, EVAL_DATA_KIND[stage.kind]) if stage.eval_data else None}
+        kind = kind_of(stage)
+        data = {"train": load(stage.data, kind.data), "eval": load(stage.eval_data, kind.held_out) if stage.eval_data else None}
         if getattr(stage, "replay", None):
             data["replay"] = load_examples(resolve_refs(stage.replay.source, self.outputs), "sft", stage.replay.format)
         return data
@@ -165,7 +161,7 @@ class Pipeline:
         transformers.set_seed(stage.train.seed if stage.train.seed is not None else self.recipe.seed)
         start = time.time()
         try:
-            out = STAGES[stage.kind].run(resolve_all_refs(stage, self.outputs), ctx, data)
+            out = kind_of(stage).run(resolve_all_refs(stage, self.outputs), ctx, data)
         except BaseException:
             state["status"] = "interrupted"
             _write_json(stage_dir / "stage.json", state)
@@ -193,7 +189,7 @@ class Pipeline:
         key = _hash({"sets": self.forgetting_sets.fingerprint, "stage": state["config_hash"]})
         if state.get("forgetting", {}).get("key") == key:
             return
-        if stage.kind == "rm":
+        if not kind_of(stage).policy:
             state["forgetting"] = {"key": key, "skipped": "a reward model trains an adapter of its own: no policy changed"}
             _write_json(self.run_dir / stage.name / "stage.json", state)
             return
@@ -213,8 +209,8 @@ class Pipeline:
         if distributed.world_size() == 1:
             return
         for stage in self.recipe.stages:
-            if stage.kind == "ppo":
-                raise AlignError(f"stage '{stage.name}': ppo stages train in one process (their rollout loop has no "
+            if not kind_of(stage).multi_process:
+                raise AlignError(f"stage '{stage.name}': {stage.kind} stages train in one process (their loop has no "
                                  "multi-process version); run this recipe without a launcher")
             device_batch_size(stage)
 
@@ -250,20 +246,9 @@ class Pipeline:
         if not main:
             return {}
         heldout: dict = {"rewards": {}, "ppo_scores": {}}
-        for name, st in summary["stages"].items():
-            m = st.get("metrics") or {}
-            if "eval_rewards/accuracies" in m:  # dpo
-                heldout["rewards"][name] = {"accuracy": m["eval_rewards/accuracies"], "margin": m["eval_rewards/margins"]}
-            if "eval_rank/kendall_tau" in m:  # dpo and rank: how well the implicit rewards order whole groups
-                heldout["rewards"].setdefault(name, {}).update(
-                    rank_accuracy=m["eval_rank/accuracy"], kendall_tau=m["eval_rank/kendall_tau"])
-            if "eval_accuracy" in m:  # rm
-                heldout["rewards"][name] = {"accuracy": m["eval_accuracy"], "margin": m["eval_margin"]}
-            if "eval_objective/scores" in m:  # ppo: held-out reward of the starting policy and of the trained one
-                heldout["ppo_scores"][name] = {
-                    "init": {k.removeprefix("eval_init_"): v for k, v in m.items() if k.startswith("eval_init_")},
-                    "final": {k.removeprefix("eval_"): v for k, v in m.items() if k.startswith("eval_") and not k.startswith("eval_init_")},
-                }
+        for name, st in summary["stages"].items():  # each kind says which of its final metrics are held-out numbers
+            for section, values in KINDS[st["kind"]].summary(st.get("metrics") or {}).items():
+                heldout.setdefault(section, {})[name] = values
         evaluation = self.evaluate() if self.recipe.eval else None
         if evaluation:
             heldout["task_accuracy"] = {n: st["task_accuracy"] for n, st in evaluation["stages"].items()
@@ -301,6 +286,4 @@ def _strings(obj):
 
 
 def run_recipe(recipe, quiet: bool = False) -> dict:
-    if any(s.kind not in STAGES for s in recipe.stages):
-        raise AlignError(f"stage kinds available in this version: {', '.join(STAGES)}")
     return Pipeline(recipe, quiet).run()

@@ -8,7 +8,8 @@ An override (`stages.dpo.loss.beta=0.05`) becomes nodes too: `apply_override` co
 YAML document of its own, marks those nodes as coming from the command line and splices them into the
 tree before anything is built, so a bad override fails like a bad line, naming the override instead.
 Keys are dotted; a list item is named by its index or its `name`. Beyond type hints the binder knows no
-schema; `Variants` tells it which subclass a field typed as a base dataclass holds.
+schema; `Variants` tells it which subclass a field typed as a base dataclass holds, picked by a key's
+value (`kind: dpo`) or by which key is there (`rule: ...`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # PyYAML reads `
 
 
 class Variants(typing.NamedTuple):
-    """The subclasses that a field typed as a base dataclass may hold, picked by one key's value."""
+    """The subclasses that a field typed as a base dataclass may hold, picked by one key's value
+    (`kind: dpo`), or, with `field` None, by which of the registry's keys the mapping has (`rule: x`)."""
 
-    field: str  # the key that picks, such as "kind"
-    registry: dict[str, type]  # each value of that key and the subclass it picks
+    field: str | None  # the key that picks, such as "kind"; None: the registry's keys pick by being there
+    registry: dict[str, type]  # each value of that key (or each key) and the subclass it picks
     label: str  # what errors call it: "unknown <label> 'x'"
 
 
@@ -164,17 +166,15 @@ def build(cls: type, node: Node, variants: dict[type, Variants], key: str = ""):
         raise _error(node, key, f"expected a mapping of keys, got {_describe(node)}")
     prefix, variant, picked = f"{key}." if key else "", variants.get(cls), None
     if variant:  # the picked subclass decides which keys are valid, so its key is read first
-        tag = _child(node, variant.field)
-        if not isinstance(tag, ScalarNode) or tag.value not in variant.registry:
-            problem = f"unknown {variant.label} {_describe(tag)}" if tag else f"missing required key '{variant.field}'"
-            raise _error(tag or node, prefix + variant.field, f"{problem}; choose from: {', '.join(variant.registry)}")
-        picked = tag.value
+        picked = _pick(node, variant, prefix)
         cls = variant.registry[picked]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     values = {}
     for key_node, value_node in node.value:
         name = key_node.value
+        if variant and variant.field is None and name in variant.registry and name != picked:
+            continue  # null, else `_pick` had refused it: older saved recipes have `rule: null` beside `model: x`
         if name in values:
             raise _error(key_node, prefix + name, f"duplicate key '{name}'")
         if name not in fields:
@@ -191,11 +191,33 @@ def build(cls: type, node: Node, variants: dict[type, Variants], key: str = ""):
         raise _error(_locate(node, e.key), prefix + e.key, e.message) from None
 
 
+def _pick(node: MappingNode, variant: Variants, prefix: str) -> str:
+    """The registry entry that mapping `node` picks: by its `variant.field`'s value, or by the one registry key
+    it has (a null value does not count)."""
+    choices = ", ".join(variant.registry)
+    if variant.field is None:
+        present = [k for k, v in node.value if k.value in variant.registry and not _is_null(v)]
+        if len(present) == 1:
+            return present[0].value
+        needs = f"a {variant.label} needs exactly one of the keys {choices}"
+        if present:
+            raise _error(present[1], prefix + present[1].value,
+                         f"{needs}, not both '{present[0].value}' and '{present[1].value}'")
+        # named by its first choice, as a mapping without `kind` is named by `kind`
+        raise _error(node, prefix + next(iter(variant.registry)), f"{needs}; this one has none")
+    tag = _child(node, variant.field)
+    if not isinstance(tag, ScalarNode) or tag.value not in variant.registry:
+        problem = f"unknown {variant.label} {_describe(tag)}" if tag else f"missing required key '{variant.field}'"
+        raise _error(tag or node, prefix + variant.field, f"{problem}; choose from: {choices}")
+    return tag.value
+
+
 def _unknown_key(name: str, valid: list[str], variant: Variants | None, picked: str | None) -> str:
     if variant:  # a key of a sibling subclass is a wrong variant, not a typo
         others = [v for v, c in variant.registry.items() if name in {f.name for f in dataclasses.fields(c)}]
         if others:
-            return f"'{name}' is not valid for {variant.field} {picked}, only for {variant.field} {', '.join(others)}"
+            which = variant.field or variant.label
+            return f"'{name}' is not valid for {which} {picked}, only for {which} {', '.join(others)}"
     close = difflib.get_close_matches(name, valid, n=1)
     return f"unknown key '{name}'; " + (f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}")
 

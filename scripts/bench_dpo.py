@@ -92,7 +92,7 @@ def build_model(preset: str, work: Path) -> dict:
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from align.config import LoraConfig
+    from align.settings import LoraConfig
     from align.models.adapters import lora_config
     from align.models.tiny import tiny_tokenizer
 
@@ -263,7 +263,7 @@ def run_ours(kind: str, side: str, rows: list[dict], args, work: Path, precomput
     from align.config import parse_recipe
     from align.models import adapters
     from align.models.load import compute_dtype, load_base
-    from align.stages import dpo, rank, sft
+    from align.stages import groups, sft
     from align.stages.engine import StageContext, fit
 
     stage_kind = "dpo" if kind == "dpo" or side == "pairs" else kind
@@ -286,16 +286,12 @@ def run_ours(kind: str, side: str, rows: list[dict], args, work: Path, precomput
     ctx = StageContext(recipe, base, tokenizer, stage_dir, compute_dtype(recipe.model.precision), quiet=True)
     transformers.set_seed(cfg.train.seed)  # as the pipeline does before each stage: a new adapter's init draws on it
     start = time.perf_counter()
-    with timing(rank, "reference_logps", precompute):
+    with timing(groups, "reference_logps", precompute):
         if stage_kind == "sft":  # sft.run from its encoded rows on
             model = adapters.with_policy(ctx.base, recipe.model.lora, init=cfg.init)
             fit(sft.SFTTrainer, model, cfg, ctx, rows, None, sft.collate(tokenizer.pad_token_id))
-        elif stage_kind == "dpo":  # dpo.run from its encoded rows on
-            rank.run_groups(cfg, ctx, rows, None, dpo.dpo_objective(cfg.loss),
-                            needs_ref=cfg.loss.type not in dpo.REFERENCE_FREE)
-        else:  # rank.run from its encoded rows on
-            rank.run_groups(cfg, ctx, rows, None, rank.rank_objective(cfg.loss),
-                            needs_ref=cfg.loss.type not in rank.REFERENCE_FREE)
+        else:  # dpo.run and rank.run from their encoded rows on
+            groups.run_groups(cfg, ctx, rows, None, cfg.loss.build())
     return start
 
 
@@ -307,7 +303,7 @@ def run_trl(kind: str, side: str, rows: list[dict], args, work: Path, precompute
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PrinterCallback
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from align.config import LoraConfig
+    from align.settings import LoraConfig
     from align.models.adapters import lora_config
 
     class PretokenizedDPOTrainer(DPOTrainer):

@@ -87,7 +87,8 @@ def child(args) -> dict:
     import torch
 
     from align import pipeline  # imported in every mode, so that CPU floors hold the same libraries
-    from align.config import ModelConfig, parse_recipe
+    from align.config import parse_recipe
+    from align.settings import ModelConfig
     from align.models.load import compute_dtype, load_base
 
     if torch.cuda.is_available():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from align.config import ModelConfig
+from align.settings import ModelConfig
 from align.models.load import load_base
 from tests.conftest import load_script
 

@@ -8,16 +8,13 @@ import pathlib
 import pytest
 import yaml
 
-from align.config import (
-    STAGE_KINDS,
-    DPOStageConfig,
-    SFTStageConfig,
-    TrainConfig,
-    load_recipe,
-    parse_recipe,
-)
+from align.config import load_recipe, parse_recipe
 from align.errors import ConfigError
 from align.refs import StageRef, parse_refs, resolve_refs
+from align.settings import TrainConfig
+from align.stages.dpo import DPOStageConfig
+from align.stages.kind import KINDS
+from align.stages.sft import SFTStageConfig
 
 RECIPES = sorted((pathlib.Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 
@@ -103,8 +100,8 @@ def test_dataclasses_validate_when_built_in_python():
 
 
 def test_registry_lists_kinds():
-    assert set(STAGE_KINDS) == {"sft", "rm", "dpo", "rank", "kto", "ppo"}
-    assert STAGE_KINDS["sft"] is SFTStageConfig and STAGE_KINDS["dpo"] is DPOStageConfig
+    assert set(KINDS) == {"sft", "rm", "dpo", "rank", "kto", "ppo"}
+    assert KINDS["sft"].config is SFTStageConfig and KINDS["dpo"].config is DPOStageConfig
 
 
 def test_unknown_stage_lookup():
@@ -210,7 +207,7 @@ def test_eval_stages_must_exist(tmp_path):
 
 @pytest.mark.parametrize("line, key, words", [
     ("  judge: dpo", "eval.judge", "is a dpo stage; a judge is an rm stage or a reward card"),
-    ("  judge: nope", "eval.judge", "neither an rm stage of this recipe, a reward card in reward_models/ (concise"),
+    ("  judge: nope", "eval.judge", "neither an rm stage of this recipe, a reward card (concise"),
     ("  reference: sftt", "eval.reference", "unknown stage 'sftt'"),
 ])
 def test_eval_judge_and_reference_are_checked(tmp_path, line, key, words):
@@ -327,14 +324,13 @@ NO_RECIPES = pytest.param(None, id="none", marks=pytest.mark.skip(reason="no rec
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.name) for p in RECIPES] or [NO_RECIPES])
 def test_shipped_recipe_is_valid(path):
     from align.data.formats import load_examples
-    from align.pipeline import DATA_KIND, EVAL_DATA_KIND
 
     recipe = load_recipe(path)
     written = yaml.safe_load(path.read_text())["stages"]
     assert [stage.name for stage in recipe.stages] == [stage["name"] for stage in written]  # all of them, in order
     # The embedded data a recipe names exists, as the kind its stage reads: a misspelt split or family fails here.
-    sections = [(s.data, DATA_KIND[s.kind]) for s in recipe.stages]
-    sections += [(s.eval_data, EVAL_DATA_KIND[s.kind]) for s in recipe.stages if s.eval_data]
+    sections = [(s.data, KINDS[s.kind].data) for s in recipe.stages]
+    sections += [(s.eval_data, KINDS[s.kind].held_out) for s in recipe.stages if s.eval_data]
     sections += [(recipe.eval.tasks, "task"), (recipe.eval.prompts, "prompt")] if recipe.eval else []
     sections += [(recipe.forgetting.retention, "sft"), (recipe.forgetting.tasks, "task")]
     for section, kind in sections:

@@ -11,7 +11,7 @@ from align.collect.export import export_collection
 from align.collect.store import Collection
 from align.data.formats import load_examples
 from align.eval import evaluate, metrics
-from align.eval.rules import check
+from align.data.rules import check
 
 
 def test_wilson_interval_matches_hand_computation():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from align.config import LoraConfig, ModelConfig
+from align.settings import LoraConfig, ModelConfig
 from align.data import synthetic
 from align.data.collate import encode, encode_prompt, pad_sequences
 from align.eval.forgetting import retention_nll

@@ -2,6 +2,7 @@
 chat template (align.models.identity), never the recipe's string for it. And a stage trained in the same process
 leaves the base as loaded, so that what comes after it generates as in a fresh process."""
 
+import dataclasses
 import json
 
 import torch
@@ -12,9 +13,7 @@ from align.models.identity import base_identity, content_digest
 from align.models.load import load_base
 from align.models.tiny import tiny_model_and_tokenizer
 from align.pipeline import Pipeline, run_recipe
-from align.stages import sft
-
-train_sft = sft.run
+from align.stages.kind import KINDS
 
 
 def _save_model(folder, seed: int) -> None:
@@ -43,7 +42,8 @@ def test_new_bytes_at_the_same_path_rerun_the_stage_and_regenerate_replies(tmp_p
     text = _recipe(tmp_path / "runs", model_dir)
     first = run_recipe(parse_recipe(text), quiet=True)
     trained, generated = [], []
-    monkeypatch.setattr(sft, "run", lambda *a: trained.append(1) or train_sft(*a))
+    sft = KINDS["sft"]
+    monkeypatch.setitem(KINDS, "sft", dataclasses.replace(sft, run=lambda *a: trained.append(1) or sft.run(*a)))
     monkeypatch.setattr("align.eval.evaluate.generate", lambda *a, **k: generated.append(1) or generate(*a, **k))
     again = run_recipe(parse_recipe(text), quiet=True)
     assert not trained and not generated  # same model: the stage is skipped and the replies come from the cache

@@ -2,7 +2,7 @@
 
 import torch
 
-from align.config import ModelConfig
+from align.settings import ModelConfig
 from align.models import adapters
 from align.models.load import load_base
 

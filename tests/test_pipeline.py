@@ -49,7 +49,7 @@ def test_reference_logps_are_the_sft_adapters_not_the_bare_base(tmp_path):
 
     from align.data import synthetic
     from align.models.tiny import tiny_model_and_tokenizer
-    from align.stages.rank import collate_groups, encode_groups, group_logps
+    from align.stages.groups import collate_groups, encode_groups, group_logps
 
     recipe = parse_recipe(tiny_recipe(tmp_path, dpo_steps=1))
     run_recipe(recipe, quiet=True)

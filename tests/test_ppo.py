@@ -53,7 +53,7 @@ def test_reward_head_survives_save_and_reload(tmp_path):
     base, tokenizer = tiny_model_and_tokenizer()
     from peft import get_peft_model
     from align.models.adapters import lora_config
-    from align.config import LoraConfig
+    from align.settings import LoraConfig
 
     model = get_peft_model(base, lora_config(LoraConfig(r=8)), adapter_name="scratch")
     reward = load_reward(str(tmp_path / "tinyppo" / "rm" / "adapter"), model, tokenizer)

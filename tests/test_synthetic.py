@@ -9,7 +9,7 @@ import pytest
 from align.data import synthetic
 from align.data.formats import load_examples
 from align.data.schemas import PreferenceExample, RankedExample, SFTExample, TaskExample, UnpairedExample
-from align.eval.rules import RULE_KINDS, check
+from align.data.rules import RULE_KINDS, check
 
 SCHEMA = {"sft": SFTExample, "preference": PreferenceExample, "task": TaskExample, "ranked": RankedExample}
 TRAIN_SPLITS = ("sft", "preference", "prompts", "ranked")

@@ -13,6 +13,7 @@ import argparse
 import ipaddress
 
 from align.collect.store import Collection
+from align.rewards import cards
 
 
 def _links(collection: Collection, url: str) -> None:
@@ -183,8 +184,8 @@ def add_parser(sub) -> None:
 
     p = commands.add_parser("judge", help="AI feedback: a reward model judges every pair, as an annotator of its own")
     p.add_argument("collection", metavar="COLLECTION")
-    p.add_argument("--judge", required=True, metavar="RM", help="an rm stage (RUN/STAGE) or a reward card "
-                                                                 "(reward_models/ name or path)")
+    p.add_argument("--judge", required=True, metavar="RM", help="an rm stage (RUN/STAGE), a reward card "
+                                                                 f"({', '.join(cards())}) or a rule file")
     p.add_argument("--tie-margin", type=float, default=0.0, help="a reward gap at most this large is a tie")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_cmd_judge)

@@ -43,7 +43,7 @@ def parse_source(spec: str) -> Source:
 def sample_responses(specs: list[str], prompts: list, samples: int, decoding, batch_size: int = 8,
                      quiet: bool = False) -> dict[str, list[list[str]]]:
     """{source label: for each prompt, its `samples` responses} for every source in `specs`."""
-    from align.config import ModelConfig
+    from align.settings import ModelConfig
     from align.eval.generation import generate
     from align.models.load import load_base
     from align.ui import work_progress

@@ -1,9 +1,9 @@
 """`align collect judge`: AI feedback on every pair of a collection, from a reward model.
 
-The judge is an `rm` stage (`RUN/STAGE`, its adapter and head on its run's base) or a reward card in
-`reward_models/` (a rule; cards that check task answers need prompts that carry a rule, such as the
-embedded task's). It scores each response once; the higher reward wins the pair, and a gap of at most
-`tie_margin` is a tie. The verdicts are stored as an annotator of their own (`rm:RUN/STAGE` or
+The judge is an `rm` stage (`RUN/STAGE`, its adapter and head on its run's base) or a reward card
+(`align.rewards.cards()`) or rule file (cards that check task answers need prompts that carry a rule,
+such as the embedded task's). It scores each response once; the higher reward wins the pair, and a gap of
+at most `tie_margin` is a tie. The verdicts are stored as an annotator of their own (`rm:RUN/STAGE` or
 `card:NAME`, kind "ai"), so the admin page and `align collect status` set them beside people's, and
 `align collect export --who ai` turns them into training pairs (RLAIF). Judging again replaces that
 judge's earlier verdicts.
@@ -13,28 +13,37 @@ from __future__ import annotations
 
 from align.collect.store import Collection
 from align.errors import AlignError
+from align.stages.kind import kind_of
+
+RM_STAGE = "an rm stage (RUN/STAGE, e.g. runs/my_recipe/rm), "  # what a judge may be besides a reward card
 
 
 def load_collect_judge(spec: str):
-    """(annotator name, Judge) for a reward card or an rm stage `RUN/STAGE`; errors before loading a model
-    where the spec is wrong."""
-    from align.eval.judges import JUDGE_ADAPTER, Judge, load_judge
-    from align.rewards import find_rule_file, load_reward
-
-    rule_file = find_rule_file(spec)
-    if rule_file:
-        return f"card:{rule_file.stem}", Judge(rule_file.stem, "rule", load_reward(str(rule_file)))
+    """(annotator name, Judge) for a reward card or rule file, or an rm stage `RUN/STAGE`; errors before
+    loading a model where the spec is wrong."""
     from align.collect.generate import parse_source
+    from align.eval.judges import Judge
+    from align.rewards import load_reward, reward_source, rule_file
+
+    target = None if rule_file(spec) else parse_source(spec)  # a card's name is no RUN/STAGE, whatever the cwd
+    if target and target.run and kind_of(target.run.stage(target.stage)).produces == "reward":
+        return f"rm:{target.label}", _rm_judge(target)
+    source = reward_source(spec, others=RM_STAGE)
+    if source.adapter_folder:
+        raise AlignError(f"judge '{spec}': give its rm stage as RUN/STAGE, so that its run's base model loads")
+    judge = Judge(load_reward(source))
+    return f"card:{judge.name}", judge
+
+
+def _rm_judge(target):
+    """The Judge of an rm stage (an `align.collect.generate.Source`), its adapter loaded on its run's base."""
+    from align.eval.judges import JUDGE_ADAPTER, load_judge
     from align.models.load import load_base
     from align.runs import with_adapters
 
-    source = parse_source(spec)
-    if source.run is None or source.run.stage(source.stage).kind != "rm":
-        raise AlignError(f"judge '{spec}': not a reward card in reward_models/ nor an rm stage (RUN/STAGE, "
-                         "e.g. runs/my_recipe/rm)")
-    base, tokenizer = load_base(source.run.recipe.model)
-    model = with_adapters(base, {JUDGE_ADAPTER: source.run.adapter(source.stage)})
-    return f"rm:{source.label}", load_judge(source.stage, source.run, model, tokenizer)
+    base, tokenizer = load_base(target.run.recipe.model)
+    model = with_adapters(base, {JUDGE_ADAPTER: target.run.adapter(target.stage)})
+    return load_judge(target.stage, target.run, model, tokenizer)
 
 
 def judge_collection(collection: Collection, spec: str, tie_margin: float = 0.0, quiet: bool = False) -> dict:
@@ -51,7 +60,7 @@ def judge_collection(collection: Collection, spec: str, tie_margin: float = 0.0,
     for pair in pairs:
         for side in ("a", "b"):
             responses[pair[side]["id"]] = (pair["prompt"], pair[side]["text"], pair["rule"])
-    if judge.kind == "rule" and judge.reward.needs_rules and not all(rule for _, _, rule in responses.values()):
+    if judge.reward.needs_rules and not all(rule for _, _, rule in responses.values()):
         raise AlignError(f"reward card '{judge.name}' checks task answers, but some prompts of {collection.path} "
                          "carry no rule; judge with an rm stage, or a card without task checks")
     ids, batch = list(responses), 32

@@ -19,6 +19,7 @@ from align.data.schemas import (
     UnpairedExample,
 )
 from align.data.invariants import check_answer, check_differ, checked_prompt, checked_response, said, short
+from align.data.rules import RULE_FIELDS, RULE_KINDS
 from align.errors import DataError
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -202,8 +203,6 @@ def implicit_prompt(row: dict) -> PreferenceExample:
 def task(row: dict) -> TaskExample:
     prompt = _prompt_in(row)
     rule = _get(row, "rule", dict, 'an object such as {"kind": "exact", "answer": "12"}')
-    from align.eval.rules import RULE_KINDS, RULE_FIELDS
-
     kind = rule.get("kind")
     if kind not in RULE_KINDS:
         raise DataError(f"expected one of {', '.join(RULE_KINDS)}, got {short(kind)}", field="rule.kind")

@@ -71,7 +71,7 @@ class UnpairedExample:
 
 @dataclass
 class TaskExample:
-    """A prompt, with a rule that checks its answer (see `align.eval.rules`) or `{}` for none.
+    """A prompt, with a rule that checks its answer (see `align.data.rules`) or `{}` for none.
 
     The `task` kind (held-out task accuracy) always has a rule; the `prompt` kind (the prompts PPO samples
     responses for) has one where rule-based rewards can use it.

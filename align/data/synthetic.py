@@ -10,7 +10,7 @@ content (off by one, the wrong item, one repetition too many) or the right conte
 - `preference_all`: the same prompts with every bad answer, one pair each: all the comparisons a prompt
   offers, as InstructGPT trains its reward model (more near misses for a reward model to tell apart);
 - `prompts`: training prompts with their checking rule, for PPO to sample responses for;
-- `heldout`: prompts with their checking rule (`align.eval.rules`), for task accuracy;
+- `heldout`: prompts with their checking rule (`align.data.rules`), for task accuracy;
 - `preference_heldout`: pairs on held-out prompts, for reward accuracy and margin;
 - `ranked`, `ranked_heldout`: each prompt with four answers in shuffled order, scored 3 (the good answer),
   2 (the right content in the wrong form: a chatty sentence around the good answer), 1 (a near miss in

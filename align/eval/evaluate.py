@@ -36,13 +36,8 @@ from align.models.identity import base_identity, machine
 from align.models.load import give_back
 from align.refs import resolve_refs
 from align.runs import BASE, acting_as, with_adapters
+from align.stages.kind import kind_of
 from align.ui import console, work_progress
-
-# training curves worth a plot, where a stage logged them (metrics.jsonl)
-CURVE_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "accuracy", "margin", "rank/kendall_tau",
-              "objective/scores", "objective/kl", "replay/nll", "eval_loss", "eval_rewards/accuracies", "eval_accuracy",
-              "eval_rank/kendall_tau")
-POLICY_KINDS = {"sft", "dpo", "rank", "kto", "ppo"}  # stages whose adapter is a policy (rm's is a reward model)
 
 
 def _hash(obj) -> str:
@@ -54,15 +49,19 @@ def _load(section, kind: str):
 
 
 def default_reference(recipe) -> str:
-    return next((s.name for s in reversed(recipe.stages) if s.kind == "sft"), BASE)
+    """The last stage trained on demonstrations (SFT), else the base."""
+    return next((s.name for s in reversed(recipe.stages) if kind_of(s).demonstrations), BASE)
 
 
 def default_judge(run) -> str | None:
-    return next((s.name for s in reversed(run.recipe.stages) if s.kind == "rm" and s.name in run.finished()), None)
+    """The last finished reward model."""
+    return next((s.name for s in reversed(run.recipe.stages)
+                 if kind_of(s).produces == "reward" and s.name in run.finished()), None)
 
 
 def default_preferences(recipe):
-    return next((s.eval_data for s in recipe.stages if s.kind in ("rm", "dpo") and s.eval_data), None)
+    """The held-out pairs of the first stage that has them (an rm or dpo stage's)."""
+    return next((s.eval_data for s in recipe.stages if kind_of(s).heldout_pairs and s.eval_data), None)
 
 
 def prompt_text(prompt: list[dict]) -> str:
@@ -72,13 +71,14 @@ def prompt_text(prompt: list[dict]) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def _curves(stage_dir: Path) -> dict[str, list]:
+def _curves(stage_dir: Path, keys: tuple[str, ...]) -> dict[str, list]:
+    """The training curves of `keys` (what the stage's kind plots) that the stage logged."""
     path = stage_dir / "metrics.jsonl"
     curves: dict[str, list] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            for key in CURVE_KEYS:
+            for key in keys:
                 if isinstance(row.get(key), (int, float)):
                     curves.setdefault(key, []).append([row["step"], row[key]])
     return {key: points for key, points in curves.items() if len(points) > 1}  # one point (a final eval) is no curve
@@ -94,7 +94,7 @@ class Evaluation:
         recipe = run.recipe
         cfg.check_stages(recipe.stages)
         self.reference = cfg.reference or default_reference(recipe)
-        chosen = cfg.stages or [BASE, *(s for s in run.finished() if run.stage(s).kind in POLICY_KINDS)]
+        chosen = cfg.stages or [BASE, *(s for s in run.finished() if kind_of(run.stage(s)).policy)]
         self.stages = [self.reference] + [s for s in chosen if s != self.reference]
         for name in self.stages:
             run.adapter(name)  # unknown or unfinished stages fail here, before anything loads
@@ -136,7 +136,7 @@ class Evaluation:
     def _implicit_stages(self) -> list[str]:
         if self.preferences is None:
             return []
-        return [s for s in self.stages if s != BASE and self.run_.stage(s).kind in ("dpo", "rank", "kto")]
+        return [s for s in self.stages if s != BASE and kind_of(self.run_.stage(s)).implicit_reward]
 
     def _adapter_name(self, folder: str | None, folders: dict[str, str]) -> str | None:
         return next((name for name, f in folders.items() if f == folder), None)
@@ -241,7 +241,8 @@ class Evaluation:
             "judge": judge_info,
             "stages": stages,
             "samples": [self._sample(i, prompts[i], replies, stages) for i in range(len(examples))],
-            "curves": {name: _curves(self.run_.dir / name) for name in self.stages if name != BASE},
+            "curves": {name: _curves(self.run_.dir / name, kind_of(self.run_.stage(name)).curves)
+                       for name in self.stages if name != BASE},
         }
 
     def _accuracy_change(self, graded: dict, name: str) -> dict | None:

@@ -5,7 +5,7 @@ Preference stages move a policy towards what their data rewards and nothing hold
 policy it made are measured on the recipe's `forgetting` sets:
 - `retention`: held-out SFT data, NLL per completion token (and perplexity): how likely the answers the
   model was taught still are;
-- `tasks`: held-out prompts whose answers a rule checks (`align.eval.rules`), accuracy of greedy answers;
+- `tasks`: held-out prompts whose answers a rule checks (`align.data.rules`), accuracy of greedy answers;
 - `prompts`: general prompts, the exact per-token KL(trained || start) of the next-token distributions
   along the trained policy's own greedy replies: how far the stage moved the model where it was not asked to.
 """
@@ -28,6 +28,7 @@ from align.eval.tasks import task_accuracy
 from align.models import adapters
 from align.models.load import give_back
 from align.models.logprobs import encoded_logprobs
+from align.stages.kind import kind_of
 from align.ui import work_progress
 
 
@@ -61,7 +62,7 @@ def load_sets(recipe) -> ForgettingSets | None:
     cfg = recipe.forgetting
     if not cfg.enabled:
         return None
-    first_sft = next((s for s in recipe.stages if s.kind == "sft" and s.eval_data), None)
+    first_sft = next((s for s in recipe.stages if kind_of(s).demonstrations and s.eval_data), None)
     retention_cfg = cfg.retention or (first_sft.eval_data if first_sft else None)
     tasks_cfg = cfg.tasks or (recipe.eval.tasks if recipe.eval else None)
 

@@ -1,7 +1,8 @@
 """Who decides which reply is better, and how often a scorer agrees with held-out preferences.
 
-- A judge scores each reply to a prompt: a learned reward (an `rm` stage's adapter and head, frozen on
-  the shared base) or a rule reward card (`reward_models/*.yaml`); the higher score wins the pair.
+- A judge scores each reply to a prompt: a reward (`align.rewards`), either learned (an `rm` stage's adapter
+  and head, frozen on the shared base) or a rule reward card (`align.rewards.cards()`); the higher score
+  wins the pair.
 - Human verdicts are preference rows (`{prompt, chosen, rejected}`, any preference format) over this
   evaluation's own replies, such as `pairs.jsonl` rated by people: a row whose prompt and two replies are
   a stage's and the reference's replies to a prompt decides that pair.
@@ -12,7 +13,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,50 +20,47 @@ import torch
 from align.data.collate import encode
 from align.data.formats import load_examples
 from align.eval.generation import evaluating
-from align.errors import AlignError
-from align.models import adapters, heads
+from align.models import adapters
 from align.models.logprobs import encoded_logprobs
-from align.rewards import REWARD_MODELS_DIR, find_rule_file, load_reward
-from align.stages import dpo, rank
-from align.losses.dpo import uses_mean_logps
+from align.rewards import ModelSource, Reward, RewardSource, load_reward, reward_source
+from align.rewards.sources import DEFAULT_LENGTHS
+from align.stages.kind import kind_of
 
 JUDGE_ADAPTER = "__judge__"  # never a stage name in practice: stages keep their own names as adapters
 
 
-@dataclass
 class Judge:
-    name: str  # what the report calls it: the rm stage's name or the card's file
-    kind: str  # "learned" | "rule"
-    reward: object  # align.rewards.LearnedReward or RuleReward
+    """A reward as eval reports it: its scores as plain floats, for eval.json."""
+
+    def __init__(self, reward: Reward):
+        self.reward, self.name, self.kind = reward, reward.name, reward.kind
 
     def score(self, prompts, replies: list[str], rules: list[dict]) -> list[float]:
         return self.reward.score(prompts, replies, rules).tolist()
 
 
+def judge_source(spec: str, run) -> RewardSource:
+    """What judge `spec` names: an rm stage of `run`, a reward card or rule file, or any rm stage's folder."""
+    if spec in {s.name for s in run.recipe.stages}:
+        return ModelSource(model=run.adapter(spec))
+    return reward_source(spec, others=f"an rm stage of {run.dir}, ")
+
+
 def judge_folder(spec: str, run) -> str | None:
-    """The folder of a learned judge (an rm stage of `run`, or any rm stage folder); None for a rule card."""
-    if find_rule_file(spec):
-        return None
-    folder = run.adapter(spec) if spec in {s.name for s in run.recipe.stages} else spec
-    if not (Path(folder) / heads.HEAD_FILE).is_file():
-        cards = ", ".join(sorted(p.stem for p in REWARD_MODELS_DIR.glob("*.yaml")))
-        raise AlignError(f"judge '{spec}': not an rm stage of {run.dir}, a reward card in reward_models/ ({cards}) "
-                         "or a rule file, nor a folder written by an rm stage")
-    return folder
+    """The adapter folder of a learned judge, which the evaluation loads with its stages'; None for a rule."""
+    return judge_source(spec, run).adapter_folder
 
 
 def load_judge(spec: str, run, model, tokenizer) -> Judge:
-    """The judge `spec` names; a learned one becomes the frozen adapter `judge` of `model` (a PeftModel)."""
-    folder = judge_folder(spec, run)
-    if folder is None:
-        rule_file = find_rule_file(spec)
-        return Judge(rule_file.stem, "rule", load_reward(str(rule_file)))
-    return Judge(spec, "learned", load_reward(folder, model, tokenizer, JUDGE_ADAPTER, _trained_lengths(folder)))
+    """The judge `spec` names; a learned one becomes the frozen adapter `JUDGE_ADAPTER` of `model` (a PeftModel)."""
+    source = judge_source(spec, run)
+    lengths = _trained_lengths(source.adapter_folder) if source.adapter_folder else DEFAULT_LENGTHS
+    return Judge(load_reward(source, model, tokenizer, JUDGE_ADAPTER, lengths))
 
 
 def _trained_lengths(folder: str) -> tuple[int, int]:
     """(max_length, max_prompt_length) the rm stage that wrote `folder` trained with, read from its run's
-    recipe (`RUN/STAGE/adapter`), so that texts are truncated as in training; (512, 256) where unknown."""
+    recipe (`RUN/STAGE/adapter`), so that texts are truncated as in training; the defaults where unknown."""
     from align.runs import RECIPE_FILE, open_run
 
     adapter = Path(folder).resolve()
@@ -71,7 +68,7 @@ def _trained_lengths(folder: str) -> tuple[int, int]:
         for stage in open_run(adapter.parents[1]).recipe.stages:
             if stage.name == adapter.parent.name:
                 return stage.train.max_length, stage.train.max_prompt_length
-    return 512, 256
+    return DEFAULT_LENGTHS
 
 
 def pair_key(prompt: list[dict], first: str, second: str) -> str:
@@ -101,7 +98,7 @@ def human_verdict(verdicts: dict[str, str], prompt, stage_reply: str, reference_
 
 def judge_accuracy(judge: Judge, pairs) -> float | None:
     """Share of pairs whose chosen reply the judge scores higher; None for a judge that needs task rules."""
-    if judge.kind == "rule" and judge.reward.needs_rules:
+    if judge.reward.needs_rules:
         return None
     prompts = [ex.prompt for ex in pairs]
     chosen = judge.score(prompts, [ex.chosen[-1]["content"] for ex in pairs], [{}] * len(pairs))
@@ -119,19 +116,17 @@ def _logps(model, tokenizer, pairs, side: str, train_cfg, batch_size: int) -> tu
 
 
 def implicit_reward_accuracy(model, tokenizer, stage, policy: str, reference: str | None, pairs, batch_size: int) -> float:
-    """Share of pairs whose chosen reply gets the higher implicit reward under a dpo/rank/kto stage's own
-    definition: β·(log π − log π_ref) (mean log-probs for the losses that average them), or β·mean log π for
-    the reference-free losses. β > 0 does not change the order, so it is left out."""
-    loss_type = getattr(stage.loss, "type", None)
-    reference_free = loss_type in dpo.REFERENCE_FREE | rank.REFERENCE_FREE
-    mean = reference_free or (stage.kind == "dpo" and uses_mean_logps(loss_type))
-    rewards = {}
+    """Share of pairs whose chosen reply gets the higher implicit reward, as the stage's own loss defines it
+    (`implicit_reward` of align.losses.preference: the object its training called)."""
+    reward = kind_of(stage).implicit_reward(stage)
+    sides = {}
     for side in ("chosen", "rejected"):
         with adapters.using(model, policy):
             logps, lengths = _logps(model, tokenizer, pairs, side, stage.train, batch_size)
-        if not reference_free:
+        ref_logps = None
+        if reward.needs_reference:
             with adapters.using(model, reference):
                 ref_logps, _ = _logps(model, tokenizer, pairs, side, stage.train, batch_size)
-            logps = logps - ref_logps
-        rewards[side] = logps / lengths if mean else logps
-    return float((rewards["chosen"] > rewards["rejected"]).float().mean())
+            ref_logps = ref_logps[:, None]
+        sides[side] = reward.implicit_reward(logps[:, None], ref_logps, lengths[:, None])[:, 0]  # [N]
+    return float((sides["chosen"] > sides["rejected"]).float().mean())

@@ -1,11 +1,11 @@
-"""Held-out task accuracy: answers to verifiable prompts, checked by rule (`align.eval.rules`)."""
+"""Held-out task accuracy: answers to verifiable prompts, checked by rule (`align.data.rules`)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+from align.data.rules import check
 from align.eval.generation import Decoding, generate
-from align.eval.rules import check
 
 
 def score_answers(examples, responses: list[str]) -> dict:

@@ -20,10 +20,14 @@ Implicit rewards (DPO Sec. 5): r_c = beta*(pi_c - ref_c), r_r = beta*(pi_r - ref
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from align.losses.preference import ImplicitReward, PreferenceLoss, best_and_worst, pick, register
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -228,3 +232,97 @@ def kto_kl_estimate(
     so the estimate uses the same answers as the batch itself. Returns a scalar [].
     """
     return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+# ---- the pairwise losses as registered objects (align.losses.preference): each group's best against its worst ----
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairwiseLoss(PreferenceLoss):
+    """A loss on each group's first best response against its last worst: a `dpo` stage's loss."""
+
+    listwise: ClassVar[bool] = False
+
+    def losses(self, logps, ref_logps, lengths, scores, mask):
+        best, worst = best_and_worst(scores, mask)  # [B]
+        policy = self.sequence_logps(logps, lengths)  # [B, K]
+        ref = self.sequence_logps(ref_logps, lengths) if self.needs_reference else None
+        out = self.pair_losses(pick(policy, best), pick(policy, worst),
+                               *((pick(ref, best), pick(ref, worst)) if ref is not None else ()))
+        return out.losses, dpo_metrics(out, pick(logps, best).detach(), pick(logps, worst).detach())
+
+    @abstractmethod
+    def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor, *ref: torch.Tensor) -> DPOLossOutput:
+        """The [B] pair losses from the chosen and rejected sequence log-probs (and the reference's, if it needs one)."""
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Sigmoid(PairwiseLoss):
+    """DPO's loss, with cDPO's label smoothing."""
+
+    name: ClassVar[str] = "sigmoid"
+    label_smoothing: float = 0.0
+
+    def pair_losses(self, chosen, rejected, *ref):
+        return dpo_loss(chosen, rejected, *ref, beta=self.beta, loss_type=self.name, label_smoothing=self.label_smoothing)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class IPO(PairwiseLoss):
+    name: ClassVar[str] = "ipo"
+    mean_logps: ClassVar[bool] = True  # as TRL: see uses_mean_logps
+
+    def pair_losses(self, chosen, rejected, *ref):
+        return dpo_loss(chosen, rejected, *ref, beta=self.beta, loss_type=self.name)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Hinge(PairwiseLoss):
+    name: ClassVar[str] = "hinge"
+
+    def pair_losses(self, chosen, rejected, *ref):
+        return dpo_loss(chosen, rejected, *ref, beta=self.beta, loss_type=self.name)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class SimPO(PairwiseLoss):
+    name: ClassVar[str] = "simpo"
+    needs_reference: ClassVar[bool] = False
+    mean_logps: ClassVar[bool] = True
+    gamma_beta_ratio: float = 0.5
+    label_smoothing: float = 0.0
+
+    def pair_losses(self, chosen, rejected, *ref):
+        return simpo_loss(chosen, rejected, beta=self.beta, gamma_beta_ratio=self.gamma_beta_ratio,
+                          label_smoothing=self.label_smoothing)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class ORPO(PairwiseLoss):
+    name: ClassVar[str] = "orpo"
+    needs_reference: ClassVar[bool] = False
+    mean_logps: ClassVar[bool] = True
+
+    @property
+    def nll(self) -> float:
+        return 1.0  # ORPO is SFT plus the odds-ratio term by definition (Eq. 6)
+
+    def pair_losses(self, chosen, rejected, *ref):
+        return orpo_loss(chosen, rejected, beta=self.beta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KTOLoss(ImplicitReward):
+    """KTO's loss (`kto_loss`) with its settings: a `kto` stage's, on unpaired answers rather than groups."""
+
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    def losses(self, policy_logps, ref_logps, desirable, kl) -> KTOLossOutput:
+        return kto_loss(policy_logps, ref_logps, desirable, kl, beta=self.beta, desirable_weight=self.desirable_weight,
+                        undesirable_weight=self.undesirable_weight)

@@ -25,9 +25,12 @@ exactly PL when there are no ties; the exact tied likelihood would sum over ever
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from align.losses.preference import PreferenceLoss, register
 
 RANK_LOSS_TYPES = ("plackett_luce", "lipo", "pro", "rrhf")
 
@@ -188,3 +191,59 @@ def _best_index(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _check_beta(beta: float) -> None:
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+
+
+# ---- the listwise losses as registered objects (align.losses.preference): a `rank` stage's loss ----
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class PlackettLuce(PreferenceLoss):
+    name: ClassVar[str] = "plackett_luce"
+    listwise: ClassVar[bool] = True
+
+    def losses(self, logps, ref_logps, lengths, scores, mask):
+        return plackett_luce_loss(logps, ref_logps, scores, mask, beta=self.beta).losses, {}
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class LiPO(PreferenceLoss):
+    name: ClassVar[str] = "lipo"
+    listwise: ClassVar[bool] = True
+
+    def losses(self, logps, ref_logps, lengths, scores, mask):
+        return lipo_lambda_loss(logps, ref_logps, scores, mask, beta=self.beta).losses, {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class _MeanLogProbRanking(PreferenceLoss):
+    """PRO and RRHF: reference-free, ranking by the mean token log-prob itself (they have no beta), with the best
+    response's NLL inside their loss (weight 1 unless asked otherwise)."""
+
+    listwise: ClassVar[bool] = True
+    needs_reference: ClassVar[bool] = False
+    mean_logps: ClassVar[bool] = True
+    own_nll_weight: ClassVar[float] = 1.0
+    nll_in_loss: ClassVar[bool] = True
+
+    def implicit_reward(self, logps, ref_logps, lengths):
+        return self.sequence_logps(logps, lengths)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class PRO(_MeanLogProbRanking):
+    name: ClassVar[str] = "pro"
+
+    def losses(self, logps, ref_logps, lengths, scores, mask):
+        return pro_loss(logps, lengths, scores, mask, sft_weight=self.nll).losses, {}
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class RRHF(_MeanLogProbRanking):
+    name: ClassVar[str] = "rrhf"
+
+    def losses(self, logps, ref_logps, lengths, scores, mask):
+        return rrhf_loss(logps, lengths, scores, mask, sft_weight=self.nll).losses, {}

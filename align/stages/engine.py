@@ -30,7 +30,6 @@ from align.models.load import give_back
 from align.replay import ReplayMixer
 from align.ui import StageProgress
 
-
 # Metrics that count what a batch holds: the processes' shares add up, where the other metrics are averaged.
 COUNTS = {"num_tokens"}
 

@@ -1,7 +1,7 @@
 """The `kto` stage: Kahneman–Tversky optimisation on unpaired examples, each a prompt and one answer
 labelled desirable or undesirable (pairs split into one of each also work).
 
-Each example is a group of two answers to its prompt, as in `align.stages.rank`: its own answer (scored
+Each example is a group of two answers to its prompt, as in `align.stages.groups`: its own answer (scored
 1 if desirable, 0 if not) and the answer of another example, which only serves KTO's reference point z0,
 an estimate of KL(policy || reference) from mismatched pairs (as TRL builds it). Unlike the other
 preference stages, the two are batched as separate sequences rather than packed on one prompt: the
@@ -11,16 +11,28 @@ them. The reference and its cached log-probs are those of `dpo`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from align.data.collate import encode, pad_sequences
-from align.losses.dpo import kto_kl_estimate, kto_loss
+from align.losses.dpo import KTOLoss, kto_kl_estimate
+from align.method_configs import KTOLossConfig
 from align.models import adapters
 from align.models.logprobs import completion_logprobs
 from align.stages.engine import StageContext, StageOutput, fit
-from align.stages.rank import GroupTrainer, prepare
+from align.stages.groups import GroupTrainer, PreferenceStageConfig, loss_reward, prepare
+from align.stages.kind import StageKind, register
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "completion_mask")
+
+
+@dataclass(kw_only=True)
+class KTOStageConfig(PreferenceStageConfig):
+    """KTO on unpaired answers labelled desirable or undesirable (pairs count as one of each)."""
+
+    kind: str = "kto"
+    loss: KTOLossConfig = field(default_factory=KTOLossConfig)
 
 
 def _mismatched(examples, i: int):
@@ -58,9 +70,9 @@ def collate_unpaired(pad_id: int):
 
 
 class KTOTrainer(GroupTrainer):
-    def __init__(self, *args, loss_cfg, **kwargs):
+    def __init__(self, *args, loss: KTOLoss, **kwargs):
         super().__init__(*args, objective=None, needs_ref=True, **kwargs)
-        self.loss_cfg = loss_cfg
+        self.loss = loss
 
     def loss_and_metrics(self, model, batch):
         own = [batch[k][0::2] for k in SEQUENCE_KEYS]  # groups are (own answer, mismatched answer)
@@ -75,8 +87,7 @@ class KTOTrainer(GroupTrainer):
                                              completion_logprobs(model, *mismatched)[0]], dim=1)
         kl = kto_kl_estimate(kl_logps, ref_logps[:, 1])
         desirable = batch["scores"][:, 0] > 0
-        out = kto_loss(logps, ref_logps[:, 0], desirable, kl, beta=self.loss_cfg.beta,
-                       desirable_weight=self.loss_cfg.desirable_weight, undesirable_weight=self.loss_cfg.undesirable_weight)
+        out = self.loss.losses(logps, ref_logps[:, 0], desirable, kl)
         metrics = {"kl": float(kl)}
         for name, chosen in (("chosen", desirable), ("rejected", ~desirable)):
             if chosen.any():
@@ -93,6 +104,10 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     eval_rows = encode_unpaired(data["eval"].examples, ctx.tokenizer, stage.train) if data.get("eval") else None
     model, ref, reference = prepare(stage, ctx, train_rows, eval_rows, needs_ref=True)
     out = fit(KTOTrainer, model, stage, ctx, train_rows, eval_rows, collate_unpaired(ctx.tokenizer.pad_token_id),
-              ref=ref, loss_cfg=stage.loss)
+              ref=ref, loss=stage.loss.build())
     out.extra["reference"] = reference
     return out
+
+
+register(StageKind("kto", KTOStageConfig, run, data="unpaired", implicit_reward=loss_reward,
+                   curves=("loss", "replay/nll", "eval_loss")))

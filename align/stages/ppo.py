@@ -27,7 +27,7 @@ import json
 import random
 import shutil
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,21 +37,43 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import get_scheduler
 
 from align.data.collate import encode_prompt
-from align.errors import AlignError, DataError
+from align.errors import DataError, require
 from align.eval.generation import Decoding, generate
 from align.losses.ppo import RunningMoments, kl_controller, policy_loss, value_loss
+from align.method_configs import PPOConfig, ReplayConfig, ReplayOutConfig
 from align.models import adapters, heads
 from align.models.load import give_back
-from align.rewards import LearnedReward, RuleReward, load_reward
+from align.rewards import Reward, RewardSource, load_reward
+from align.settings import StageConfig
 from align.stages.engine import StageContext, StageOutput, keep_metrics_until
+from align.stages.kind import StageKind, register
 from align.stages.ppo_rollout import make_experience, response_logprobs, response_values
 from align.ui import StageProgress, work_progress
+
+
+@dataclass(kw_only=True)
+class PPOStageConfig(StageConfig):
+    """PPO against learned and/or rule-based rewards; policy, value, reward and reference are adapters
+    on the one base. `data` holds prompts (any format with a prompt; a `rule` feeds rule rewards)."""
+
+    kind: str = "ppo"
+    reference: str | None = None  # frozen KL reference, e.g. ${sft.adapter}; None = `init`
+    value_init: str | None = None  # the value adapter's start; None = the first reward model's, else `init`
+    rewards: list[RewardSource]  # required, summed with their weights: {model: ...} or {rule: ...} (align.rewards)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    replay: ReplayConfig | None = None  # SFT data mixed into the policy loss, InstructGPT's "ptx" term
+    replay_out: ReplayOutConfig | None = None  # PPO trains on prompts: it has no answers to keep
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(bool(self.rewards), "rewards", "PPO needs at least one reward (model: or rule:)")
+        require(self.replay_out is None, "replay_out", "a ppo stage trains on prompts: it has no answers to keep")
 
 
 @dataclass
 class Roles:
     value_head: torch.nn.Linear
-    rewards: list[tuple[object, float, str]]  # (reward, weight, label)
+    rewards: list[tuple[Reward, float, str]]  # (reward, weight, label such as "rule:concise")
     ref: str | None
 
 
@@ -61,19 +83,12 @@ def build_roles(stage, ctx: StageContext):
     reference = stage.reference or stage.init
     if reference:
         adapters.add_frozen(model, reference, adapters.REF)
-    rewards, learned = [], []
+    lengths = (stage.train.max_length, stage.train.max_prompt_length)  # held-out replies are scored as texts
+    rewards = []
     for i, source in enumerate(stage.rewards):
-        if source.model:
-            reward = LearnedReward(model, ctx.tokenizer, source.model, f"reward{i}", stage.train.max_length,
-                                   stage.train.max_prompt_length)
-            learned.append(source.model)
-            folder = Path(source.model)  # runs/<recipe>/<stage>/adapter is called by its stage's name
-            rewards.append((reward, source.weight, f"model:{folder.parent.name if folder.name == 'adapter' else folder.name}"))
-        else:
-            reward = load_reward(source.rule)
-            if not isinstance(reward, RuleReward):
-                raise AlignError(f"stages.{stage.name}.rewards[{i}].rule: '{source.rule}' is not a rule file")
-            rewards.append((reward, source.weight, f"rule:{reward.spec.name}"))
+        reward = load_reward(source, model, ctx.tokenizer, f"reward{i}", lengths)
+        rewards.append((reward, source.weight, f"{source.key}:{reward.name}"))
+    learned = [source.adapter_folder for source in stage.rewards if source.adapter_folder]
     value_init = stage.value_init or (learned[0] if learned else stage.init)
     if value_init:
         model.load_adapter(value_init, adapter_name=adapters.VALUE, is_trainable=True)
@@ -92,7 +107,7 @@ def role_parameters(model, name: str) -> list[torch.nn.Parameter]:
 
 
 def check_rules(roles: Roles, loaded) -> None:
-    if any(getattr(r, "needs_rules", False) for r, _, _ in roles.rewards):
+    if any(r.needs_rules for r, _, _ in roles.rewards):
         for row, ex in enumerate(loaded.examples, 1):
             if not ex.rule:
                 raise DataError("has no 'rule', which a rule reward with a 'task' check needs",
@@ -266,3 +281,17 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     heads.save_head(roles.value_head, value_dir)
     ctx.base = give_back(model)
     return StageOutput(adapter, metrics, str(resumed) if resumed else None)
+
+
+def heldout_summary(metrics: dict) -> dict:
+    """The held-out reward of the starting policy and of the trained one."""
+    if "eval_objective/scores" not in metrics:
+        return {}
+    return {"ppo_scores": {
+        "init": {k.removeprefix("eval_init_"): v for k, v in metrics.items() if k.startswith("eval_init_")},
+        "final": {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_") and not k.startswith("eval_init_")},
+    }}
+
+
+register(StageKind("ppo", PPOStageConfig, run, data="prompt", summary=heldout_summary, multi_process=False,
+                   curves=("objective/scores", "objective/kl", "replay/nll")))

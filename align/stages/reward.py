@@ -8,13 +8,26 @@ is saved inside `adapter/` and in every checkpoint, so resume and later stages g
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from align import distributed
 from align.data.collate import encode, pad_sequences
 from align.losses.reward import reward_loss, reward_metrics
+from align.method_configs import RewardLossConfig
 from align.models import adapters, heads
+from align.settings import StageConfig
 from align.stages.engine import AlignTrainer, StageContext, StageOutput, fit
+from align.stages.kind import StageKind, register
+
+
+@dataclass(kw_only=True)
+class RMStageConfig(StageConfig):
+    """A reward model: a LoRA adapter plus a scalar score head, trained on preference pairs."""
+
+    kind: str = "rm"
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig)
 
 
 def collate(pad_id: int):
@@ -78,3 +91,13 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     if distributed.is_main():  # the adapter folder is the main process's (engine.fit)
         heads.save_head(head, out.adapter)
     return out
+
+
+def heldout_summary(metrics: dict) -> dict:
+    if "eval_accuracy" not in metrics:
+        return {}
+    return {"rewards": {"accuracy": metrics["eval_accuracy"], "margin": metrics["eval_margin"]}}
+
+
+register(StageKind("rm", RMStageConfig, run, data="preference", produces="reward", heldout_pairs=True,
+                   summary=heldout_summary, curves=("loss", "accuracy", "margin", "eval_loss", "eval_accuracy")))

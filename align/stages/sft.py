@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from align.data.collate import encode, pad_sequences
 from align.losses.sft import sft_loss
 from align.models import adapters
 from align.models.logprobs import completion_logprobs
+from align.settings import StageConfig
 from align.stages.engine import AlignTrainer, StageContext, StageOutput, fit
+from align.stages.kind import StageKind, register
+
+
+@dataclass(kw_only=True)
+class SFTStageConfig(StageConfig):
+    """Supervised fine-tuning on conversations; the loss is on completions only."""
+
+    kind: str = "sft"
 
 
 def encode_sft(examples, tokenizer, train_cfg) -> list[dict]:
@@ -34,3 +45,6 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     train_rows = encode_sft(data["train"].examples, ctx.tokenizer, stage.train)
     eval_rows = encode_sft(data["eval"].examples, ctx.tokenizer, stage.train) if data.get("eval") else None
     return fit(SFTTrainer, model, stage, ctx, train_rows, eval_rows, collate(ctx.tokenizer.pad_token_id))
+
+
+register(StageKind("sft", SFTStageConfig, run, data="sft", demonstrations=True, curves=("loss", "eval_loss")))

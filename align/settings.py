@@ -1,0 +1,101 @@
+"""The settings every stage shares: the base model, a dataset, the optimisation, and the fields of a stage that
+each stage kind's config (in `align/stages/<kind>.py`) extends. `align.config` puts them into a recipe; their
+`__post_init__` checks raise `ConfigError(key=<field>)`, which the YAML binder points at the field's line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from align import yaml_binding
+from align.errors import require as _require
+from align.method_configs import ReplayOutConfig
+
+_IDENTIFIER = yaml_binding.IDENTIFIER  # so that `stages.<name>.key` and `${<name>.output}` can name a stage
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """The LoRA adapter every stage trains (PEFT's LoraConfig)."""
+
+    r: int = 16  # rank
+    alpha: int = 32  # scaling is alpha / r
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"  # "all-linear" or module names such as [q_proj, v_proj]
+
+    def __post_init__(self):
+        _require(self.r >= 1, "r", f"must be >= 1, got {self.r}")
+        _require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The frozen base model that all stages' adapters share."""
+
+    base: str  # required: hub id, local folder, .gguf file or builtin:<name>
+    quantization: Literal["nf4", "none"] = "nf4"  # nf4 = QLoRA; none = plain LoRA
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 where the device has it
+    chat_template: str | None = None  # a .jinja path or an inline template; None = the tokenizer's
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """A dataset: a file, folder, hub id or `synthetic:<name>`."""
+
+    path: str  # required
+    format: str = "auto"  # auto-detected unless named (see align.data.formats)
+    skip_bad_rows: bool = False  # False: the first bad row is an error naming file, row and field
+    max_rows: int | None = None  # None = all rows
+
+    def __post_init__(self):
+        _require(self.max_rows is None or self.max_rows >= 1, "max_rows", f"must be >= 1, got {self.max_rows}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation settings of one stage (they map onto transformers' TrainingArguments)."""
+
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = 2.0e-4
+    batch_size: int = 8  # global: a launch's processes take equal shares of it (align.stages.engine)
+    grad_accum: int = 1
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_length: int = 512  # tokens, prompt + completion
+    max_prompt_length: int = 256
+    save_steps: int = 50  # checkpoint every N optimizer steps
+    logging_steps: int = 1
+    eval_steps: int | None = None  # None = no periodic eval
+    seed: int | None = None  # None = the recipe's seed (filled in by Recipe)
+    gradient_checkpointing: bool = False
+    group_by_length: bool = False  # batches of similar lengths (shuffled in groups of 50 batches) pad less
+
+    def __post_init__(self):
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _require(self.max_prompt_length >= 1, "max_prompt_length", f"must be >= 1, got {self.max_prompt_length}")
+        _require(self.max_length > self.max_prompt_length, "max_length",
+                 f"must be greater than max_prompt_length ({self.max_prompt_length}), got {self.max_length}")
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """Fields every stage has; each kind subclasses it in its own file (align.stages.<kind>) and registers it."""
+
+    name: str  # required; unique, identifier-like, not "base" (eval's name for the untrained model)
+    kind: str  # required; a registered stage kind (align.stages.kind)
+    data: DataConfig  # required
+    eval_data: DataConfig | None = None
+    init: str | None = None  # adapter to start from, e.g. ${sft.adapter}; None = a fresh adapter
+    train: TrainConfig = field(default_factory=TrainConfig)
+    replay_out: ReplayOutConfig | None = field(default_factory=ReplayOutConfig)  # None = keep no sample
+
+    def __post_init__(self):
+        _require(_IDENTIFIER.fullmatch(self.name) is not None, "name",
+                 f"stage names must look like identifiers ([A-Za-z_][A-Za-z0-9_]*), got '{self.name}'")
+        _require(self.name != "base", "name", "'base' is reserved for the untrained model in eval")
