@@ -256,13 +256,12 @@ class PairwiseLoss(PreferenceLoss):
         """The [B] pair losses from the chosen and rejected sequence log-probs (and the reference's, if it needs one)."""
 
 
-@register
 @dataclass(frozen=True, kw_only=True)
-class Sigmoid(PairwiseLoss):
-    """DPO's loss, with cDPO's label smoothing."""
+class LogRatioLoss(PairwiseLoss):
+    """A loss of the margin between the two answers' log-ratios to the reference (`dpo_loss`, whose `loss_type` is
+    the registered name)."""
 
-    name: ClassVar[str] = "sigmoid"
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cDPO: sigmoid only
 
     def pair_losses(self, chosen, rejected, *ref):
         return dpo_loss(chosen, rejected, *ref, beta=self.beta, loss_type=self.name, label_smoothing=self.label_smoothing)
@@ -270,21 +269,23 @@ class Sigmoid(PairwiseLoss):
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class IPO(PairwiseLoss):
-    name: ClassVar[str] = "ipo"
-    mean_logps: ClassVar[bool] = True  # as TRL: see uses_mean_logps
+class Sigmoid(LogRatioLoss):
+    """DPO's loss, with cDPO's label smoothing."""
 
-    def pair_losses(self, chosen, rejected, *ref):
-        return dpo_loss(chosen, rejected, *ref, beta=self.beta, loss_type=self.name)
+    name: ClassVar[str] = "sigmoid"
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class Hinge(PairwiseLoss):
-    name: ClassVar[str] = "hinge"
+class IPO(LogRatioLoss):
+    name: ClassVar[str] = "ipo"
+    mean_logps: ClassVar[bool] = True  # as TRL: see uses_mean_logps
 
-    def pair_losses(self, chosen, rejected, *ref):
-        return dpo_loss(chosen, rejected, *ref, beta=self.beta, loss_type=self.name)
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Hinge(LogRatioLoss):
+    name: ClassVar[str] = "hinge"
 
 
 @register

@@ -24,6 +24,7 @@ exactly PL when there are no ties; the exact tied likelihood would sum over ever
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -196,24 +197,29 @@ def _check_beta(beta: float) -> None:
 # ---- the listwise losses as registered objects (align.losses.preference): a `rank` stage's loss ----
 
 
+@dataclass(frozen=True, kw_only=True)
+class ImplicitRewardRanking(PreferenceLoss):
+    """A listwise loss on the implicit rewards beta * (log pi - log ref) of every response (`ranking_loss`)."""
+
+    listwise: ClassVar[bool] = True
+    ranking_loss: ClassVar[Callable[..., RankLossOutput]]
+
+    def losses(self, logps, ref_logps, lengths, scores, mask):
+        return self.ranking_loss(logps, ref_logps, scores, mask, beta=self.beta).losses, {}
+
+
 @register
 @dataclass(frozen=True, kw_only=True)
-class PlackettLuce(PreferenceLoss):
+class PlackettLuce(ImplicitRewardRanking):
     name: ClassVar[str] = "plackett_luce"
-    listwise: ClassVar[bool] = True
-
-    def losses(self, logps, ref_logps, lengths, scores, mask):
-        return plackett_luce_loss(logps, ref_logps, scores, mask, beta=self.beta).losses, {}
+    ranking_loss = staticmethod(plackett_luce_loss)
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class LiPO(PreferenceLoss):
+class LiPO(ImplicitRewardRanking):
     name: ClassVar[str] = "lipo"
-    listwise: ClassVar[bool] = True
-
-    def losses(self, logps, ref_logps, lengths, scores, mask):
-        return lipo_lambda_loss(logps, ref_logps, scores, mask, beta=self.beta).losses, {}
+    ranking_loss = staticmethod(lipo_lambda_loss)
 
 
 @dataclass(frozen=True, kw_only=True)
