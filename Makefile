@@ -13,6 +13,8 @@ quickstart: setup
 	$(BIN)/align run recipes/quickstart.yaml
 
 test: setup browser
+	$(BIN)/ruff check align tests scripts
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 # Debian's Chromium (and its WebDriver) drive the report's and the annotation page's browser tests; installed

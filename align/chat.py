@@ -13,9 +13,9 @@ import sys
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from align.data.collate import encode_prompt
 from align.errors import AlignError
-from align.eval.generation import Decoding
+from align.models.generation import Decoding
+from align.models.tokens import encode_prompt
 from align.runs import load_stage_model, open_stage
 from align.ui import console
 

@@ -63,7 +63,8 @@ def _eval_settings(recipe_eval, args):
         if "prompts" not in given and "tasks" not in given:
             from align.errors import AlignError
 
-            raise AlignError("the run's recipe has no eval section: give the prompts to evaluate on with --prompts FILE")
+            raise AlignError("the run's recipe has no eval section: "
+                             "give the prompts to evaluate on with --prompts FILE")
         return EvalConfig(**given)
     return replace(recipe_eval, **given)
 
@@ -80,7 +81,7 @@ def _cmd_eval(args) -> int:
     for path in args.runs:
         run = open_run(path)
         out = Path(args.out) / run.name if args.out and len(args.runs) > 1 else Path(args.out) if args.out else None
-        result, _ = evaluate_run(run, _eval_settings(run.recipe.eval, args), out, quiet=args.quiet)
+        result = evaluate_run(run, _eval_settings(run.recipe.eval, args), out, quiet=args.quiet)
         console.print(summary_table([result]))
         console.print(f"report: {(out or run.dir / 'eval') / 'report.html'}")
         results.append(result)
@@ -133,7 +134,9 @@ def _cmd_data_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align", description="Align language models: SFT, reward models, PPO, the DPO family and listwise ranking on QLoRA adapters; evaluate, chat, export; collect preferences.")
+    parser = argparse.ArgumentParser(prog="align", description="Align language models: SFT, reward models, PPO, the "
+                                     "DPO family and listwise ranking on QLoRA adapters; evaluate, chat, export; "
+                                     "collect preferences.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run a recipe's stages (finished ones are skipped, interrupted ones resume)")
@@ -147,17 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=_cmd_validate)
 
-    p = sub.add_parser("eval", help="judge each stage's replies against a reference; writes RUN/eval/ with an HTML report")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<recipe>); several are also compared on one page")
-    p.add_argument("--stages", nargs="+", metavar="STAGE", help="stages to evaluate ('base' for the untrained model); default: all finished")
-    p.add_argument("--prompts", metavar="FILE", help="prompt set: .txt (a prompt per line), JSONL prompts, MT-Bench/Vicuna-Bench questions, "
-                                     "or preference data (its prompts)")
+    p = sub.add_parser("eval", help="judge each stage's replies against a reference; "
+                                    "writes RUN/eval/ with an HTML report")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<recipe>); "
+                                                          "several are also compared on one page")
+    p.add_argument("--stages", nargs="+", metavar="STAGE", help="stages to evaluate ('base' for the untrained model); "
+                                                               "default: all finished")
+    p.add_argument("--prompts", metavar="FILE", help="prompt set: .txt (a prompt per line), JSONL prompts, "
+                                                     "MT-Bench/Vicuna-Bench questions, or preference data "
+                                                     "(its prompts)")
     p.add_argument("--tasks", metavar="FILE", help="prompts with rules, for task accuracy")
     p.add_argument("--max-prompts", type=int, metavar="N", help="use the first N prompts")
-    p.add_argument("--reference", metavar="STAGE", help="the stage to compare against; default: the last sft stage, else base")
+    p.add_argument("--reference", metavar="STAGE", help="the stage to compare against; "
+                                                        "default: the last sft stage, else base")
     p.add_argument("--judge", metavar="RM", help=f"an rm stage, a reward card ({', '.join(cards())}) or rule file, "
                                                  "or an rm stage folder")
-    p.add_argument("--preferences", metavar="FILE", help="held-out preference pairs: judge and implicit-reward accuracy")
+    p.add_argument("--preferences", metavar="FILE", help="held-out preference pairs: "
+                                                         "judge and implicit-reward accuracy")
     p.add_argument("--verdicts", metavar="FILE", help="human verdicts: preference rows over this eval's pairs.jsonl")
     p.add_argument("--max-new-tokens", type=int, metavar="N")
     p.add_argument("--batch-size", type=int, metavar="N")

@@ -38,13 +38,20 @@ class EvalConfig:
     """What `align eval` (and the end of `align run`) measures: each chosen stage's replies to a prompt set,
     judged against a reference stage's (align.eval.evaluate). Give `tasks`, `prompts` or both."""
 
-    tasks: DataConfig | None = None  # prompts with rules: task accuracy (and the prompt set when `prompts` is not given)
-    prompts: DataConfig | None = None  # prompts for win rate, KL and length: .txt lines, JSONL prompts, MT-/Vicuna-Bench questions, any preference data's prompts
-    preferences: DataConfig | None = None  # held-out pairs: judge and implicit-reward accuracy; None = the first rm or dpo stage's eval_data
-    verdicts: DataConfig | None = None  # human verdicts: preference rows over this eval's own replies (its pairs.jsonl, rated)
+    # prompts with rules: task accuracy (and the prompt set when `prompts` is not given)
+    tasks: DataConfig | None = None
+    # prompts for win rate, KL and length: .txt lines, JSONL prompts, MT-/Vicuna-Bench questions, any preference data's
+    # prompts
+    prompts: DataConfig | None = None
+    # held-out pairs: judge and implicit-reward accuracy; None = the first rm or dpo stage's eval_data
+    preferences: DataConfig | None = None
+    # human verdicts: preference rows over this eval's own replies (its pairs.jsonl, rated)
+    verdicts: DataConfig | None = None
     stages: list[str] | None = None  # "base" and/or stage names; None = base and every stage
     reference: str | None = None  # "base" or a stage; None = the last sft stage, else base
-    judge: str | None = None  # an rm stage, a reward card (align.rewards.cards()) or rule file, or an rm stage folder; None = the last rm stage, else none
+    # an rm stage, a reward card (align.rewards.cards()) or rule file, or an rm stage folder; None = the last rm stage,
+    # else none
+    judge: str | None = None
     max_new_tokens: int = 32
     batch_size: int = 16
     do_sample: bool = False  # False: greedy replies
@@ -95,7 +102,8 @@ class ForgettingConfig:
     prompts: DataConfig | None = None  # general prompts, for KL to the start; None = those of retention, else tasks
     max_rows: int = 64  # of each set
     max_new_tokens: int = 32
-    batch_size: int = 64  # prompts per generation batch: larger batches share each step's fixed cost (nf4 dequantisation)
+    # prompts per generation batch: larger batches share each step's fixed cost (nf4 dequantisation)
+    batch_size: int = 64
 
     def __post_init__(self):
         for name in ("max_rows", "max_new_tokens", "batch_size"):
@@ -227,6 +235,7 @@ def _variants() -> dict[type, yaml_binding.Variants]:
     """A stage's `kind` picks its registered config (`kind: dpo` builds the dpo stage's), a reward source's key its
     own (`{rule: concise}` builds a RuleSource); read at each parse, so that kinds registered since count."""
     return {
-        StageConfig: yaml_binding.Variants("kind", {name: kind.config for name, kind in KINDS.items()}, label="stage kind"),
+        StageConfig: yaml_binding.Variants("kind", {name: kind.config for name, kind in KINDS.items()},
+                                           label="stage kind"),
         RewardSource: yaml_binding.Variants(None, REWARD_SOURCES, label="reward source"),
     }

@@ -37,7 +37,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE)
 
 
 def export_stage(spec: str, out: str, merge: bool) -> Path:
-    """Export RUN/STAGE: merge=True writes a merged model folder, merge=False the PEFT adapter (adapter-only). Returns OUT."""
+    """Export RUN/STAGE: merge=True writes a merged model folder, merge=False the PEFT adapter (adapter-only).
+    Returns OUT."""
     out = Path(out)
     run, stage = open_stage(spec)
     adapter = run.adapter(stage)
@@ -59,7 +60,8 @@ def export_stage(spec: str, out: str, merge: bool) -> Path:
     try:
         model_cfg = run.recipe.model
         resolved = resolve_base(model_cfg.base)
-        params = _merged(model_cfg, resolved, adapter, tmp) if merge else _adapter_only(model_cfg, resolved, adapter, tmp)
+        params = (_merged(model_cfg, resolved, adapter, tmp) if merge
+                  else _adapter_only(model_cfg, resolved, adapter, tmp))
         info = {
             "run": str(run.dir),
             "stage": stage,

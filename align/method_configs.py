@@ -84,7 +84,8 @@ class KTOLossConfig:
             _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
 
     def build(self) -> KTOLoss:
-        return KTOLoss(beta=self.beta, desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
+        return KTOLoss(beta=self.beta, desirable_weight=self.desirable_weight,
+                       undesirable_weight=self.undesirable_weight)
 
 
 @dataclass(kw_only=True)
@@ -152,7 +153,8 @@ class PPOConfig:
         for name in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.rollout_batch_size >= 2, "rollout_batch_size",
-                 f"must be >= 2: rewards are normalised and advantages whitened over the batch, got {self.rollout_batch_size}")
+                 "must be >= 2: rewards are normalised and advantages whitened over the batch, "
+                 f"got {self.rollout_batch_size}")
         _require(self.rollout_batch_size % self.minibatch_size == 0, "minibatch_size",
                  f"must divide rollout_batch_size ({self.rollout_batch_size}), got {self.minibatch_size}")
         _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")

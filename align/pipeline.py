@@ -15,9 +15,7 @@ alone measures forgetting, evaluates and writes the summary; the others finish o
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 import shutil
 import time
 from dataclasses import asdict
@@ -27,13 +25,26 @@ import transformers
 from rich.markup import escape
 
 from align import distributed, replay
+from align.config import Recipe
 from align.data.formats import load_examples
 from align.errors import AlignError
 from align.eval.forgetting import load_sets, stage_forgetting
 from align.eval.report import summary_table
+from align.models.host import ModelHost
 from align.models.identity import base_identity, identity_key, machine
 from align.models.load import compute_dtype, load_base, resolve_base
 from align.refs import parse_refs, resolve_all_refs, resolve_refs
+from align.run_folder import (
+    DONE,
+    FINISHED,
+    INTERRUPTED,
+    RUNNING,
+    SUMMARY_FILE,
+    StageFolder,
+    identity_hash,
+    read_json,
+    write_json,
+)
 from align.runs import Run, save_recipe
 from align.stages.engine import StageContext, device_batch_size
 from align.stages.kind import KINDS, kind_of
@@ -48,22 +59,6 @@ def library_versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in LIBRARIES}
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    if not distributed.is_main():
-        return  # every JSON file of a run is shared: the main process writes it for all
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)  # never a half-written stage.json, whatever kills us
-
-
 def _data_summary(loaded) -> dict:
     return {
         "source": loaded.source,
@@ -75,7 +70,7 @@ def _data_summary(loaded) -> dict:
 
 
 class Pipeline:
-    def __init__(self, recipe, quiet: bool = False):
+    def __init__(self, recipe: Recipe, quiet: bool = False, host: ModelHost | None = None):
         self.recipe, self.quiet = recipe, quiet
         distributed.init()
         if not distributed.is_main():
@@ -85,16 +80,15 @@ class Pipeline:
             self.resolved = resolve_base(recipe.model.base)
             self.identity = base_identity(recipe.model, self.resolved)
         self.dtype = compute_dtype(recipe.model.precision)
-        self.base = self.tokenizer = None
+        self.host = host or ModelHost(recipe.model, self.resolved, loader=self._load_base)
         self.outputs: dict[str, dict[str, str]] = {}
         self.hashes: dict[str, str] = {}
         self.forgetting_sets = load_sets(recipe)
 
-    def ensure_base(self):
-        if self.base is None:
-            console.print(f"[bold]base[/]: {self.resolved.description}  quantization={self.recipe.model.quantization} dtype={self.dtype}")
-            self.base, self.tokenizer = load_base(self.recipe.model, self.resolved)
-        return self.base
+    def _load_base(self, model_cfg, resolved):
+        console.print(f"[bold]base[/]: {resolved.description}  quantization={model_cfg.quantization} "
+                      f"dtype={self.dtype}")
+        return load_base(model_cfg, resolved)
 
     def load_data(self, stage) -> dict:
         def load(section, kind):
@@ -102,16 +96,18 @@ class Pipeline:
             return load_examples(path, kind, section.format, section.skip_bad_rows, section.max_rows)
 
         kind = kind_of(stage)
-        data = {"train": load(stage.data, kind.data), "eval": load(stage.eval_data, kind.held_out) if stage.eval_data else None}
+        data = {"train": load(stage.data, kind.data),
+                "eval": load(stage.eval_data, kind.held_out) if stage.eval_data else None}
         if getattr(stage, "replay", None):
             data["replay"] = load_examples(resolve_refs(stage.replay.source, self.outputs), "sft", stage.replay.format)
         return data
 
     def run_stage(self, stage) -> dict:
-        stage_dir = self.run_dir / stage.name
+        folder = StageFolder(self.run_dir / stage.name)
+        stage_dir = folder.dir
         data = self.load_data(stage)
         parents = sorted({ref.stage for value in _strings(asdict(stage)) for ref in parse_refs(value)})
-        config_hash = _hash(
+        config_hash = identity_hash(
             {
                 "model": {**model_settings(self.recipe.model), "identity": self.identity},
                 "stage": asdict(stage),
@@ -121,11 +117,10 @@ class Pipeline:
             }
         )
         self.hashes[stage.name] = config_hash
-        self.outputs[stage.name] = {"adapter": str(stage_dir / "adapter"), "dir": str(stage_dir),
-                                    "replay": str(stage_dir / "replay" / f"{replay.BUFFER}.jsonl")}
+        self.outputs[stage.name] = folder.outputs()
         # The main process reads stage.json and the others take its word: no process skips a stage that another trains.
-        state = distributed.broadcast(_read_json(stage_dir / "stage.json"))
-        if state.get("status") == "done" and state.get("config_hash") == config_hash:
+        state = distributed.broadcast(folder.state())
+        if state.get("status") in FINISHED and state.get("config_hash") == config_hash:
             console.print(f"[green]skip[/] {stage.name}: finished, config unchanged")
             return state
         main = distributed.is_main()
@@ -141,7 +136,7 @@ class Pipeline:
         state = {
             "name": stage.name,
             "kind": stage.kind,
-            "status": "running",
+            "status": RUNNING,
             "config_hash": config_hash,
             "parents": parents,
             "data": {k: _data_summary(v) for k, v in data.items() if v},
@@ -151,25 +146,23 @@ class Pipeline:
             "versions": library_versions(),
             "started_at": state.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        _write_json(stage_dir / "stage.json", state)
+        folder.write(state)
         if stage.replay_out and main:  # before training: it is the data's sample, whatever becomes of the run
             replay.keep_stage_sample(stage_dir, stage.name, data["train"], stage.replay_out.size, stage.train.seed)
-        ctx = StageContext(self.recipe, self.ensure_base(), self.tokenizer, stage_dir, self.dtype, self.quiet,
+        ctx = StageContext(self.host, stage_dir, self.recipe.seed, self.dtype, self.quiet,
                            prepared=distributed.barrier if main else lambda: None)
         if "replay" in data:
-            ctx.replay = replay.stage_mixer(stage, stage_dir, self.tokenizer, data["replay"])
+            ctx.replay = replay.stage_mixer(stage, stage_dir, self.host.tokenizer, data["replay"])
         transformers.set_seed(stage.train.seed if stage.train.seed is not None else self.recipe.seed)
         start = time.time()
         try:
             out = kind_of(stage).run(resolve_all_refs(stage, self.outputs), ctx, data)
         except BaseException:
-            state["status"] = "interrupted"
-            _write_json(stage_dir / "stage.json", state)
+            state["status"] = INTERRUPTED
+            folder.write(state)
             raise
-        finally:
-            self.base = ctx.base
         state.update(
-            status="done",
+            status=DONE,
             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
             seconds=round(time.time() - start, 1),
             metrics=out.metrics,
@@ -177,7 +170,7 @@ class Pipeline:
             adapter=str(out.adapter),
             **out.extra,
         )
-        _write_json(stage_dir / "stage.json", state)
+        folder.write(state)
         return state
 
     def measure_forgetting(self, stage, state: dict) -> None:
@@ -186,22 +179,23 @@ class Pipeline:
         if self.forgetting_sets is None:
             return
         start = resolve_refs(stage.init, self.outputs) if stage.init else None
-        key = _hash({"sets": self.forgetting_sets.fingerprint, "stage": state["config_hash"]})
+        key = identity_hash({"sets": self.forgetting_sets.fingerprint, "stage": state["config_hash"]})
         if state.get("forgetting", {}).get("key") == key:
             return
         if not kind_of(stage).policy:
-            state["forgetting"] = {"key": key, "skipped": "a reward model trains an adapter of its own: no policy changed"}
-            _write_json(self.run_dir / stage.name / "stage.json", state)
+            state["forgetting"] = {"key": key,
+                                   "skipped": "a reward model trains an adapter of its own: no policy changed"}
+            StageFolder(self.run_dir / stage.name).write(state)
             return
         console.print(f"measuring what [bold]{stage.name}[/] forgot (from {escape(start or 'the base')})")
         cache_path = self.run_dir / "forgetting_cache.json"
         base_key = identity_key(self.identity)  # measurements on another base (or dtype) are not these
-        cache = _read_json(cache_path).get(base_key, {})
-        result, self.base = stage_forgetting(self.ensure_base(), self.tokenizer, stage, start, state["adapter"],
-                                             self.forgetting_sets, self.recipe.forgetting, cache, self.quiet)
-        _write_json(cache_path, {base_key: cache})
+        cache = read_json(cache_path).get(base_key, {})
+        result = stage_forgetting(self.host, stage, start, state["adapter"], self.forgetting_sets,
+                                  self.recipe.forgetting, cache, self.quiet)
+        write_json(cache_path, {base_key: cache})
         state["forgetting"] = {"key": key, "start": start or "base", **result}
-        _write_json(self.run_dir / stage.name / "stage.json", state)
+        StageFolder(self.run_dir / stage.name).write(state)
 
     def check_processes(self) -> None:
         """Under a launcher, before anything trains: each stage can train in several processes, and its global batch
@@ -218,10 +212,8 @@ class Pipeline:
         """`align eval` on this run with the recipe's eval section: RUN/eval/ with eval.json and report.html."""
         from align.eval.evaluate import evaluate_run
 
-        result, base = evaluate_run(Run(self.run_dir, self.recipe), self.recipe.eval, base=self.base,
-                                    tokenizer=self.tokenizer, quiet=self.quiet, identity=self.identity)
-        self.base = base or self.base
-        return result
+        return evaluate_run(Run(self.run_dir, self.recipe), self.recipe.eval, host=self.host, quiet=self.quiet,
+                            identity=self.identity)
 
     def run(self) -> dict:
         """The run's summary; {} in the processes other than the main one, which only train."""
@@ -240,7 +232,8 @@ class Pipeline:
             if not main:
                 continue  # the main process measures forgetting alone, while the others wait at the next stage
             self.measure_forgetting(stage, state)
-            summary["stages"][stage.name] = {k: state.get(k) for k in ("kind", "status", "seconds", "metrics", "adapter", "resumed_from")}
+            summary["stages"][stage.name] = {k: state.get(k) for k in ("kind", "status", "seconds", "metrics",
+                                                                       "adapter", "resumed_from")}
             if "forgetting" in state:
                 summary["forgetting"][stage.name] = {k: v for k, v in state["forgetting"].items() if k != "key"}
         if not main:
@@ -255,10 +248,12 @@ class Pipeline:
                                         if st["task_accuracy"] is not None}
             heldout["per_family"] = {n: st["task_per_family"] for n, st in evaluation["stages"].items()
                                      if st["task_per_family"]}
-            summary["eval"] = {"report": str(self.run_dir / "eval" / "report.html"), "reference": evaluation["settings"]["reference"],
-                               "stages": {n: {k: st[k] for k in SUMMARY_EVAL_KEYS} for n, st in evaluation["stages"].items()}}
+            summary["eval"] = {"report": str(self.run_dir / "eval" / "report.html"),
+                               "reference": evaluation["settings"]["reference"],
+                               "stages": {n: {k: st[k] for k in SUMMARY_EVAL_KEYS}
+                                          for n, st in evaluation["stages"].items()}}
         summary["heldout"] = heldout
-        _write_json(self.run_dir / "summary.json", summary)
+        write_json(self.run_dir / SUMMARY_FILE, summary)
         console.print(stages_table(summary))
         if summary["forgetting"]:
             console.print(forgetting_table(summary["forgetting"]))
@@ -285,5 +280,6 @@ def _strings(obj):
             yield from _strings(v)
 
 
-def run_recipe(recipe, quiet: bool = False) -> dict:
-    return Pipeline(recipe, quiet).run()
+def run_recipe(recipe: Recipe, quiet: bool = False, host: ModelHost | None = None) -> dict:
+    """Run `recipe`'s stages and its eval; `host` lends the base (default: one that loads `recipe.model` once)."""
+    return Pipeline(recipe, quiet, host).run()

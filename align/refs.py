@@ -53,7 +53,8 @@ def resolve_all_refs(value, outputs: dict[str, dict[str, str]]):
     if isinstance(value, list):
         return [resolve_all_refs(v, outputs) for v in value]
     if dataclasses.is_dataclass(value):
-        changes = {f.name: resolve_all_refs(getattr(value, f.name), outputs) for f in dataclasses.fields(value) if f.init}
+        changes = {f.name: resolve_all_refs(getattr(value, f.name), outputs)
+                   for f in dataclasses.fields(value) if f.init}
         return dataclasses.replace(value, **changes)
     return value
 

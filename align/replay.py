@@ -27,14 +27,13 @@ from pathlib import Path
 
 import torch
 
-from align.data.collate import encode, pad_sequences
+from align.data.collate import encode
 from align.data.formats import load_examples
 from align.data.schemas import PreferenceExample, RankedExample, SFTExample, UnpairedExample
 from align.losses.sft import sft_loss
 from align.models.logprobs import completion_logprobs
-
-BUFFER = "buffer"  # replay/buffer.jsonl: this stage's sample of its data, for later stages
-MIXED = "mixed"  # replay/mixed.jsonl: the buffer this stage mixed into its own training
+from align.models.tokens import pad_sequences
+from align.run_folder import REPLAY_BUFFER, REPLAY_DIR, REPLAY_MIXED, write_atomic
 
 
 def as_sft(example) -> SFTExample | None:
@@ -72,10 +71,8 @@ def write_buffer(folder: Path, name: str, examples: list[SFTExample], provenance
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.jsonl"
     lines = [json.dumps({"messages": ex.prompt + ex.completion}) + "\n" for ex in examples]
-    for target, text in ((path, "".join(lines)), (folder / f"{name}.json", json.dumps(provenance, indent=2))):
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
+    write_atomic(path, "".join(lines))
+    write_atomic(folder / f"{name}.json", json.dumps(provenance, indent=2))
     return path
 
 
@@ -92,7 +89,7 @@ def keep_stage_sample(stage_dir: Path, stage_name: str, loaded, size: int, seed)
         return None
     provenance = {"stage": stage_name, "source": loaded.source, "format": loaded.format,
                   "fingerprint": loaded.fingerprint, "seen": seen, "size": len(sample), "seed": seed}
-    return write_buffer(stage_dir / "replay", BUFFER, sample, provenance)
+    return write_buffer(stage_dir / REPLAY_DIR, REPLAY_BUFFER, sample, provenance)
 
 
 def replay_count(fraction: float, sequences: int) -> int:
@@ -137,7 +134,8 @@ class ReplayMixer:
             return torch.zeros((), device=model.device), {}
         batch = pad_sequences([self.rows[i] for i in self.indices(position, count)], self.pad_id)
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        logps, tokens = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        logps, tokens = completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                            batch["completion_mask"])
         nll = sft_loss(logps, tokens)
         return self.coef * nll, {"replay/nll": float(nll.detach()), "replay/sequences": float(count),
                                  "replay/fraction": count / (count + sequences)}
@@ -147,7 +145,7 @@ def stage_mixer(stage, stage_dir: Path, tokenizer, loaded) -> ReplayMixer:
     """The mixer of a stage with `replay`, over the buffer it keeps in `replay/mixed.jsonl`: sampled from
     the source (`loaded`) on the stage's first start, read back from disk when it resumes."""
     cfg, seed = stage.replay, stage.train.seed
-    path = stage_dir / "replay" / f"{MIXED}.jsonl"
+    path = stage_dir / REPLAY_DIR / f"{REPLAY_MIXED}.jsonl"
     if not path.is_file():
         examples, seen = loaded.examples, len(loaded.examples)
         if cfg.size is not None:
@@ -155,7 +153,7 @@ def stage_mixer(stage, stage_dir: Path, tokenizer, loaded) -> ReplayMixer:
         provenance = {"source": loaded.source, "format": loaded.format, "fingerprint": loaded.fingerprint,
                       "source_provenance": read_provenance(loaded.source), "seen": seen, "size": len(examples),
                       "seed": seed, "fraction": cfg.fraction, "coef": cfg.coef}
-        write_buffer(path.parent, MIXED, examples, provenance)
+        write_buffer(path.parent, REPLAY_MIXED, examples, provenance)
     examples = load_examples(str(path), "sft").examples
     encoded = [encode(tokenizer, ex.prompt, ex.completion, stage.train.max_length, stage.train.max_prompt_length)
                for ex in examples]

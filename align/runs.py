@@ -7,7 +7,6 @@ stage is named `RUN/STAGE` (`runs/quickstart/dpo`); `base` is the untrained mode
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,8 +14,8 @@ from pathlib import Path
 import yaml
 
 from align.errors import AlignError
+from align.run_folder import FINISHED, RECIPE_FILE, STAGE_FILE, StageFolder
 
-RECIPE_FILE = "recipe.yaml"
 BASE = "base"
 
 
@@ -43,12 +42,11 @@ class Run:
         raise AlignError(f"{self.dir}: no stage '{name}'; choose from: {names}")
 
     def state(self, name: str) -> dict:
-        path = self.dir / name / "stage.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return StageFolder(self.dir / name).state()
 
     def finished(self) -> list[str]:
         """Names of the stages that finished, in recipe order."""
-        return [s.name for s in self.recipe.stages if self.state(s.name).get("status") == "done"]
+        return [s.name for s in self.recipe.stages if self.state(s.name).get("status") in FINISHED]
 
     def adapter(self, name: str) -> str | None:
         """The folder of a finished stage's adapter; None for `base`. AlignError for an unfinished stage."""
@@ -56,7 +54,7 @@ class Run:
             return None
         self.stage(name)
         state = self.state(name)
-        if state.get("status") != "done":
+        if state.get("status") not in FINISHED:
             status = state.get("status", "not started")
             raise AlignError(f"{self.dir / name}: stage '{name}' has not finished (status: {status}); "
                              f"run `align run` on the recipe first")
@@ -69,7 +67,7 @@ def open_run(path: str | Path) -> Run:
 
     run_dir = Path(path)
     if not (run_dir / RECIPE_FILE).is_file():
-        hint = " (a stage folder? give RUN/STAGE where a stage is meant)" if (run_dir / "stage.json").is_file() else ""
+        hint = " (a stage folder? give RUN/STAGE where a stage is meant)" if (run_dir / STAGE_FILE).is_file() else ""
         raise AlignError(f"{run_dir}: not a run folder: it has no {RECIPE_FILE}{hint}. Runs are written by "
                          "`align run RECIPE` to runs/<recipe name>/; for a run made before align kept its recipe, "
                          "run the same `align run` again: finished stages are skipped and the recipe is written")
@@ -97,20 +95,6 @@ def load_stage_model(run: Run, stage: str, trainable: bool = False):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, adapter, adapter_name=stage, is_trainable=trainable), tokenizer
-
-
-def with_adapters(base, folders: dict[str, str]):
-    """`base` with each folder's adapter loaded under its name (a PeftModel), or `base` itself for none.
-    `model.unload()` gives the bare base back."""
-    if not folders:
-        return base
-    from peft import PeftModel
-
-    (first, folder), *rest = folders.items()
-    model = PeftModel.from_pretrained(base, folder, adapter_name=first)
-    for name, folder in rest:
-        model.load_adapter(folder, adapter_name=name)
-    return model
 
 
 def acting_as(model, stage: str):

@@ -63,7 +63,8 @@ class StageProgress(TrainerCallback):
         if self.progress is not None:
             self.progress.update(self.task, info=" ".join(parts))
         else:
-            logging.getLogger("align").info("%s step %d/%d %s", self.stage_name, state.global_step, state.max_steps, " ".join(parts))
+            logging.getLogger("align").info("%s step %d/%d %s", self.stage_name, state.global_step, state.max_steps,
+                                            " ".join(parts))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
@@ -96,7 +97,8 @@ def _fmt(value) -> str:
 def _heldout_cell(metrics: dict) -> str:
     tau = f", tau {metrics['eval_rank/kendall_tau']:+.2f}" if "eval_rank/kendall_tau" in metrics else ""
     if "eval_rewards/accuracies" in metrics:  # dpo
-        return f"reward acc {metrics['eval_rewards/accuracies']:.2f}, margin {metrics['eval_rewards/margins']:+.2f}{tau}"
+        return (f"reward acc {metrics['eval_rewards/accuracies']:.2f}, "
+                f"margin {metrics['eval_rewards/margins']:+.2f}{tau}")
     if tau:  # rank
         return f"rank acc {metrics['eval_rank/accuracy']:.2f}{tau}"
     if "eval_accuracy" in metrics:  # rm

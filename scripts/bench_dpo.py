@@ -92,9 +92,9 @@ def build_model(preset: str, work: Path) -> dict:
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from align.settings import LoraConfig
     from align.models.adapters import lora_config
     from align.models.tiny import tiny_tokenizer
+    from align.settings import LoraConfig
 
     tokenizer = tiny_tokenizer()
     shape = dict(SHAPES[preset])
@@ -145,7 +145,7 @@ def matmul_ceiling() -> dict:
     for m, k, n in ((2048, 2048, 2048), (2048, 768, 2048)):
         a, b = torch.randn(m, k), torch.randn(k, n)
         a @ b  # first call: allocation and thread pool start-up
-        seconds = min(_timed(lambda: a @ b) for _ in range(5))
+        seconds = min(_timed(lambda a=a, b=b: a @ b) for _ in range(5))
         best[f"{m}x{k}x{n}"] = 2 * m * k * n / seconds / 1e12
     return {"tflops": max(best.values()), "by_shape": best, "threads": torch.get_num_threads()}
 
@@ -261,8 +261,8 @@ def run_ours(kind: str, side: str, rows: list[dict], args, work: Path, precomput
     import yaml
 
     from align.config import parse_recipe
-    from align.models import adapters
-    from align.models.load import compute_dtype, load_base
+    from align.models.host import ModelHost
+    from align.models.load import compute_dtype
     from align.stages import groups, sft
     from align.stages.engine import StageContext, fit
 
@@ -280,16 +280,16 @@ def run_ours(kind: str, side: str, rows: list[dict], args, work: Path, precomput
         "model": {"base": str(work / "model"), "quantization": args.quantization, "precision": "fp32", "lora": LORA},
     }))
     cfg = recipe.stages[0]
-    base, tokenizer = load_base(recipe.model)
+    host = ModelHost(recipe.model)
     stage_dir = work / "runs" / f"{kind}_{side}"
     stage_dir.mkdir(parents=True)  # fresh: a cached reference would skip the precompute
-    ctx = StageContext(recipe, base, tokenizer, stage_dir, compute_dtype(recipe.model.precision), quiet=True)
+    ctx = StageContext(host, stage_dir, recipe.seed, compute_dtype(recipe.model.precision), quiet=True)
     transformers.set_seed(cfg.train.seed)  # as the pipeline does before each stage: a new adapter's init draws on it
     start = time.perf_counter()
     with timing(groups, "reference_logps", precompute):
         if stage_kind == "sft":  # sft.run from its encoded rows on
-            model = adapters.with_policy(ctx.base, recipe.model.lora, init=cfg.init)
-            fit(sft.SFTTrainer, model, cfg, ctx, rows, None, sft.collate(tokenizer.pad_token_id))
+            with host.policy(init=cfg.init) as model:
+                fit(sft.SFTTrainer, model, cfg, ctx, rows, None, sft.collate(host.tokenizer.pad_token_id))
         else:  # dpo.run and rank.run from their encoded rows on
             groups.run_groups(cfg, ctx, rows, None, cfg.loss.build())
     return start
@@ -303,8 +303,8 @@ def run_trl(kind: str, side: str, rows: list[dict], args, work: Path, precompute
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PrinterCallback
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from align.settings import LoraConfig
     from align.models.adapters import lora_config
+    from align.settings import LoraConfig
 
     class PretokenizedDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, *args, **kwargs):

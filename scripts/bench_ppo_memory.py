@@ -40,7 +40,8 @@ MODES = ("base", "sft", "ppo", "four_bases")
 LLAMA_SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
 }
 
 
@@ -65,10 +66,12 @@ def recipe(args, mode: str, work: Path) -> str:
     stages = [sft]
     if mode in ("prep", "ppo"):
         stages.append({"name": "rm", "kind": "rm", "init": "${sft.adapter}",
-                       "data": {"path": "synthetic:preference", "max_rows": args.batch}, "train": {**train, "max_steps": 1}})
+                       "data": {"path": "synthetic:preference", "max_rows": args.batch},
+                       "train": {**train, "max_steps": 1}})
     if mode == "ppo":
         stages.append({
-            "name": "ppo", "kind": "ppo", "init": "${sft.adapter}", "data": {"path": "synthetic:prompts", "max_rows": rows},
+            "name": "ppo", "kind": "ppo", "init": "${sft.adapter}",
+            "data": {"path": "synthetic:prompts", "max_rows": rows},
             "rewards": [{"rule": "synthetic_tasks", "weight": 1.0}, {"model": "${rm.adapter}", "weight": 0.5}],
             "ppo": {"rollout_batch_size": args.batch, "minibatch_size": args.batch // 2, "ppo_epochs": 1,
                     "max_new_tokens": args.max_new_tokens},
@@ -77,7 +80,8 @@ def recipe(args, mode: str, work: Path) -> str:
     return yaml.safe_dump({
         "name": "bench_sft" if mode == "sft" else "bench_ppo",
         "output_dir": str(work / "runs"),
-        "model": {"base": args.model, "quantization": args.quantization, "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
+        "model": {"base": args.model, "quantization": args.quantization,
+                  "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
         "stages": stages,
     })
 
@@ -88,8 +92,9 @@ def child(args) -> dict:
 
     from align import pipeline  # imported in every mode, so that CPU floors hold the same libraries
     from align.config import parse_recipe
-    from align.settings import ModelConfig
+    from align.models.host import ModelHost
     from align.models.load import compute_dtype, load_base
+    from align.settings import ModelConfig
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -104,13 +109,14 @@ def child(args) -> dict:
         for _ in range(4 if args.child == "four_bases" else 1):
             load_and_record(ModelConfig(base=args.model, quantization=args.quantization))
     else:
-        pipeline.load_base = load_and_record  # the pipeline loads the base at the first stage that runs
-        pipeline.run_recipe(parse_recipe(recipe(args, args.child, Path(args.work_dir))), quiet=True)
+        measured = parse_recipe(recipe(args, args.child, Path(args.work_dir)))
+        # the host loads the base when the first stage that runs borrows it
+        pipeline.run_recipe(measured, quiet=True, host=ModelHost(measured.model, loader=load_and_record))
         # Only prep may skip everything: its sft and rm may be finished already in a kept work dir.
         assert loaded or args.child == "prep", "the measured stage was skipped as finished"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()} (peak RSS)"
-    return {"mode": args.child, "peak_bytes": peak_bytes(), "loaded_bytes": loaded[0] if loaded else None, "loads": len(loaded),
-            "device": device, "dtype": str(compute_dtype("auto")).removeprefix("torch.")}
+    return {"mode": args.child, "peak_bytes": peak_bytes(), "loaded_bytes": loaded[0] if loaded else None,
+            "loads": len(loaded), "device": device, "dtype": str(compute_dtype("auto")).removeprefix("torch.")}
 
 
 def measure(args, mode: str, work: Path) -> dict:
@@ -170,8 +176,10 @@ def report(args, results: dict) -> dict:
         "(PPO - base) / (SFT - base)": ratio(ppo["above_base_bytes"], sft["above_base_bytes"]),
         "four bases / PPO peak": ratio(results["four_bases"]["peak_bytes"], ppo["peak_bytes"]),
     }
-    settings = {k: getattr(args, k) for k in ("model", "random_llama", "quantization", "steps", "batch", "max_new_tokens")}
-    table = Table("mode", Column("peak", justify="right"), Column("above base", justify="right"), title="peak memory per mode")
+    settings = {k: getattr(args, k)
+                for k in ("model", "random_llama", "quantization", "steps", "batch", "max_new_tokens")}
+    table = Table("mode", Column("peak", justify="right"), Column("above base", justify="right"),
+                  title="peak memory per mode")
     for mode, r in results.items():
         table.add_row(mode, size(r["peak_bytes"]), size(r["above_base_bytes"]))
     console = Console()
@@ -189,9 +197,11 @@ def parse_args(argv):
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model.base of the recipes")
     parser.add_argument("--quantization", choices=["nf4", "none"], default="nf4")
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8, help="SFT batch and PPO rollout batch (even: minibatch is half)")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="SFT batch and PPO rollout batch (even: minibatch is half)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--random-llama", choices=sorted(LLAMA_SHAPES), help="a random Llama of this shape instead of --model")
+    parser.add_argument("--random-llama", choices=sorted(LLAMA_SHAPES),
+                        help="a random Llama of this shape instead of --model")
     parser.add_argument("--work-dir", help="runs and the built model (default: a temporary folder, removed at the end)")
     parser.add_argument("--json", help="write every number to this file")
     parser.add_argument("--child", choices=[*MODES, "prep"], help=argparse.SUPPRESS)

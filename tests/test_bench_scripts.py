@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from align.settings import ModelConfig
 from align.models.load import load_base
+from align.settings import ModelConfig
 from tests.conftest import load_script
 
 

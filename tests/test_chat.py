@@ -9,8 +9,8 @@ import torch
 
 import align.chat as chat_mod
 from align.chat import ChatSession, chat
-from align.data.collate import encode_prompt
 from align.errors import AlignError
+from align.models.tokens import encode_prompt
 from align.runs import load_stage_model, open_stage
 
 

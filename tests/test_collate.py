@@ -7,10 +7,11 @@ import pytest
 import torch
 from tokenizers.processors import TemplateProcessing
 
-from align.data.collate import encode, encode_prompt, left_pad, pack_groups, pad_sequences
+from align.data.collate import encode, pack_groups
 from align.errors import DataError
 from align.models.logprobs import completion_logprobs, packed_logprobs
 from align.models.tiny import tiny_model_and_tokenizer
+from align.models.tokens import encode_prompt, left_pad, pad_sequences
 
 PROMPT = [{"role": "user", "content": "What is 2 + 3? Reply with the number only."}]
 ANSWER = "5"
@@ -73,7 +74,8 @@ def test_completion_holds_eos_once_after_the_answer(tok):
     assert text.startswith(ANSWER + "<|im_end|>")
     # prompt + completion is the rendered conversation up to its end-of-turn token
     rendered = tok.apply_chat_template(PROMPT + COMPLETION, tokenize=False)
-    assert tok.decode(enc.prompt_ids + enc.completion_ids) == rendered[: rendered.rindex("<|im_end|>") + len("<|im_end|>")]
+    assert (tok.decode(enc.prompt_ids + enc.completion_ids)
+            == rendered[: rendered.rindex("<|im_end|>") + len("<|im_end|>")])
 
 
 def test_completion_stops_at_eos(tok):

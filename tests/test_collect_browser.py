@@ -15,10 +15,6 @@ from align.collect.server import create_app
 from align.collect.store import Candidates, Collection
 
 pytest.importorskip("selenium", reason="selenium is not installed")
-for _path in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
-    if not Path(_path).exists():
-        pytest.skip(f"{_path} is missing (apt-get install chromium chromium-driver)", allow_module_level=True)
-
 from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.service import Service
@@ -27,6 +23,10 @@ from selenium.webdriver.common.actions.action_builder import ActionBuilder
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
+
+for _path in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
+    if not Path(_path).exists():
+        pytest.skip(f"{_path} is missing (apt-get install chromium chromium-driver)", allow_module_level=True)
 
 SCRIPT = "<script>window.__pwned=1</script>"
 IMG = '<img src=x onerror="window.__pwned=2">'
@@ -98,7 +98,7 @@ def driver():
 
 def assert_no_alert(driver):
     with pytest.raises(NoAlertPresentException):
-        driver.switch_to.alert  # the property raises when no alert is open
+        _ = driver.switch_to.alert  # the property raises when no alert is open
 
 
 def wait_for_pair(driver, done: int) -> dict:

@@ -124,8 +124,8 @@ def test_registry_and_description_cover_every_format():
 def test_prompt_kind_tries_task_then_bare_prompts_then_preference_then_sft_formats():
     # The preference kind's own formats first, then its ranked ones, so detection of pairs is as it was.
     assert [name for (k, name) in FORMATS if k == "prompt"] == [
-        "task", "prompt", "fastchat_questions", "preference", "implicit_prompt", "hh_rlhf", "oasst_tree", "ranked", "ultrafeedback",
-        "scored_responses", "messages", "prompt_completion", "alpaca", "sharegpt"]
+        "task", "prompt", "fastchat_questions", "preference", "implicit_prompt", "hh_rlhf", "oasst_tree", "ranked",
+        "ultrafeedback", "scored_responses", "messages", "prompt_completion", "alpaca", "sharegpt"]
 
 
 def test_prompt_sets_for_eval_text_lines_and_fastchat_questions(tmp_path):
@@ -141,7 +141,8 @@ def test_prompt_sets_for_eval_text_lines_and_fastchat_questions(tmp_path):
     with pytest.raises(DataError, match="row 2, field 'turns\\[0\\]'"):
         load_examples(str(questions), "prompt")
     first = load_examples(str(questions), "prompt", skip_bad_rows=True)
-    assert first.format == "fastchat_questions" and first.examples[0].prompt == [{"role": "user", "content": "Write a haiku."}]
+    assert (first.format == "fastchat_questions"
+            and first.examples[0].prompt == [{"role": "user", "content": "Write a haiku."}])
 
 
 def test_each_kind_tries_its_own_formats_before_those_it_reads_from_other_kinds():

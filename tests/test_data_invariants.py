@@ -201,7 +201,7 @@ def test_empty_file_is_a_data_error_naming_it(tmp_path, name, write, words):
 
 def test_text_lines_that_are_not_utf8_are_bad_rows(tmp_path):
     path = tmp_path / "prompts.txt"
-    path.write_bytes("Say hi.\n".encode() + b"caf\xe9?\n")
+    path.write_bytes(b"Say hi.\n" + b"caf\xe9?\n")
     err = raises(tmp_path, str(path), "prompt")
     assert err.row == 2 and "not valid UTF-8" in err.message
     loaded = load_examples(str(path), "prompt", skip_bad_rows=True)

@@ -290,4 +290,5 @@ def test_inspect_detects_ranked_and_unpaired_files_and_leaves_pairs_to_preferenc
 def test_inspect_shows_oasst_trees_as_ranked_groups(capsys, monkeypatch, tiny_tok):
     output = inspect(capsys, monkeypatch, tiny_tok, OASST_FILE, "--row", "2")
     assert "ranked / oasst_tree" in output and "122 usable, 0 skipped, from 60 rows read" in output
-    assert "row 2, response 1 (rank 1 of 2, score 0):" in output and "row 2, response 2 (rank 2 of 2, score -1):" in output
+    assert ("row 2, response 1 (rank 1 of 2, score 0):" in output
+            and "row 2, response 2 (rank 2 of 2, score -1):" in output)

@@ -10,8 +10,8 @@ from align.cli import main
 from align.collect.export import export_collection
 from align.collect.store import Collection
 from align.data.formats import load_examples
-from align.eval import evaluate, metrics
 from align.data.rules import check
+from align.eval import evaluate, metrics
 
 
 def test_wilson_interval_matches_hand_computation():
@@ -104,7 +104,8 @@ def test_eval_of_a_tiny_run(tiny_run, tmp_path, monkeypatch):
     for name in ("base", "dpo"):
         own = [p for p in pairs if name in (p["a_model"], p["b_model"])]
         human = again["stages"][name]["human_win_rate"]
-        ties = sum(s["responses"][name]["text"].strip() == s["responses"]["sft"]["text"].strip() for s in again["samples"])
+        ties = sum(s["responses"][name]["text"].strip() == s["responses"]["sft"]["text"].strip()
+                   for s in again["samples"])
         assert human["n"] == len(own) + ties and human["ties"] == ties
         assert human["wins"] == sum(p["a_model"] == name for p in own)
     assert again["stages"]["dpo"]["win_rate"] == dpo["win_rate"]  # same replies, same judge
@@ -140,7 +141,8 @@ def test_eval_errors_name_the_problem(tiny_run, tmp_path, capsys):
     assert "has no eval section" in error(tiny_run)  # and no --prompts
     assert "no stage 'nope'" in error(tiny_run, "--tasks", "synthetic:heldout", "--stages", "nope")
     assert "'judge'" in error(tiny_run, "--tasks", "synthetic:heldout", "--judge", "sft")  # not an rm stage
-    assert "'nope' is neither an rm stage" in error(tiny_run, "--tasks", "synthetic:heldout", "--judge", "nope", "--max-prompts", "2")
+    assert "'nope' is neither an rm stage" in error(tiny_run, "--tasks", "synthetic:heldout", "--judge", "nope",
+                                                    "--max-prompts", "2")
 
 
 def test_report_puts_several_evaluations_on_one_page(tiny_run, tmp_path):

@@ -9,12 +9,11 @@ from safetensors import safe_open
 
 from align import export
 from align.config import parse_recipe
-from align.data.collate import encode_prompt
 from align.errors import AlignError
 from align.export import export_stage
 from align.models.load import cache_dir, keep_4bit_layout
+from align.models.tokens import encode_prompt
 from align.runs import load_stage_model, open_run, save_recipe
-
 from tests.conftest import tiny_ppo_recipe
 
 PROMPTS = ["What is 3 plus 4?", "Uppercase the word apple.", "Which is larger, 12 or 7?"]
@@ -128,7 +127,8 @@ def test_reward_model_cannot_be_merged(tmp_path):
     run_dir = tmp_path / recipe.name
     (run_dir / "rm").mkdir(parents=True)
     save_recipe(recipe, run_dir)
-    (run_dir / "rm" / "stage.json").write_text(json.dumps({"status": "done", "adapter": str(run_dir / "rm" / "adapter")}))
+    (run_dir / "rm" / "stage.json").write_text(json.dumps({"status": "done",
+                                                          "adapter": str(run_dir / "rm" / "adapter")}))
     with pytest.raises(AlignError, match="rm stage .* cannot be merged; use --adapter-only"):
         export_stage(str(run_dir / "rm"), str(tmp_path / "out"), merge=True)
 

@@ -46,5 +46,6 @@ def test_every_kind_of_stage_reports_forgetting_and_a_reward_model_says_why_not(
 
 def test_without_sets_nothing_is_measured_and_forgetting_can_be_turned_off(tmp_path):
     assert run_recipe(parse_recipe(tiny_recipe(tmp_path, dpo_steps=1)), quiet=True)["forgetting"] == {}
-    off = tiny_recipe(tmp_path / "off", dpo_steps=1) + FORGETTING.replace("forgetting:\n", "forgetting:\n  enabled: false\n")
+    off = tiny_recipe(tmp_path / "off", dpo_steps=1) + FORGETTING.replace("forgetting:\n",
+                                                                          "forgetting:\n  enabled: false\n")
     assert run_recipe(parse_recipe(off), quiet=True)["forgetting"] == {}

@@ -8,14 +8,15 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from align.settings import LoraConfig, ModelConfig
 from align.data import synthetic
-from align.data.collate import encode, encode_prompt, pad_sequences
+from align.data.collate import encode
 from align.eval.forgetting import retention_nll
 from align.eval.kl import kl_to_reference
 from align.models import adapters
 from align.models.load import load_base, resolve_base
 from align.models.logprobs import completion_logprobs
+from align.models.tokens import encode_prompt, pad_sequences
+from align.settings import LoraConfig, ModelConfig
 
 LORA = adapters.lora_config(LoraConfig(r=4, alpha=8, dropout=0.0))
 MAX_LENGTH, MAX_PROMPT, NEW_TOKENS = 96, 64, 6
@@ -60,7 +61,8 @@ def test_retention_nll_is_the_token_weighted_nll_of_full_logits(tiny):
     model, tokenizer = tiny
     examples = synthetic.load("sft", "sft", n=4)
     with adapters.using(model, "moved"):
-        out = retention_nll(model, tokenizer, examples, MAX_LENGTH, MAX_PROMPT, batch_size=3)  # a padded batch and a lone one
+        # a padded batch and a lone one
+        out = retention_nll(model, tokenizer, examples, MAX_LENGTH, MAX_PROMPT, batch_size=3)
         total, tokens, lengths = 0.0, 0, set()
         with torch.no_grad():
             for ex in examples:

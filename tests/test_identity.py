@@ -8,7 +8,7 @@ import json
 import torch
 
 from align.config import parse_recipe
-from align.eval.generation import Decoding, generate
+from align.models.generation import Decoding, generate
 from align.models.identity import base_identity, content_digest
 from align.models.load import load_base
 from align.models.tiny import tiny_model_and_tokenizer
@@ -82,14 +82,15 @@ def test_a_trained_stage_hands_back_the_base_as_loaded(tmp_path):
     """The Trainer turns the KV cache off and leaves training mode on; bf16 replies without the cache differ."""
     recipe = parse_recipe(_recipe(tmp_path, "builtin:tiny"))
     pipeline = Pipeline(recipe, quiet=True)
-    fresh = pipeline.ensure_base()
-    use_cache, training = fresh.config.use_cache, fresh.training
+    with pipeline.host.bare() as fresh:
+        use_cache, training = fresh.config.use_cache, fresh.training
     pipeline.run_stage(recipe.stages[0])
-    assert (pipeline.base.config.use_cache, pipeline.base.training) == (use_cache, training) == (True, False)
+    with pipeline.host.bare() as base:
+        assert (base.config.use_cache, base.training) == (use_cache, training) == (True, False)
     assert Decoding().kwargs()["use_cache"] is True  # whatever a model's config says
 
     other, tokenizer = load_base(recipe.model)
     prompts = [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(4)]
-    with torch.no_grad():
-        in_run = generate(pipeline.base, tokenizer, prompts, Decoding(8), 4)
+    with torch.no_grad(), pipeline.host.bare() as base:
+        in_run = generate(base, tokenizer, prompts, Decoding(8), 4)
         assert [r.ids for r in in_run] == [r.ids for r in generate(other, tokenizer, prompts, Decoding(8), 4)]

@@ -2,9 +2,9 @@
 
 import torch
 
-from align.settings import ModelConfig
 from align.models import adapters
 from align.models.load import load_base
+from align.settings import ModelConfig
 
 
 def _lora_gradients(base, tokenizer) -> dict[str, torch.Tensor]:

@@ -1,11 +1,14 @@
 """Model resolution and tokenizer setup that need no pretrained weights."""
 
+import json
+
 import pytest
 import torch
 
 from align.errors import AlignError
-from align.models.load import DEFAULT_CHAT_TEMPLATE, compute_dtype, fast_bf16_available, load_tokenizer, resolve_base
+from align.models.load import compute_dtype, fast_bf16_available, load_tokenizer, resolve_base
 from align.models.tiny import tiny_tokenizer
+from align.models.tokens import DEFAULT_CHAT_TEMPLATE
 
 
 def test_a_tokenizer_without_chat_template_gets_the_documented_default(tmp_path):
@@ -41,3 +44,16 @@ def test_resolution_of_bases(tmp_path):
 def test_precision_auto_picks_bf16_only_with_fast_bf16_hardware():
     assert compute_dtype("fp32") == torch.float32 and compute_dtype("bf16") == torch.bfloat16
     assert compute_dtype("auto") == (torch.bfloat16 if fast_bf16_available() else torch.float32)
+
+
+def test_the_shipped_tiny_tokenizer_is_the_one_learned_from_the_embedded_task():
+    # align.models cannot import align.data, so the tiny model's BPE ships as a file; it must not drift from the task
+    from align.data.synthetic import corpus
+    from align.models.tiny import TOKENIZER_FILE, train_bpe
+
+    learned = train_bpe(corpus())
+    assert json.loads(TOKENIZER_FILE.read_text()) == json.loads(learned.to_str()), (
+        "the embedded task's text changed: rewrite the file with `python -c 'from align.models.tiny import *; "
+        "from align.data.synthetic import corpus; train_bpe(corpus()).save(str(TOKENIZER_FILE))'`")
+    texts = ["<|im_start|>user\nWhich is larger: 97 or 28?<|im_end|>", "héllo ✓"]
+    assert [tiny_tokenizer()(text).input_ids for text in texts] == [e.ids for e in learned.encode_batch(texts)]

@@ -74,7 +74,8 @@ def test_nf4_qlora_path_runs_sft_then_dpo(tmp_path):
     recipe = parse_recipe(tiny_recipe(tmp_path, quantization="nf4", dpo_steps=3))
     pipeline = Pipeline(recipe, quiet=True)
     summary = pipeline.run()
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in pipeline.base.modules())
+    with pipeline.host.bare() as base:
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
     assert summary["stages"]["dpo"]["status"] == "done"
     assert summary["stages"]["dpo"]["metrics"]["global_step"] == 3
 

@@ -25,7 +25,8 @@ def test_sft_rm_ppo_run_writes_adapters_heads_and_metrics(tmp_path):
     metrics = summary["stages"]["ppo"]["metrics"]
     for name in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac", "val/clipfrac",
                  "policy/entropy", "loss/policy", "loss/value", "response/length", "response/eos_rate", "kl/coef",
-                 "reward/rule:synthetic_tasks", "reward/model:rm", "eval_init_objective/scores", "eval_objective/scores"):
+                 "reward/rule:synthetic_tasks", "reward/model:rm", "eval_init_objective/scores",
+                 "eval_objective/scores"):
         assert name in metrics, name
     assert metrics["global_step"] == 2
     steps = [json.loads(line)["step"] for line in (run_dir / "ppo" / "metrics.jsonl").open()]
@@ -52,6 +53,7 @@ def test_reward_head_survives_save_and_reload(tmp_path):
     rm = summary["stages"]["rm"]["metrics"]
     base, tokenizer = tiny_model_and_tokenizer()
     from peft import get_peft_model
+
     from align.models.adapters import lora_config
     from align.settings import LoraConfig
 
@@ -100,9 +102,9 @@ def test_all_four_roles_are_adapters_on_one_base(tmp_path, monkeypatch):
     seen = {}
     build_roles = ppo.build_roles
 
-    def spy(stage, ctx):
-        base_weights = {id(m.weight) for m in ctx.base.modules() if isinstance(m, bnb.nn.Linear4bit)}
-        model, roles = build_roles(stage, ctx)
+    def spy(model, stage, ctx):
+        base_weights = {id(m.weight) for m in model.get_base_model().modules() if isinstance(m, bnb.nn.Linear4bit)}
+        model, roles = build_roles(model, stage, ctx)
         seen["base"] = base_weights
         seen["weights"] = {id(m.weight) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
         # Recorded now: the stage takes its adapters out of the base when it ends.
@@ -128,7 +130,8 @@ def test_interrupted_ppo_resumes_to_the_same_weights(tmp_path, monkeypatch):
     uninterrupted run: policy, value, optimizer, KL controller, reward statistics and RNG all restored."""
     from align.stages import ppo
 
-    text = tiny_ppo_recipe(tmp_path / "straight", ppo_steps=4, save_steps=2, ppo_eval=False).replace("kl_coef: 0.05", "kl_coef: 0.05, kl_target: 0.01, kl_horizon: 50")
+    text = tiny_ppo_recipe(tmp_path / "straight", ppo_steps=4, save_steps=2, ppo_eval=False).replace(
+        "kl_coef: 0.05", "kl_coef: 0.05, kl_target: 0.01, kl_horizon: 50")
     _run(text)
 
     save = ppo.save_checkpoint
@@ -177,38 +180,41 @@ def test_sigkill_during_ppo_resumes_from_checkpoint(tmp_path):
 def test_a_ppo_update_moves_the_policy_towards_high_advantage_responses(tmp_path):
     """One rollout, several clipped updates: the responses with positive advantage gain log-probability
     and those with negative advantage lose it (the surrogate objective rises), and the value loss falls."""
-    from align.refs import resolve_all_refs
     from align.losses.ppo import RunningMoments, value_loss
+    from align.refs import resolve_all_refs
     from align.stages import ppo
     from align.stages.engine import StageContext
     from align.stages.ppo_rollout import make_experience, response_logprobs, response_values
 
     rule = tmp_path / "has_digit.yaml"  # about half of the tiny model's random replies contain a digit
     rule.write_text("name: has_digit\nchecks:\n  - {kind: regex, pattern: '\\d', reward: 1.0, penalty: -1.0}\n")
-    recipe = parse_recipe(tiny_ppo_recipe(tmp_path, rewards=f"[{{rule: {rule}}}]").replace("ppo_epochs: 2", "ppo_epochs: 4"))
+    recipe = parse_recipe(tiny_ppo_recipe(tmp_path, rewards=f"[{{rule: {rule}}}]")
+                          .replace("ppo_epochs: 2", "ppo_epochs: 4"))
     pipeline = Pipeline(recipe, quiet=True)
     pipeline.run_stage(recipe.stage("sft"))
     stage = resolve_all_refs(recipe.stage("ppo"), pipeline.outputs)
-    ctx = StageContext(recipe, pipeline.base, pipeline.tokenizer, tmp_path / "ppo", torch.float32, True)
-    model, roles = ppo.build_roles(stage, ctx)
-    torch.manual_seed(0)
-    examples = pipeline.load_data(stage)["train"].examples[:8]
-    prompts = [ppo.encode_prompt(ctx.tokenizer, ex.prompt) for ex in examples]
-    cfg = stage.ppo
-    rollout, _, _ = make_experience(model, roles, ctx.tokenizer, examples, prompts, cfg, 0.05, RunningMoments())
-    assert rollout.advantages.abs().sum() > 0
-    groups = [ppo.role_parameters(model, "policy"), ppo.role_parameters(model, "value") + list(roles.value_head.parameters())]
-    optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=1e-2, eps=1e-5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    args = (rollout.query_response, rollout.attention_mask)
-    values_before, _ = value_loss(rollout.values, rollout.values, rollout.returns, rollout.response_mask, 1e9)
-    ppo.ppo_update(model, roles, rollout, optimizer, scheduler, cfg, groups)
-    with torch.no_grad():
-        new, _ = response_logprobs(model, *args, rollout.prompt_width, cfg.temperature)
-        model.set_adapter("value")
-        values_after, _ = value_loss(response_values(model, roles.value_head, *args, rollout.prompt_width),
-                                     rollout.values, rollout.returns, rollout.response_mask, 1e9)
-    mask = rollout.response_mask
-    surrogate_gain = ((new - rollout.logprobs) * rollout.advantages * mask).sum()
-    assert surrogate_gain > 0
-    assert values_after < values_before
+    ctx = StageContext(pipeline.host, tmp_path / "ppo", recipe.seed, torch.float32, True)
+    with ctx.host.policy(init=stage.init) as policy:
+        model, roles = ppo.build_roles(policy, stage, ctx)
+        torch.manual_seed(0)
+        examples = pipeline.load_data(stage)["train"].examples[:8]
+        prompts = [ppo.encode_prompt(ctx.tokenizer, ex.prompt) for ex in examples]
+        cfg = stage.ppo
+        rollout, _, _ = make_experience(model, roles, ctx.tokenizer, examples, prompts, cfg, 0.05, RunningMoments())
+        assert rollout.advantages.abs().sum() > 0
+        groups = [ppo.role_parameters(model, "policy"),
+                  ppo.role_parameters(model, "value") + list(roles.value_head.parameters())]
+        optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=1e-2, eps=1e-5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        args = (rollout.query_response, rollout.attention_mask)
+        values_before, _ = value_loss(rollout.values, rollout.values, rollout.returns, rollout.response_mask, 1e9)
+        ppo.ppo_update(model, roles, rollout, optimizer, scheduler, cfg, groups)
+        with torch.no_grad():
+            new, _ = response_logprobs(model, *args, rollout.prompt_width, cfg.temperature)
+            model.set_adapter("value")
+            values_after, _ = value_loss(response_values(model, roles.value_head, *args, rollout.prompt_width),
+                                         rollout.values, rollout.returns, rollout.response_mask, 1e9)
+        mask = rollout.response_mask
+        surrogate_gain = ((new - rollout.logprobs) * rollout.advantages * mask).sum()
+        assert surrogate_gain > 0
+        assert values_after < values_before

@@ -37,9 +37,11 @@ def test_pairwise_sigmoid_with_rpo_is_dpo_on_best_against_worst_plus_the_best_an
     total, metrics = preference_objective(loss)(LOGPS, REF, LENGTHS, SCORES, MASK)
     best, worst = torch.tensor([0, 1, 0]), torch.tensor([3, 3, 1])  # first best, last worst
     pick = lambda t, i: t[torch.arange(3), i]  # noqa: E731
-    dpo = dpo_loss(pick(LOGPS, best), pick(LOGPS, worst), pick(REF, best), pick(REF, worst), beta=0.5, label_smoothing=0.1)
+    dpo = dpo_loss(pick(LOGPS, best), pick(LOGPS, worst), pick(REF, best), pick(REF, worst), beta=0.5,
+                   label_smoothing=0.1)
     assert_close(total, dpo.losses.mean() + 0.3 * sft_loss(pick(LOGPS, best), pick(LENGTHS, best)))
-    assert metrics["rewards/accuracies"] == pytest.approx(float((dpo.chosen_rewards > dpo.rejected_rewards).float().mean()))
+    assert metrics["rewards/accuracies"] == pytest.approx(
+        float((dpo.chosen_rewards > dpo.rejected_rewards).float().mean()))
     ranking = ranking_metrics(0.5 * (LOGPS - REF), SCORES, MASK)  # every response's implicit reward, summed log-probs
     assert "nll_loss" in metrics and all(metrics[k] == pytest.approx(v) for k, v in ranking.items())
 
@@ -64,7 +66,8 @@ def test_reference_free_and_length_averaged_losses_say_so():
 
 
 def test_plackett_luce_objective_is_the_listwise_function():
-    total, metrics = preference_objective(preference.build("plackett_luce", beta=0.1))(LOGPS, REF, LENGTHS, SCORES, MASK)
+    total, metrics = preference_objective(preference.build("plackett_luce", beta=0.1))(LOGPS, REF, LENGTHS, SCORES,
+                                                                                       MASK)
     assert_close(total, plackett_luce_loss(LOGPS, REF, SCORES, MASK, beta=0.1).losses.mean())
     assert "nll_loss" not in metrics and set(metrics) >= {"rank/accuracy", "rank/kendall_tau"}
 
@@ -106,13 +109,14 @@ def test_recipe_takes_the_registered_names_only(tmp_path):
 def test_a_loss_registered_outside_align_trains_and_is_what_eval_scores(tmp_path, toy_loss):
     recipe = parse_recipe(tiny_recipe(tmp_path, dpo_steps=6).replace("type: sigmoid", "type: toy_indifferent"))
     summary = run_recipe(recipe, quiet=True)
-    assert json.loads((tmp_path / "tiny" / "dpo" / "stage.json").read_text())["reference"] == "none (reference-free loss)"
+    assert (json.loads((tmp_path / "tiny" / "dpo" / "stage.json").read_text())["reference"]
+            == "none (reference-free loss)")
     logged = [json.loads(line) for line in (tmp_path / "tiny" / "dpo" / "metrics.jsonl").read_text().splitlines()]
     margins = [r["toy/margin"] for r in logged if "toy/margin" in r]
     assert len(margins) == 6 and margins[-1] > margins[0]  # the toy loss widened the margin it trains
     assert summary["stages"]["dpo"]["metrics"]["eval_rank/accuracy"] == 0.0  # ties are wrong: it orders nothing
     run = open_run(tmp_path / "tiny")
-    result, _ = evaluate_run(run, dataclasses.replace(recipe.eval or _eval_section(), stages=["dpo"]), quiet=True)
+    result = evaluate_run(run, dataclasses.replace(recipe.eval or _eval_section(), stages=["dpo"]), quiet=True)
     assert result["stages"]["dpo"]["implicit_reward_accuracy"] == 0.0  # the toy's reward, not a built-in formula
 
 

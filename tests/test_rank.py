@@ -34,9 +34,11 @@ def _run(tmp_path, *stages: str) -> dict:
 
 
 def test_plackett_luce_raises_heldout_kendall_tau_above_the_start(tmp_path):
-    stages = _run(tmp_path, _stage("rank", "rank", "synthetic:ranked", "type: plackett_luce, beta: 0.1", steps=24, rows=64))
+    stages = _run(tmp_path, _stage("rank", "rank", "synthetic:ranked", "type: plackett_luce, beta: 0.1", steps=24,
+                                   rows=64))
     metrics = stages["rank"]["metrics"]
-    assert metrics["global_step"] == 24 and metrics["train_loss"] < 3.178  # log(4!) = 3.178: the loss of all-equal rewards
+    # log(4!) = 3.178: the loss of all-equal rewards
+    assert metrics["global_step"] == 24 and metrics["train_loss"] < 3.178
     # policy == reference at the start, so every implicit reward is 0 and tau is 0 exactly; a random tiny
     # model generalises little (0.125 measured), but the sign must be right
     assert metrics["eval_rank/kendall_tau"] > 0.05 and metrics["eval_rank/accuracy"] > 0.5
@@ -48,14 +50,17 @@ def test_plackett_luce_raises_heldout_kendall_tau_above_the_start(tmp_path):
 def test_every_rank_loss_trains(tmp_path, loss):
     metrics = _run(tmp_path, _stage("rank", "rank", "synthetic:ranked", loss, steps=3))["rank"]["metrics"]
     assert metrics["global_step"] == 3 and "eval_rank/kendall_tau" in metrics
-    assert (tmp_path / "tinyrank" / "rank" / "ref_logps_train.pt").is_file() == ("lipo" in loss)  # pro, rrhf: reference-free
+    # pro, rrhf: reference-free
+    assert (tmp_path / "tinyrank" / "rank" / "ref_logps_train.pt").is_file() == ("lipo" in loss)
 
 
 def test_plackett_luce_on_pairs_is_dpo(tmp_path):
     """The same pairs, seed and steps through `rank` (Plackett–Luce) and `dpo` (sigmoid) train identically."""
     pairs = "synthetic:preference"
-    stages = _run(tmp_path, _stage("dpo", "dpo", pairs, "type: sigmoid, beta: 0.1", 4, eval_data="synthetic:preference_heldout"),
-                  _stage("rank", "rank", pairs, "type: plackett_luce, beta: 0.1", 4, eval_data="synthetic:preference_heldout"))
+    stages = _run(tmp_path, _stage("dpo", "dpo", pairs, "type: sigmoid, beta: 0.1", 4,
+                                   eval_data="synthetic:preference_heldout"),
+                  _stage("rank", "rank", pairs, "type: plackett_luce, beta: 0.1", 4,
+                         eval_data="synthetic:preference_heldout"))
     dpo, rank = stages["dpo"]["metrics"], stages["rank"]["metrics"]
     assert dpo["train_loss"] == pytest.approx(rank["train_loss"], abs=1e-5)
     assert dpo["eval_loss"] == pytest.approx(rank["eval_loss"], abs=1e-5)
@@ -73,7 +78,8 @@ def test_dpo_on_rankings_trains_best_against_worst_and_reports_tau(tmp_path):
 
 @pytest.mark.parametrize("loss", ["type: simpo, beta: 2.0", "type: orpo, beta: 0.1"])
 def test_reference_free_dpo_family_losses_train_without_a_reference(tmp_path, loss):
-    stages = _run(tmp_path, _stage("dpo", "dpo", "synthetic:preference", loss, 3, eval_data="synthetic:preference_heldout"))
+    stages = _run(tmp_path, _stage("dpo", "dpo", "synthetic:preference", loss, 3,
+                                   eval_data="synthetic:preference_heldout"))
     metrics = stages["dpo"]["metrics"]
     assert metrics["global_step"] == 3 and metrics["train_loss"] > 0
     assert ("nll_loss" in metrics) == ("orpo" in loss)

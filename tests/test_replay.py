@@ -40,7 +40,8 @@ def test_reservoir_sample_is_uniform_deterministic_and_in_stream_order():
 
 
 def test_the_answer_each_example_teaches():
-    prompt, good, bad = [{"role": "user", "content": "q"}], [{"role": "assistant", "content": "g"}], [{"role": "assistant", "content": "b"}]
+    prompt, good, bad = ([{"role": "user", "content": "q"}], [{"role": "assistant", "content": "g"}],
+                         [{"role": "assistant", "content": "b"}])
     assert as_sft(PreferenceExample(prompt, good, bad)) == SFTExample(prompt, good)
     assert as_sft(RankedExample(prompt, [bad, good, bad], [0.0, 2.0, 1.0])) == SFTExample(prompt, good)
     assert as_sft(UnpairedExample(prompt, good, True)) == SFTExample(prompt, good)
@@ -173,7 +174,8 @@ def test_ppo_adds_the_ptx_term_on_replayed_sft_data(tmp_path):
     ("""  - {name: sft, kind: sft, data: {path: p.jsonl}}
   - {name: dpo, kind: dpo, data: {path: p.jsonl}, replay: {fraction: 1.0}}\n""",
      "stages.dpo.replay.fraction", "must be in (0, 1)"),
-    ("""  - {name: ppo, kind: ppo, data: {path: p.jsonl}, rewards: [{rule: synthetic_tasks}], replay_out: {size: 5}}\n""",
+    ("""  - {name: ppo, kind: ppo, data: {path: p.jsonl}, rewards: [{rule: synthetic_tasks}], """
+     """replay_out: {size: 5}}\n""",
      "stages.ppo.replay_out", "no answers to keep"),
 ])
 def test_replay_settings_that_cannot_work_are_config_errors(stages, key, message):

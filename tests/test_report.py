@@ -25,7 +25,8 @@ def _rate(rng, value, n):
 
 
 def _curve(rng, steps, start, end, noise=0.05):
-    return [[s, start + (end - start) * s / steps + rng.gauss(0, noise)] for s in range(0, steps + 1, max(1, steps // 30))]
+    return [[s, start + (end - start) * s / steps + rng.gauss(0, noise)]
+            for s in range(0, steps + 1, max(1, steps // 30))]
 
 
 def fake_eval(run="quickstart", stages=("dpo", "ppo"), n=20, seed=0) -> dict:
@@ -34,8 +35,9 @@ def fake_eval(run="quickstart", stages=("dpo", "ppo"), n=20, seed=0) -> dict:
     verdicts = ["win", "tie", "loss"]
     out = {"run": run, "run_dir": f"runs/{run}", "base": "SmolLM2-135M-Instruct (GGUF Q8_0, dequantised to nf4)",
            "created": "2026-11-21T22:40:00",
-           "settings": {"prompts": "../shared/data/eval/vicuna_bench_question.jsonl", "n_prompts": n, "reference": "sft",
-                        "judge": "rm", "max_new_tokens": 64, "do_sample": False, "temperature": 0.7, "top_p": 1.0, "seed": 0},
+           "settings": {"prompts": "../shared/data/eval/vicuna_bench_question.jsonl", "n_prompts": n,
+                        "reference": "sft", "judge": "rm", "max_new_tokens": 64, "do_sample": False,
+                        "temperature": 0.7, "top_p": 1.0, "seed": 0},
            "judge": {"name": "rm", "kind": "learned", "accuracy": 0.71, "pairs": 200},
            "stages": {}, "samples": [], "curves": {}}
     for i, name in enumerate(("sft", *stages)):
@@ -53,9 +55,10 @@ def fake_eval(run="quickstart", stages=("dpo", "ppo"), n=20, seed=0) -> dict:
             "task_accuracy": 0.7 - 0.03 * i, "task_per_family": {"json": 0.8 - 0.05 * i, "math": 0.6, "format": 0.75},
             "implicit_reward_accuracy": 0.68 if name == "dpo" else None,
             "forgetting": None if ref else {
-                "before": {"retention_nll": 2.1, "retention_perplexity": 8.17, "task_accuracy": 0.7, "task_per_family": {"json": 0.8}},
-                "after": {"retention_nll": 2.1 + 0.06 * i, "retention_perplexity": 8.17 + 0.5 * i, "task_accuracy": 0.7 - 0.03 * i,
-                          "task_per_family": {"json": 0.75}},
+                "before": {"retention_nll": 2.1, "retention_perplexity": 8.17, "task_accuracy": 0.7,
+                           "task_per_family": {"json": 0.8}},
+                "after": {"retention_nll": 2.1 + 0.06 * i, "retention_perplexity": 8.17 + 0.5 * i,
+                          "task_accuracy": 0.7 - 0.03 * i, "task_per_family": {"json": 0.75}},
                 "change": {"retention_nll": 0.06 * i, "retention_perplexity": 0.5 * i, "task_accuracy": -0.03 * i},
                 "kl_to_start": 0.1 * i, "start": "sft"},
         }
@@ -65,10 +68,12 @@ def fake_eval(run="quickstart", stages=("dpo", "ppo"), n=20, seed=0) -> dict:
         if name == "ppo":
             out["curves"][name]["objective/kl"] = _curve(rng, 100, 0.0, 0.3, 0.02)
     for p in range(n):
-        prompt = f"How can I improve my time management skills? (#{p})" if p else f"Explain this HTML: {XSS}\n  keep   spaces"
+        prompt = (f"How can I improve my time management skills? (#{p})" if p
+                  else f"Explain this HTML: {XSS}\n  keep   spaces")
         out["samples"].append({"prompt": prompt, "category": "generic" if p % 2 else None, "responses": {
             name: {"text": f"{name} answer {p}: first, plan the day.\n  - then <b>do</b> it & rest.",
-                   "reward": out["stages"][name]["rewards"][p], "verdict": None if name == "sft" else verdicts[(p + i) % 3]}
+                   "reward": out["stages"][name]["rewards"][p],
+                   "verdict": None if name == "sft" else verdicts[(p + i) % 3]}
             for i, name in enumerate(("sft", *stages))}})
     return out
 
@@ -80,7 +85,8 @@ def minimal_eval() -> dict:
             "stages": {"sft": {"kind": "sft", "is_reference": True, "lengths": [10, 12], "mean_length": 11.0},
                        "dpo": {"kind": "dpo", "is_reference": False, "lengths": [12, 12], "mean_length": 12.0,
                                "rewards": None, "win_rate": None}},
-            "samples": [{"prompt": "hi", "responses": {"sft": {"text": "hello"}, "dpo": {"text": "hey", "verdict": None}}}],
+            "samples": [{"prompt": "hi",
+                         "responses": {"sft": {"text": "hello"}, "dpo": {"text": "hey", "verdict": None}}}],
             "curves": {}}
 
 

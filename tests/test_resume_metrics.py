@@ -54,7 +54,7 @@ def test_every_trainer_stage_killed_after_a_checkpoint_logs_each_step_once_with_
     recipe.write_text(_recipe(tmp_path / "runs"))
     for kind in KINDS:  # each launch resumes the stage killed before and is killed in the next one
         stage_dir = tmp_path / "runs" / "killed" / kind
-        cmd = kill_run_after(recipe, lambda: _logged_past_a_checkpoint(stage_dir))
+        cmd = kill_run_after(recipe, lambda stage_dir=stage_dir: _logged_past_a_checkpoint(stage_dir))
         assert json.loads((stage_dir / "stage.json").read_text())["status"] == "running"
         assert _logged_past_a_checkpoint(stage_dir), kind  # killed before its next checkpoint: a log to undo
     rerun(cmd)

@@ -18,8 +18,16 @@ from align.data.formats import load_examples
 from align.data.rules import check, gold_answer
 from align.errors import AlignError, ConfigError, DataError
 from align.pipeline import run_recipe
-from align.rewards import (REWARD_SOURCES, ModelSource, Reward, RewardSource, RuleSource, cards, load_reward,
-                           register_source)
+from align.rewards import (
+    REWARD_SOURCES,
+    ModelSource,
+    Reward,
+    RewardSource,
+    RuleSource,
+    cards,
+    load_reward,
+    register_source,
+)
 from tests.conftest import tiny_ppo_recipe
 
 
@@ -32,7 +40,8 @@ def test_shipped_rule_rewards_parse():
 
 def test_task_check_uses_each_prompts_own_rule():
     reward = load_reward("synthetic_tasks")
-    rules = [{"kind": "exact", "answer": "12"}, {"kind": "one_of", "answers": ["Paris", "paris"]}, {"kind": "json", "answer": {"a": 1}}]
+    rules = [{"kind": "exact", "answer": "12"}, {"kind": "one_of", "answers": ["Paris", "paris"]},
+             {"kind": "json", "answer": {"a": 1}}]
     scores = reward.score(None, ["12.", "Lyon", '{"a": 1}'], rules)
     assert scores.tolist() == [1.0, 0.0, 1.0]
 
@@ -46,7 +55,8 @@ def test_checks_add_up(tmp_path):
 
 
 @pytest.mark.parametrize("text, where", [
-    ("name: r\nchecks:\n  - {kind: regex, pattern: '('}\n", ["r.yaml:3:", "'checks[0].pattern'", "not a regular expression"]),
+    ("name: r\nchecks:\n  - {kind: regex, pattern: '('}\n",
+     ["r.yaml:3:", "'checks[0].pattern'", "not a regular expression"]),
     ("name: r\nchecks:\n  - {kind: regexp, pattern: a}\n", ["r.yaml:3:", "'checks[0].kind'", "regexp"]),
     ("name: r\nchecks:\n  - {kind: max_chars}\n", ["r.yaml:3:", "'checks[0].limit'"]),
     ("name: r\nchecks: []\n", ["r.yaml:2:", "'checks'", "at least one check"]),
@@ -66,7 +76,8 @@ def test_unknown_reward_lists_the_known_names():
 
 
 @pytest.mark.parametrize("old, new, key, words", [
-    ("rewards: [{rule: synthetic_tasks, weight: 1.0}]", "rewards: [{rule: synthetic_task}]", "rule", "no rule-reward file 'synthetic_task'"),
+    ("rewards: [{rule: synthetic_tasks, weight: 1.0}]", "rewards: [{rule: synthetic_task}]", "rule",
+     "no rule-reward file 'synthetic_task'"),
     ("rewards: [{rule: synthetic_tasks, weight: 1.0}]", "rewards: []", "rewards", "at least one reward"),
     ("rewards: [{rule: synthetic_tasks, weight: 1.0}]", "rewards: [{weight: 1.0}]", "model", "exactly one of"),
     ("minibatch_size: 4", "minibatch_size: 3", "minibatch_size", "must divide rollout_batch_size"),
@@ -115,12 +126,15 @@ def test_every_task_rule_accepts_its_gold_answer():
 
 
 def test_a_card_scores_the_same_however_it_is_named():
-    rules = [{"kind": "exact", "answer": "12"}, {"kind": "one_of", "answers": ["Paris"]}, {"kind": "json", "answer": [1]}]
+    rules = [{"kind": "exact", "answer": "12"}, {"kind": "one_of", "answers": ["Paris"]},
+             {"kind": "json", "answer": [1]}]
     replies = ["12", "Lyon", "[1]"]
     expected = [float(check(rule, reply)) for rule, reply in zip(rules, replies)]
-    for spec in ("synthetic_tasks", "synthetic_tasks.yaml", str(cards()["synthetic_tasks"]), RuleSource(rule="synthetic_tasks")):
+    for spec in ("synthetic_tasks", "synthetic_tasks.yaml", str(cards()["synthetic_tasks"]),
+                 RuleSource(rule="synthetic_tasks")):
         reward = load_reward(spec)
-        assert isinstance(reward, Reward) and (reward.name, reward.kind, reward.needs_rules) == ("synthetic_tasks", "rule", True)
+        assert (isinstance(reward, Reward)
+                and (reward.name, reward.kind, reward.needs_rules) == ("synthetic_tasks", "rule", True))
         assert reward.score(None, replies, rules).tolist() == expected
 
 
@@ -128,15 +142,16 @@ def test_a_learned_reward_scores_as_its_rm_stage_measured_and_as_eval_judges(tin
     """Through the factory (by folder, by source, and as eval's judge with the rm stage's own truncation), an
     rm stage's adapter and head give the held-out margin and accuracy the stage itself recorded."""
     from align.eval.judges import JUDGE_ADAPTER, load_judge
+    from align.models.adapters import with_frozen
     from align.models.load import load_base
-    from align.runs import open_run, with_adapters
+    from align.runs import open_run
 
     run = open_run(tiny_rm_run)
     folder = run.adapter("rm")
     recorded = run.state("rm")["metrics"]
     pairs = load_examples("synthetic:preference_heldout", "preference", max_rows=10).examples
     base, tokenizer = load_base(run.recipe.model)
-    model = with_adapters(base, {JUDGE_ADAPTER: folder})
+    model = with_frozen(base, {JUDGE_ADAPTER: folder})
     judge = load_judge("rm", run, model, tokenizer)
     assert (judge.name, judge.kind) == ("rm", "learned")
     prompts = [p.prompt for p in pairs]
@@ -163,15 +178,18 @@ def test_a_spec_that_names_no_reward_says_what_it_could_name(tmp_path):
 
 def test_reward_sources_are_one_dataclass_per_key(tmp_path):
     ppo = parse_recipe(tiny_ppo_recipe(tmp_path)).stage("ppo")
-    assert ppo.rewards == [RuleSource(rule="synthetic_tasks", weight=1.0), ModelSource(model="${rm.adapter}", weight=0.5)]
-    assert [s.key for s in ppo.rewards] == ["rule", "model"] and [s.adapter_folder for s in ppo.rewards] == [None, "${rm.adapter}"]
+    assert ppo.rewards == [RuleSource(rule="synthetic_tasks", weight=1.0),
+                           ModelSource(model="${rm.adapter}", weight=0.5)]
+    assert ([s.key for s in ppo.rewards] == ["rule", "model"]
+            and [s.adapter_folder for s in ppo.rewards] == [None, "${rm.adapter}"])
     # run folders saved before sources were variants wrote the other key as null
     old = tiny_ppo_recipe(tmp_path, rewards='[{model: "${rm.adapter}", rule: null, weight: 0.5}]')
     assert parse_recipe(old).stage("ppo").rewards == [ModelSource(model="${rm.adapter}", weight=0.5)]
 
 
 @pytest.mark.parametrize("rewards, offset, key, words", [
-    ("[{rule: concise, model: x}]", 0, "model", "needs exactly one of the keys model, rule, not both 'rule' and 'model'"),
+    ("[{rule: concise, model: x}]", 0, "model",
+     "needs exactly one of the keys model, rule, not both 'rule' and 'model'"),
     ("[{weight: 2.0}]", 0, "model", "needs exactly one of the keys model, rule; this one has none"),
     ("[{rule: concise}, {rule: nope}]", 0, "rule",
      "no rule-reward file 'nope': give a path, or the name of a reward card (concise, synthetic_tasks)"),
@@ -236,7 +254,8 @@ def test_a_non_editable_install_finds_its_cards(tmp_path):
               "print(*(f'{n}={r.load_reward(n).name}' for n in r.cards()))")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(installed)},
+    out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere,
+                         env={**os.environ, "PYTHONPATH": str(installed)},
                          check=True, capture_output=True, text=True).stdout.split("\n")
     assert Path(out[0]).resolve().is_relative_to(installed.resolve())
     assert {"synthetic_tasks=synthetic_tasks", "concise=concise"} <= set(out[1].split())

@@ -8,8 +8,8 @@ import pytest
 
 from align.data import synthetic
 from align.data.formats import load_examples
-from align.data.schemas import PreferenceExample, RankedExample, SFTExample, TaskExample, UnpairedExample
 from align.data.rules import RULE_KINDS, check
+from align.data.schemas import PreferenceExample, RankedExample, SFTExample, TaskExample, UnpairedExample
 
 SCHEMA = {"sft": SFTExample, "preference": PreferenceExample, "task": TaskExample, "ranked": RankedExample}
 TRAIN_SPLITS = ("sft", "preference", "prompts", "ranked")
@@ -77,7 +77,8 @@ def test_families_filter_and_the_chatty_splits():
     kept = synthetic.load("heldout?families=json, sort", "task", n=20)
     assert {t.rule["family"] for t in kept} == {"json", "sort"} and len(kept) == 20
     assert synthetic.load("heldout?families=json,sort", "task", n=20) == kept
-    assert not {prompt_text(t) for t in kept} & {prompt_text(e) for e in synthetic.load("sft?families=json,sort", "sft")}
+    assert not ({prompt_text(t) for t in kept}
+                & {prompt_text(e) for e in synthetic.load("sft?families=json,sort", "sft")})
     pairs = synthetic.load("chatty_preference?families=larger", "preference", n=10)
     for pair in pairs:  # the chatty sentence preferred over the bare answer the prompt asks for
         bare = pair.rejected[0]["content"]

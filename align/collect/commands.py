@@ -42,7 +42,7 @@ def _added(collection: Collection, new: dict) -> None:
 def _cmd_generate(args) -> int:
     from align.collect.generate import as_candidates, parse_source, sample_responses
     from align.data.formats import load_examples
-    from align.eval.generation import Decoding
+    from align.models.generation import Decoding
 
     for spec in args.model:
         parse_source(spec)  # a wrong run or stage fails before the prompts are read and a model loads

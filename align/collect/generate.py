@@ -18,7 +18,8 @@ from align.collect.store import Candidates
 from align.data import converters, sources
 from align.data.formats import load_examples
 from align.errors import AlignError, DataError
-from align.runs import BASE, RECIPE_FILE, acting_as, open_stage, with_adapters
+from align.run_folder import RECIPE_FILE
+from align.runs import BASE, acting_as, open_stage
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,9 @@ def parse_source(spec: str) -> Source:
 def sample_responses(specs: list[str], prompts: list, samples: int, decoding, batch_size: int = 8,
                      quiet: bool = False) -> dict[str, list[list[str]]]:
     """{source label: for each prompt, its `samples` responses} for every source in `specs`."""
+    from align.models.generation import generate
+    from align.models.host import ModelHost
     from align.settings import ModelConfig
-    from align.eval.generation import generate
-    from align.models.load import load_base
     from align.ui import work_progress
 
     chosen = [parse_source(spec) for spec in specs]
@@ -58,14 +59,15 @@ def sample_responses(specs: list[str], prompts: list, samples: int, decoding, ba
     out = {}
     for group in groups.values():
         run = group[0].run
-        base, tokenizer = load_base(run.recipe.model if run else ModelConfig(base=group[0].spec))
-        model = with_adapters(base, {s.stage: run.adapter(s.stage) for s in group if run and s.stage != BASE})
-        for source in group:
-            with work_progress(f"responses of {source.label}", len(repeated), quiet) as advance, \
-                    acting_as(model, source.stage or BASE):
-                replies = generate(model, tokenizer, repeated, decoding, batch_size, on_batch=advance)
-            out[source.label] = [[r.text for r in replies[i * samples:(i + 1) * samples]] for i in range(len(prompts))]
-        del model, base
+        host = ModelHost(run.recipe.model if run else ModelConfig(base=group[0].spec))
+        with host.adapters({s.stage: run.adapter(s.stage) for s in group if run and s.stage != BASE}) as model:
+            for source in group:
+                with work_progress(f"responses of {source.label}", len(repeated), quiet) as advance, \
+                        acting_as(model, source.stage or BASE):
+                    replies = generate(model, host.tokenizer, repeated, decoding, batch_size, on_batch=advance)
+                out[source.label] = [[r.text for r in replies[i * samples:(i + 1) * samples]]
+                                     for i in range(len(prompts))]
+        del model, host
         gc.collect()  # the next source may need the memory for a base of its own
     return out
 

@@ -38,11 +38,11 @@ def load_collect_judge(spec: str):
 def _rm_judge(target):
     """The Judge of an rm stage (an `align.collect.generate.Source`), its adapter loaded on its run's base."""
     from align.eval.judges import JUDGE_ADAPTER, load_judge
+    from align.models.adapters import with_frozen
     from align.models.load import load_base
-    from align.runs import with_adapters
 
     base, tokenizer = load_base(target.run.recipe.model)
-    model = with_adapters(base, {JUDGE_ADAPTER: target.run.adapter(target.stage)})
+    model = with_frozen(base, {JUDGE_ADAPTER: target.run.adapter(target.stage)})
     return load_judge(target.stage, target.run, model, tokenizer)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from align.errors import DataError
+from align.models.tokens import wants_bos
 
 
 @dataclass
@@ -23,11 +24,6 @@ class Encoded:
     completion_ids: list[int]
     truncated: bool = False
     eos_appended: bool = False  # the template does not end the turn with EOS; align added it
-
-
-def _wants_bos(tokenizer) -> bool:
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
 def encode(tokenizer, prompt: list[dict], completion: list[dict], max_length: int, max_prompt_length: int) -> Encoded:
@@ -42,7 +38,7 @@ def encode(tokenizer, prompt: list[dict], completion: list[dict], max_length: in
         )
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
     completion_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False).input_ids
-    if _wants_bos(tokenizer) and prompt_ids[:1] != [tokenizer.bos_token_id]:
+    if wants_bos(tokenizer) and prompt_ids[:1] != [tokenizer.bos_token_id]:
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     eos = tokenizer.eos_token_id
     eos_appended = eos is not None and eos not in completion_ids
@@ -58,39 +54,6 @@ def encode(tokenizer, prompt: list[dict], completion: list[dict], max_length: in
     if len(completion_ids) > room:
         completion_ids, truncated = completion_ids[:room], True
     return Encoded(prompt_ids, completion_ids, truncated, eos_appended)
-
-
-def encode_prompt(tokenizer, prompt: list[dict]) -> list[int]:
-    """Prompt ids for generation, with the same BOS rule as training."""
-    ids = tokenizer(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False), add_special_tokens=False).input_ids
-    if _wants_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
-
-
-def pad_sequences(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad (prompt, completion) pairs into `input_ids`, `attention_mask`, `completion_mask` [B, T]."""
-    width = max(len(p) + len(c) for p, c in pairs)
-    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(pairs), width), dtype=torch.long)
-    completion = torch.zeros((len(pairs), width), dtype=torch.long)
-    for i, (p, c) in enumerate(pairs):
-        n = len(p) + len(c)
-        input_ids[i, :n] = torch.tensor(p + c)
-        attention[i, :n] = 1
-        completion[i, len(p) : n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad prompts for batched generation [B, T]."""
-    width = max(map(len, prompts))
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p) :] = torch.tensor(p)
-        attention[i, width - len(p) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention}
 
 
 def pack_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import re
 
+from align.data.invariants import check_answer, check_differ, checked_prompt, checked_response, said, short
+from align.data.rules import RULE_FIELDS, RULE_KINDS
 from align.data.schemas import (
     Message,
     PreferenceExample,
@@ -18,8 +20,6 @@ from align.data.schemas import (
     TaskExample,
     UnpairedExample,
 )
-from align.data.invariants import check_answer, check_differ, checked_prompt, checked_response, said, short
-from align.data.rules import RULE_FIELDS, RULE_KINDS
 from align.errors import DataError
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}

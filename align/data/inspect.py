@@ -14,10 +14,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from align.data.collate import encode, encode_prompt
+from align.data.collate import encode
 from align.data.formats import PAIR_FORMATS, describe_formats, detect_format, formats_for, load_examples
 from align.data.sources import read_records
 from align.errors import AlignError, DataError
+from align.models.tokens import encode_prompt
 from align.ui import console
 
 # Auto names the first of these kinds that reads the file's first row, bare prompts last. Ranked and
@@ -89,7 +90,8 @@ def _completions(example, kind):
         return [("chosen", example.chosen), ("rejected", example.rejected)]
     if kind == "ranked":
         scores = example.scores  # ranks are stored as -rank, so show the place in the ranking as well
-        return [(f"response {i} (rank {1 + sum(s > score for s in scores)} of {len(scores)}, score {score:g})", response)
+        return [(f"response {i} (rank {1 + sum(s > score for s in scores)} of {len(scores)}, score {score:g})",
+                 response)
                 for i, (response, score) in enumerate(zip(example.responses, scores), start=1)]
     if kind == "unpaired":
         return [(f"completion ({'desirable' if example.desirable else 'undesirable'})", example.completion)]

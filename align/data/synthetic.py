@@ -36,7 +36,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from align.data.schemas import PreferenceExample, RankedExample, SFTExample, TaskExample
 
@@ -172,7 +173,8 @@ def _is_heldout(prompt: str) -> bool:
     return hashlib.sha256(prompt.encode()).digest()[0] < 52  # about one prompt in five
 
 
-def instances(split: str, n: int | None = None, seed: int = 0, families: tuple[str, ...] = ()) -> list[tuple[str, Instance]]:
+def instances(split: str, n: int | None = None, seed: int = 0,
+              families: tuple[str, ...] = ()) -> list[tuple[str, Instance]]:
     """`n` distinct (family, instance) on the split's side of the held-out line, families (all, or the
     named ones) in turn."""
     n = SPLIT_SIZES[split] if n is None else n

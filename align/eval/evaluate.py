@@ -20,32 +20,30 @@ depends on changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from align.config import EvalConfig
 from align.data.formats import load_examples
 from align.eval import judges, metrics
 from align.eval.forgetting import adapter_fingerprint
-from align.eval.generation import Decoding, Reply, generate
 from align.eval.kl import kl_along
 from align.eval.tasks import score_answers
+from align.models.generation import Decoding, Reply, generate
+from align.models.host import ModelHost
 from align.models.identity import base_identity, machine
-from align.models.load import give_back
 from align.refs import resolve_refs
-from align.runs import BASE, acting_as, with_adapters
+from align.run_folder import StageFolder, identity_hash
+from align.runs import BASE, Run, acting_as
 from align.stages.kind import kind_of
 from align.ui import console, work_progress
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _load(section, kind: str):
-    return load_examples(section.path, kind, section.format, section.skip_bad_rows, section.max_rows) if section else None
+    return (load_examples(section.path, kind, section.format, section.skip_bad_rows, section.max_rows)
+            if section else None)
 
 
 def default_reference(recipe) -> str:
@@ -73,25 +71,22 @@ def prompt_text(prompt: list[dict]) -> str:
 
 def _curves(stage_dir: Path, keys: tuple[str, ...]) -> dict[str, list]:
     """The training curves of `keys` (what the stage's kind plots) that the stage logged."""
-    path = stage_dir / "metrics.jsonl"
     curves: dict[str, list] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            for key in keys:
-                if isinstance(row.get(key), (int, float)):
-                    curves.setdefault(key, []).append([row["step"], row[key]])
+    for row in StageFolder(stage_dir).metrics.records():
+        for key in keys:
+            if isinstance(row.get(key), (int, float)):
+                curves.setdefault(key, []).append([row["step"], row[key]])
     return {key: points for key, points in curves.items() if len(points) > 1}  # one point (a final eval) is no curve
 
 
 class Evaluation:
     """One run's evaluation with settings `cfg` (an EvalConfig); `run()` returns eval.json's dict."""
 
-    def __init__(self, run, cfg, out_dir: Path, base=None, tokenizer=None, quiet: bool = False,
+    def __init__(self, run: Run, cfg: EvalConfig, out_dir: Path, host: ModelHost | None = None, quiet: bool = False,
                  identity: dict | None = None):
         self.run_, self.cfg, self.out_dir, self.quiet = run, cfg, Path(out_dir), quiet
-        self.base, self.tokenizer = base, tokenizer
         recipe = run.recipe
+        self.host = host or ModelHost(recipe.model)  # loads the base only if something is not cached
         cfg.check_stages(recipe.stages)
         self.reference = cfg.reference or default_reference(recipe)
         chosen = cfg.stages or [BASE, *(s for s in run.finished() if kind_of(run.stage(s)).policy)]
@@ -105,8 +100,8 @@ class Evaluation:
         self.preferences = _load(cfg.preferences or default_preferences(recipe), "preference")
         self.verdicts = judges.load_human_verdicts(cfg.verdicts) if cfg.verdicts else {}
         self.decoding = Decoding(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.seed)
-        self.identity = identity or base_identity(recipe.model)  # the caller's, where it loaded the base
-        self.key = _hash({
+        self.identity = identity or base_identity(recipe.model, self.host.resolved)  # the caller's, where it has it
+        self.key = identity_hash({
             "base": self.identity,
             "settings": asdict(cfg), "reference": self.reference, "stages": self.stages, "judge": self.judge_spec,
             "data": [d.fingerprint if d else None for d in (self.tasks, self.prompts, self.preferences)],
@@ -141,15 +136,15 @@ class Evaluation:
     def _adapter_name(self, folder: str | None, folders: dict[str, str]) -> str | None:
         return next((name for name, f in folders.items() if f == folder), None)
 
-    def _load_model(self):
-        if self.base is None:
-            from align.models.load import load_base
+    @property
+    def tokenizer(self):
+        return self.host.tokenizer
 
-            self.base, self.tokenizer = load_base(self.run_.recipe.model)
+    def _folders(self) -> dict[str, str]:
         folders = self._adapter_folders()
         if self.judge_folder:
             folders[judges.JUDGE_ADAPTER] = self.judge_folder
-        return with_adapters(self.base, folders), folders  # the base alone where rules judge the base
+        return folders  # none, and the base alone, where rules judge the base
 
     # --- measurements ---------------------------------------------------------------------------------
 
@@ -157,8 +152,8 @@ class Evaluation:
         """`name`'s replies to `examples`' prompts, from the cache when this adapter answered them before."""
         cache_path = self.out_dir / "cache" / "replies.json"
         cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-        key = _hash([self.identity, adapter_fingerprint(self.run_.adapter(name)), [ex.prompt for ex in examples],
-                     asdict(self.decoding)])
+        key = identity_hash([self.identity, adapter_fingerprint(self.run_.adapter(name)),
+                             [ex.prompt for ex in examples], asdict(self.decoding)])
         if key not in cache:
             with work_progress(f"replies of {name}", len(examples), self.quiet) as advance, acting_as(model, name):
                 replies = generate(model, self.tokenizer, [ex.prompt for ex in examples], self.decoding,
@@ -175,11 +170,9 @@ class Evaluation:
             if cached.get("key") == self.key:
                 console.print(f"[green]skip[/] eval of {self.run_.name}: results for these stages and settings exist")
                 return cached
-        model, folders = self._load_model()
-        try:
+        folders = self._folders()
+        with self.host.adapters(folders) as model:
             result = self._measure(model, folders)
-        finally:
-            self.base = give_back(model)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cached_path.write_text(json.dumps(result, indent=1))
         self._write_pairs(result)
@@ -269,8 +262,9 @@ class Evaluation:
         mine, theirs = replies[name], replies[self.reference]
         if rewards:
             outcome = metrics.verdicts(rewards[name], rewards[self.reference])
-            out.update(verdicts=outcome, win_rate=metrics.win_rate(outcome), lc_win_rate=metrics.length_controlled_win_rate(
-                outcome, [len(r.ids) for r in mine], [len(r.ids) for r in theirs], seed=self.cfg.seed))
+            out.update(verdicts=outcome, win_rate=metrics.win_rate(outcome),
+                       lc_win_rate=metrics.length_controlled_win_rate(
+                           outcome, [len(r.ids) for r in mine], [len(r.ids) for r in theirs], seed=self.cfg.seed))
         if self.verdicts:
             human = [judges.human_verdict(self.verdicts, p, m.text, t.text) for p, m, t in zip(prompts, mine, theirs)]
             out.update(human_verdicts=human, human_win_rate=metrics.win_rate([v for v in human if v is not None]))
@@ -299,7 +293,8 @@ class Evaluation:
                 if out[name] is None:
                     reference = self._adapter_name(self._stage_reference(name), folders)
                     out[name] = judges.implicit_reward_accuracy(model, self.tokenizer, self.run_.stage(name), name,
-                                                                reference, self.preferences.examples, self.cfg.batch_size)
+                                                                reference, self.preferences.examples,
+                                                                self.cfg.batch_size)
                 advance()
         return out
 
@@ -333,20 +328,20 @@ class Evaluation:
                 text = sample["responses"][name]["text"]
                 if name == self.reference or text.strip() == ref_text.strip():
                     continue
-                a, b = (name, self.reference) if int(_hash([i, name]), 16) % 2 else (self.reference, name)
+                a, b = (name, self.reference) if int(identity_hash([i, name]), 16) % 2 else (self.reference, name)
                 rows.append({"prompt": sample["messages"], "a": sample["responses"][a]["text"],
                              "b": sample["responses"][b]["text"], "a_model": a, "b_model": b})
         (self.out_dir / "pairs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def evaluate_run(run, cfg, out_dir: Path | None = None, base=None, tokenizer=None, quiet: bool = False,
-                 identity: dict | None = None) -> tuple[dict, object]:
+def evaluate_run(run: Run, cfg: EvalConfig, out_dir: Path | None = None, host: ModelHost | None = None,
+                 quiet: bool = False, identity: dict | None = None) -> dict:
     """Evaluate `run` with `cfg`, write eval.json, pairs.jsonl and report.html to `out_dir` (default
-    RUN/eval/). Returns the result and the bare base (for a caller that reuses it); `identity` is the base's
+    RUN/eval/). `host` lends the base where the caller has one (the pipeline's); `identity` is the base's
     (align.models.identity), where the caller has it."""
     from align.eval.report import render_html
 
-    evaluation = Evaluation(run, cfg, out_dir or run.dir / "eval", base, tokenizer, quiet, identity)
+    evaluation = Evaluation(run, cfg, out_dir or run.dir / "eval", host, quiet, identity)
     result = evaluation.run()
     render_html([result], evaluation.out_dir / "report.html")
-    return result, evaluation.base
+    return result

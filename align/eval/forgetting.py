@@ -22,11 +22,11 @@ import torch
 from align.data.collate import encode
 from align.data.formats import LoadedData, load_examples
 from align.data.sources import fingerprint
-from align.eval.generation import evaluating
 from align.eval.kl import kl_to_reference
 from align.eval.tasks import task_accuracy
 from align.models import adapters
-from align.models.load import give_back
+from align.models.generation import evaluating
+from align.models.host import ModelHost
 from align.models.logprobs import encoded_logprobs
 from align.stages.kind import kind_of
 from align.ui import work_progress
@@ -99,32 +99,30 @@ def adapter_fingerprint(path: str | None) -> str:
     return fingerprint(path) if path else "base"
 
 
-def stage_forgetting(base, tokenizer, stage, start: str | None, trained: str, sets: ForgettingSets, cfg,
-                     cache: dict, quiet: bool = False) -> tuple[dict, object]:
+def stage_forgetting(host: ModelHost, stage, start: str | None, trained: str, sets: ForgettingSets, cfg, cache: dict,
+                     quiet: bool = False) -> dict:
     """{"before", "after", "change", "kl_to_start"} for a stage that turned adapter `start` (None: the
     bare base) into `trained`. `cache` maps a measurement's key to its result, so that a policy that ends
-    one stage and starts the next is measured once. Returns the result and the bare base again."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(base, trained, adapter_name="after")
-    if start:
-        model.load_adapter(start, adapter_name="before")
+    one stage and starts the next is measured once."""
     lengths = f"{stage.train.max_length}:{stage.train.max_prompt_length}"  # the retention NLL's truncation
-    keys = {name: f"{sets.fingerprint}:{lengths}:{adapter_fingerprint(path)}" for name, path in (("before", start), ("after", trained))}
+    keys = {name: f"{sets.fingerprint}:{lengths}:{adapter_fingerprint(path)}"
+            for name, path in (("before", start), ("after", trained))}
     result = {}
     kl_key = f"kl:{keys['after']}:{keys['before']}"
-    with work_progress(f"forgetting of {stage.name}", 3, quiet) as advance:  # before, after, KL between them
+    folders = {"after": trained, **({"before": start} if start else {})}
+    # before, after, and the KL between them
+    with host.adapters(folders) as model, work_progress(f"forgetting of {stage.name}", 3, quiet) as advance:
         for name in ("before", "after"):
             if keys[name] not in cache:
                 with adapters.using(model, name if name == "after" or start else None):
-                    cache[keys[name]] = measure_policy(model, tokenizer, sets, cfg, stage.train)
+                    cache[keys[name]] = measure_policy(model, host.tokenizer, sets, cfg, stage.train)
             result[name] = cache[keys[name]]
             advance()
         if kl_key not in cache:
-            cache[kl_key] = kl_to_reference(model, tokenizer, sets.prompts, "after", "before" if start else None,
+            cache[kl_key] = kl_to_reference(model, host.tokenizer, sets.prompts, "after", "before" if start else None,
                                             cfg.max_new_tokens, cfg.batch_size)
         advance()
     result["kl_to_start"] = cache[kl_key]["kl"]
     result["change"] = {k: result["after"][k] - result["before"][k] for k in result["after"]
                         if isinstance(result["after"][k], float)}
-    return result, give_back(model)
+    return result

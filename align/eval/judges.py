@@ -19,8 +19,8 @@ import torch
 
 from align.data.collate import encode
 from align.data.formats import load_examples
-from align.eval.generation import evaluating
 from align.models import adapters
+from align.models.generation import evaluating
 from align.models.logprobs import encoded_logprobs
 from align.rewards import ModelSource, Reward, RewardSource, load_reward, reward_source
 from align.rewards.sources import DEFAULT_LENGTHS
@@ -61,7 +61,8 @@ def load_judge(spec: str, run, model, tokenizer) -> Judge:
 def _trained_lengths(folder: str) -> tuple[int, int]:
     """(max_length, max_prompt_length) the rm stage that wrote `folder` trained with, read from its run's
     recipe (`RUN/STAGE/adapter`), so that texts are truncated as in training; the defaults where unknown."""
-    from align.runs import RECIPE_FILE, open_run
+    from align.run_folder import RECIPE_FILE
+    from align.runs import open_run
 
     adapter = Path(folder).resolve()
     if (adapter.parents[1] / RECIPE_FILE).is_file():
@@ -108,14 +109,16 @@ def judge_accuracy(judge: Judge, pairs) -> float | None:
 
 def _logps(model, tokenizer, pairs, side: str, train_cfg, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[N] summed completion log-probs and [N] token counts of each pair's `side` reply, as training encoded them."""
-    rows = [encode(tokenizer, ex.prompt, getattr(ex, side), train_cfg.max_length, train_cfg.max_prompt_length) for ex in pairs]
+    rows = [encode(tokenizer, ex.prompt, getattr(ex, side), train_cfg.max_length, train_cfg.max_prompt_length)
+            for ex in pairs]
     with evaluating(model):
         sums, counts = encoded_logprobs(model, [(r.prompt_ids, r.completion_ids) for r in rows],
                                         tokenizer.pad_token_id, batch_size)
     return sums, counts.clamp(min=1)
 
 
-def implicit_reward_accuracy(model, tokenizer, stage, policy: str, reference: str | None, pairs, batch_size: int) -> float:
+def implicit_reward_accuracy(model, tokenizer, stage, policy: str, reference: str | None, pairs,
+                             batch_size: int) -> float:
     """Share of pairs whose chosen reply gets the higher implicit reward, as the stage's own loss defines it
     (`implicit_reward` of align.losses.preference: the object its training called)."""
     reward = kind_of(stage).implicit_reward(stage)

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from align.data.collate import encode_prompt, pad_sequences
-from align.eval.generation import Decoding, evaluating, generate
 from align.models import adapters
+from align.models.generation import Decoding, evaluating, generate
 from align.models.logprobs import decoder_and_head
+from align.models.tokens import encode_prompt, pad_sequences
 
 
 def _reply_distributions(model, batch: dict) -> torch.Tensor:
     """[N, V] log-probs of the next token at every position that predicts a reply token."""
     decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # [B, T, H]
+    hidden = decoder(input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"]).last_hidden_state  # [B, T, H]
     return head(hidden[:, :-1][batch["completion_mask"][:, 1:].bool()]).float().log_softmax(-1)  # [N, V]
 
 

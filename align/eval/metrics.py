@@ -33,7 +33,8 @@ VERDICT_OUTCOME = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 
 def verdicts(stage_scores, reference_scores, tolerance: float = 1e-6) -> list[str]:
     """"win" / "tie" / "loss" of each stage response against the reference's, by a judge's scores."""
-    return ["tie" if abs(s - r) <= tolerance else "win" if s > r else "loss" for s, r in zip(stage_scores, reference_scores)]
+    return ["tie" if abs(s - r) <= tolerance else "win" if s > r else "loss"
+            for s, r in zip(stage_scores, reference_scores)]
 
 
 def win_rate(outcomes: list[str]) -> dict | None:

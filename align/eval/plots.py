@@ -77,7 +77,7 @@ def win_rate_plot(plots: Plots, evals, colors) -> str:
     kinds = [k for k in kinds if any((st.get(k[0]) or {}).get("value") is not None for _, _, st in rows)]
     fig = plots.new(min(11, max(6, 1.6 * len(rows) + 3)), 3.6)
     ax, width = fig.add_subplot(), 0.8 / len(kinds)
-    for j, (key, label, alpha, hatch) in enumerate(kinds):
+    for j, (key, _label, alpha, hatch) in enumerate(kinds):
         for i, (_, n, st) in enumerate(rows):
             r = st.get(key) or {}
             if r.get("value") is None:
@@ -130,7 +130,8 @@ def distribution_plot(plots: Plots, evals, colors, key: str, ylabel: str) -> str
     ax = fig.add_subplot()
     data = [[x for x in st[key] if x is not None] or [0.0] for _, _, st in rows]
     spread = [i for i, d in enumerate(data) if len(set(d)) > 1]  # a violin needs some spread for its KDE
-    bodies = ax.violinplot([data[i] for i in spread], [i + 1 for i in spread], showextrema=False, widths=0.8)["bodies"] if spread else []
+    bodies = ax.violinplot([data[i] for i in spread], [i + 1 for i in spread], showextrema=False,
+                           widths=0.8)["bodies"] if spread else []
     boxplot = ax.boxplot(data, widths=0.18, patch_artist=True, showfliers=False,
                      medianprops={"color": "#1f2328"}, whiskerprops={"color": "#667085"}, capprops={"color": "#667085"})
     for i, (patch, (_, n, st)) in enumerate(zip(boxplot["boxes"], rows)):

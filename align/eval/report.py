@@ -12,8 +12,7 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from align.eval.plots import (Plots, curves_plot, distribution_plot, stage_color, stage_colors, stage_rows,
-                              win_rate_plot)
+from align.eval.plots import Plots, curves_plot, distribution_plot, stage_color, stage_colors, stage_rows, win_rate_plot
 
 N_SAMPLES = 12
 CSS = """
@@ -37,7 +36,8 @@ tbody tr:nth-child(even), table.forgetting tbody:nth-of-type(even) tr { backgrou
 table.forgetting tbody tr { background:none; } table.forgetting td { border:none; }
 table.forgetting tbody { border-bottom:1px solid var(--line); } thead th.num { white-space:normal; }
 td.num, th.num { text-align:right; white-space:nowrap; }
-td.label { white-space:nowrap; } td.change { font-size:12px; color:#475467; } td.change span { display:block; white-space:nowrap; }
+td.label { white-space:nowrap; } td.change { font-size:12px; color:#475467; } \
+td.change span { display:block; white-space:nowrap; }
 tr.ref td { color:var(--muted); }
 .ci { display:block; color:var(--muted); font-size:11.5px; }
 .dot { display:inline-block; width:10px; height:10px; border-radius:50%; margin-right:6px; vertical-align:0; }
@@ -114,7 +114,8 @@ def summary_table(evals: list[dict]) -> Table:
     interval, the LC win rate, mean reward, length, KL, task and implicit-reward accuracy (forgetting has
     its own table at the end of `align run`, and a column in the HTML report)."""
     ref = next((ev.get("settings", {}).get("reference") for ev in evals if ev.get("settings")), None)
-    table = Table(title="evaluation" + (f" against {ref}" if ref else ""), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table = Table(title="evaluation" + (f" against {ref}" if ref else ""), box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
     table.add_column("run/stage" if len(evals) > 1 else "stage")
     for c in TERMINAL_COLUMNS:
         table.add_column(c, justify="right")
@@ -139,7 +140,8 @@ def _note(text: str) -> str:
 
 
 def _header(evals: list[dict]) -> str:
-    runs = ", ".join(f"<b>{escape(str(ev.get('run', '?')))}</b>" + (f" ({escape(str(ev['run_dir']))})" if ev.get("run_dir") else "")
+    runs = ", ".join(f"<b>{escape(str(ev.get('run', '?')))}</b>"
+                     + (f" ({escape(str(ev['run_dir']))})" if ev.get("run_dir") else "")
                      for ev in evals)
     lines = [f'<p class="meta">Runs compared: {runs}</p>']
     for base in dict.fromkeys(str(ev["base"]) for ev in evals if ev.get("base")):
@@ -152,14 +154,17 @@ def _header(evals: list[dict]) -> str:
         s, j = ev.get("settings") or {}, ev.get("judge") or {}
         judge = j.get("name") or s.get("judge") or "none"
         if j.get("kind"):
-            judge += f" ({j['kind']}" + (f", accuracy {_pct(j['accuracy'])}" if j.get("accuracy") is not None else "") + ")"
+            judge += (f" ({j['kind']}" + (f", accuracy {_pct(j['accuracy'])}" if j.get("accuracy") is not None else "")
+                      + ")")
         dec = "sampling" + "".join(f", {k} {s[k]}" for k in ("temperature", "top_p") if s.get(k) is not None) \
             if s.get("do_sample") else "greedy"
         parts = [("prompts", s.get("prompts")), ("n", s.get("n_prompts")), ("reference", s.get("reference")),
-                 ("judge", judge), ("decoding", f"{dec}, max {s['max_new_tokens']} new tokens" if s.get("max_new_tokens") else dec),
+                 ("judge", judge),
+                 ("decoding", f"{dec}, max {s['max_new_tokens']} new tokens" if s.get("max_new_tokens") else dec),
                  ("seed", s.get("seed")), ("created", ev.get("created"))]
         who = f"<b>{escape(str(ev.get('run', '?')))}</b>: " if len(evals) > 1 else ""
-        lines.append(f'<p class="meta">{who}' + " · ".join(f"{k} <b>{escape(str(v))}</b>" for k, v in parts if v is not None) + "</p>")
+        lines.append(f'<p class="meta">{who}'
+                     + " · ".join(f"{k} <b>{escape(str(v))}</b>" for k, v in parts if v is not None) + "</p>")
     return f'<header><h1>align evaluation</h1>{"".join(lines)}</header>'
 
 
@@ -168,14 +173,19 @@ def _summary(evals: list[dict], colors) -> str:
     rows = []
     for label, _, n, st in stage_rows(evals):
         ref = st.get("is_reference")
-        cells = "".join(f'<td class="num">{escape(v)}' + (f'<span class="ci">{escape(ci)}</span>' if ci else "") + "</td>"
-                        for v, ci in _cells(st)[:-1])
-        cells += '<td class="change">' + ("".join(f"<span>{escape(c)}</span>" for c in _forgetting_change(st.get("forgetting"))) or "–") + "</td>"
-        tip = escape(" ".join(f"{k} {st['win_rate'][k]}" for k in ("n", "wins", "ties", "losses") if k in (st.get("win_rate") or {})))
+        cells = "".join(f'<td class="num">{escape(v)}' + (f'<span class="ci">{escape(ci)}</span>' if ci else "")
+                        + "</td>" for v, ci in _cells(st)[:-1])
+        cells += ('<td class="change">'
+                  + ("".join(f"<span>{escape(c)}</span>" for c in _forgetting_change(st.get("forgetting"))) or "–")
+                  + "</td>")
+        tip = escape(" ".join(f"{k} {st['win_rate'][k]}" for k in ("n", "wins", "ties", "losses")
+                              if k in (st.get("win_rate") or {})))
         mark = ' <span class="badge ref">reference</span>' if ref else ""
-        rows.append(f'<tr class="{"ref" if ref else "stage"}" title="{tip}"><td class="label"><span class="dot" style="background:{stage_color(colors, n, st)}"></span>'
+        rows.append(f'<tr class="{"ref" if ref else "stage"}" title="{tip}"><td class="label">'
+                    f'<span class="dot" style="background:{stage_color(colors, n, st)}"></span>'
                     f'{escape(label)}{mark}</td>{cells}</tr>')
-    return (f'<div class="scroll"><table class="summary"><thead><tr><th>{"run/stage" if len(evals) > 1 else "stage"}</th>'
+    return (f'<div class="scroll"><table class="summary"><thead><tr>'
+            f'<th>{"run/stage" if len(evals) > 1 else "stage"}</th>'
             f'{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
 
 
@@ -186,7 +196,8 @@ def _forgetting(evals: list[dict]) -> str:
         if not f:
             continue
         before, after, change = f.get("before") or {}, f.get("after") or {}, f.get("change") or {}
-        metrics = [k for k in dict.fromkeys([*before, *after, *change]) if isinstance(after.get(k, change.get(k)), (int, float))] or ["–"]
+        metrics = [k for k in dict.fromkeys([*before, *after, *change])
+                   if isinstance(after.get(k, change.get(k)), (int, float))] or ["–"]
         for i, k in enumerate(metrics):
             d = change.get(k)
             worse = d is not None and (d > 0 if re.search("nll|perplexity|loss", k) else d < 0)
@@ -196,13 +207,15 @@ def _forgetting(evals: list[dict]) -> str:
                         f'<td class="num">{_num(after.get(k))}</td><td class="num {"up" if worse else "down"}">'
                         f'{"–" if d is None else f"{d:+.3f}"}</td>{kl}</tr>')
         groups.append(f'<tbody>{"".join(rows)}</tbody>')
-    return ('<div class="scroll"><table class="forgetting"><thead><tr><th>stage</th><th>metric</th><th class="num">before</th>'
-            '<th class="num">after</th><th class="num">change</th><th class="num">KL to start</th></tr></thead>'
+    return ('<div class="scroll"><table class="forgetting"><thead><tr><th>stage</th><th>metric</th>'
+            '<th class="num">before</th><th class="num">after</th><th class="num">change</th>'
+            '<th class="num">KL to start</th></tr></thead>'
             f'{"".join(groups)}</table></div>') if groups else ""
 
 
 def _tasks(evals: list[dict]) -> str:
-    rows = [(lb, st) for lb, _, _, st in stage_rows(evals) if st.get("task_per_family") or st.get("task_accuracy") is not None]
+    rows = [(lb, st) for lb, _, _, st in stage_rows(evals)
+            if st.get("task_per_family") or st.get("task_accuracy") is not None]
     if not rows:
         return ""
     fams = list(dict.fromkeys(f for _, st in rows for f in (st.get("task_per_family") or {})))
@@ -210,8 +223,8 @@ def _tasks(evals: list[dict]) -> str:
     body = "".join(f"<tr><td>{escape(lb)}</td><td class=\"num\">{_pct(st.get('task_accuracy'))}</td>"
                    + "".join(f'<td class="num">{_pct((st.get("task_per_family") or {}).get(f))}</td>' for f in fams)
                    + "</tr>" for lb, st in rows)
-    return (f'<div class="scroll"><table class="tasks"><thead><tr><th>stage</th><th class="num">all</th>{head}</tr></thead>'
-            f'<tbody>{body}</tbody></table></div>')
+    return (f'<div class="scroll"><table class="tasks"><thead><tr><th>stage</th><th class="num">all</th>{head}</tr>'
+            f'</thead><tbody>{body}</tbody></table></div>')
 
 
 def _samples(ev: dict, colors) -> str:
@@ -223,9 +236,11 @@ def _samples(ev: dict, colors) -> str:
         for name, r in (smp.get("responses") or {}).items():
             r, st = r or {}, stages.get(name) or {}
             verdict = r.get("verdict")
-            badge = f'<span class="badge {escape(verdict)}">{escape(verdict)}</span>' if verdict in ("win", "tie", "loss") else ""
+            badge = (f'<span class="badge {escape(verdict)}">{escape(verdict)}</span>'
+                     if verdict in ("win", "tie", "loss") else "")
             foot = f'reward {_num(r["reward"])}' if r.get("reward") is not None else ""
-            cols.append(f'<div class="resp"><div class="who"><span class="dot" style="background:{stage_color(colors, name, st)}"></span>'
+            cols.append(f'<div class="resp"><div class="who">'
+                        f'<span class="dot" style="background:{stage_color(colors, name, st)}"></span>'
                         f'{escape(name)}{" (ref)" if st.get("is_reference") else ""}{badge}</div>'
                         f'<pre>{escape(str(r.get("text", "")))}</pre><div class="foot">{foot}</div></div>')
         out.append(f'<div class="sample"><div class="prompt">{escape(str(smp.get("prompt", "")))}{cat}</div>'
@@ -254,9 +269,11 @@ def _page(evals: list[dict], plots: Plots, colors: dict) -> str:
                      for ev in evals if (fig := curves_plot(plots, ev, colors)))
     parts.append(_section("curves", "Training curves", curves or _note("No training curves recorded.")))
     parts.append(_section("rewards", "Reward distribution",
-                          distribution_plot(plots, evals, colors, "rewards", "judge reward") or _note("No rewards (no judge).")))
+                          distribution_plot(plots, evals, colors, "rewards", "judge reward")
+                          or _note("No rewards (no judge).")))
     parts.append(_section("lengths", "Response length",
-                          distribution_plot(plots, evals, colors, "lengths", "tokens") or _note("No responses recorded.")))
+                          distribution_plot(plots, evals, colors, "lengths", "tokens")
+                          or _note("No responses recorded.")))
     if forgetting := _forgetting(evals):
         parts.append(_section("forgetting", "Forgetting: each stage against the policy it started from", forgetting))
     if tasks := _tasks(evals):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from align.data.rules import check
-from align.eval.generation import Decoding, generate
+from align.models.generation import Decoding, generate
 
 
 def score_answers(examples, responses: list[str]) -> dict:

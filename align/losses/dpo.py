@@ -253,7 +253,8 @@ class PairwiseLoss(PreferenceLoss):
 
     @abstractmethod
     def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor, *ref: torch.Tensor) -> DPOLossOutput:
-        """The [B] pair losses from the chosen and rejected sequence log-probs (and the reference's, if it needs one)."""
+        """The [B] pair losses from the chosen and rejected sequence log-probs (and the reference's, if it needs
+        one)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,7 +265,8 @@ class LogRatioLoss(PairwiseLoss):
     label_smoothing: float = 0.0  # cDPO: sigmoid only
 
     def pair_losses(self, chosen, rejected, *ref):
-        return dpo_loss(chosen, rejected, *ref, beta=self.beta, loss_type=self.name, label_smoothing=self.label_smoothing)
+        return dpo_loss(chosen, rejected, *ref, beta=self.beta, loss_type=self.name,
+                        label_smoothing=self.label_smoothing)
 
 
 @register

@@ -4,7 +4,8 @@ A preference loss scores groups of K responses per prompt, laid out [B, K] with 
 and `scores` that order them (higher = better; a pair is a group of two, chosen 1 and rejected 0). Each loss says
 what it needs and how it ranks responses:
 
-- `needs_reference` (of `ImplicitReward`, which KTO's loss also is): whether `ref_logps` must be given (the stages then load and cache a frozen reference);
+- `needs_reference` (of `ImplicitReward`, which KTO's loss also is): whether `ref_logps` must be given (the stages
+  then load and cache a frozen reference);
 - `mean_logps`: whether its sequence log-probs are averaged over answer tokens instead of summed;
 - `implicit_reward(logps, ref_logps, lengths)`: what it ranks responses by, beta * (log pi - log ref) or, without a
   reference, beta * log pi; `dpo`, `rank` and eval's implicit-reward accuracy all call this one method;
@@ -46,7 +47,8 @@ class ImplicitReward:
         """[B, K] summed log-probs, as averages over answer tokens where the loss uses those."""
         return logps / lengths.clamp(min=1) if self.mean_logps else logps
 
-    def implicit_reward(self, logps: torch.Tensor, ref_logps: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
+    def implicit_reward(self, logps: torch.Tensor, ref_logps: torch.Tensor | None,
+                        lengths: torch.Tensor) -> torch.Tensor:
         """[B, K] what the loss ranks responses by (logps, ref_logps: summed over tokens; lengths: token counts)."""
         policy = self.sequence_logps(logps, lengths)
         if not self.needs_reference:

@@ -37,6 +37,19 @@ def with_policy(base, lora_cfg, init: str | None = None):
     return get_peft_model(base, lora_config(lora_cfg), adapter_name=POLICY)
 
 
+def with_frozen(base, folders: dict[str, str]):
+    """`base` with each folder's adapter loaded frozen under its name (a PeftModel), or `base` itself for none."""
+    if not folders:
+        return base
+    from peft import PeftModel
+
+    (first, folder), *rest = folders.items()
+    model = PeftModel.from_pretrained(base, folder, adapter_name=first)
+    for name, folder in rest:
+        model.load_adapter(folder, adapter_name=name)
+    return model
+
+
 def add_frozen(model, path: str, name: str = REF) -> None:
     model.load_adapter(path, adapter_name=name, is_trainable=False)
     model.set_requires_grad(name, requires_grad=False)

@@ -53,7 +53,8 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T, H] under whichever adapter is active (the LoRA layers sit inside the base's modules)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids(attention_mask))
     return out.last_hidden_state
 
 
@@ -63,7 +64,8 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * (positions + 1)).argmax(-1)
 
 
-def sequence_scores(model, head: torch.nn.Linear, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(model, head: torch.nn.Linear, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
     """[B] the head read at each sequence's last real token (for a chat reply: its end-of-turn token)."""
     hidden = last_hidden(model, input_ids, attention_mask)  # [B, T, H]
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # [B, H]

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from align.errors import AlignError
-from align.models.load import (DEFAULT_CHAT_TEMPLATE, ResolvedBase, cache_dir, compute_dtype, load_tokenizer,
-                               resolve_base)
+from align.models.load import ResolvedBase, cache_dir, compute_dtype, load_tokenizer, resolve_base
+from align.models.tokens import DEFAULT_CHAT_TEMPLATE
 
 
 def base_identity(model_cfg, resolved: ResolvedBase | None = None) -> dict:

@@ -25,21 +25,12 @@ import torch
 
 from align import distributed
 from align.errors import AlignError
+from align.models.tokens import DEFAULT_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# The documented default for base models that ship no chat template: ChatML, the format most open
-# chat models use. The collator appends EOS to a completion when the template does not emit it.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 @dataclass(frozen=True)
 class ResolvedBase:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from align.data.collate import pad_sequences
+from align.models.tokens import pad_sequences
 
 
 def decoder_and_head(model):

@@ -4,20 +4,20 @@ last-resort fallback when no pretrained model can be had offline. Nothing is dow
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
-from align.models.load import DEFAULT_CHAT_TEMPLATE
+from align.models.tokens import DEFAULT_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOKENIZER_FILE = Path(__file__).with_name("tiny_tokenizer.json")  # train_bpe(align.data.synthetic.corpus()), shipped
 
 
-def tiny_tokenizer(vocab_size: int = 600):
-    """Byte-level BPE learned from the synthetic task text, ChatML specials, same ids every time."""
+def train_bpe(texts: Iterable[str], vocab_size: int = 600):
+    """A byte-level BPE with ChatML specials learned from `texts`: the same ids every time for the same texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from align.data.synthetic import corpus
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -28,10 +28,18 @@ def tiny_tokenizer(vocab_size: int = 600):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet() + list(string.printable),
         show_progress=False,
     )
-    bpe.train_from_iterator(corpus(), trainer=trainer)
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return bpe
+
+
+def tiny_tokenizer():
+    """The BPE learned from the embedded task's text (shipped as a file, so models need not know the task)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
-    )
+        tokenizer_object=Tokenizer.from_file(str(TOKENIZER_FILE)), bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|im_end|>")
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     return tokenizer
 

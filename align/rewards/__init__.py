@@ -12,8 +12,17 @@ Importing this package does not import torch, so recipes validate quickly.
 """
 
 from align.rewards.base import Reward
-from align.rewards.sources import (REWARD_SOURCES, ModelSource, RewardSource, RuleSource, cards, load_reward,
-                                   register_source, reward_source, rule_file)
+from align.rewards.sources import (
+                                   REWARD_SOURCES,
+                                   ModelSource,
+                                   RewardSource,
+                                   RuleSource,
+                                   cards,
+                                   load_reward,
+                                   register_source,
+                                   reward_source,
+                                   rule_file,
+)
 
 __all__ = ["REWARD_SOURCES", "ModelSource", "Reward", "RewardSource", "RuleSource", "cards", "load_reward",
            "register_source", "reward_source", "rule_file"]

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from align.data.collate import encode, pad_sequences
+from align.data.collate import encode
 from align.models import adapters, heads
+from align.models.tokens import pad_sequences
 from align.rewards.base import Reward
 
 
@@ -39,7 +40,8 @@ class LearnedReward(Reward):
         with adapters.using(self.model, self.adapter):
             return heads.sequence_scores(self.model, self.head, input_ids, attention_mask).float()
 
-    def score(self, prompts, responses: list[str], rules: list[dict] | None = None, batch_size: int = 16) -> torch.Tensor:
+    def score(self, prompts, responses: list[str], rules: list[dict] | None = None,
+              batch_size: int = 16) -> torch.Tensor:
         out = []
         for i in range(0, len(responses), batch_size):
             pairs = []
@@ -48,5 +50,6 @@ class LearnedReward(Reward):
                              self.max_length, self.max_prompt_length)
                 pairs.append((enc.prompt_ids, enc.completion_ids))
             batch = pad_sequences(pairs, self.tokenizer.pad_token_id)
-            out.append(self.score_ids(batch["input_ids"].to(self.model.device), batch["attention_mask"].to(self.model.device)))
+            out.append(self.score_ids(batch["input_ids"].to(self.model.device),
+                                      batch["attention_mask"].to(self.model.device)))
         return torch.cat(out).cpu()

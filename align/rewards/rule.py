@@ -77,5 +77,6 @@ class RuleReward(Reward):
         if self.needs_rules and not all(rules):
             raise AlignError(f"{self.path}: its 'task' check needs prompts that carry a rule")
         return torch.tensor(
-            [sum(c.reward if c.passes(r, rule) else c.penalty for c in self.spec.checks) for r, rule in zip(responses, rules)]
+            [sum(c.reward if c.passes(r, rule) else c.penalty for c in self.spec.checks)
+             for r, rule in zip(responses, rules)]
         )

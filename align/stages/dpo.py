@@ -50,5 +50,5 @@ def heldout_summary(metrics: dict) -> dict:
 # held-out rankings as well as pairs: its pairs are groups of two to the ranking metrics
 register(StageKind("dpo", DPOStageConfig, run, data="preference", eval_data="ranked", heldout_pairs=True,
                    implicit_reward=loss_reward, summary=heldout_summary,
-                   curves=("loss", "rewards/margins", "rewards/accuracies", "rank/kendall_tau", "replay/nll", "eval_loss",
-                           "eval_rewards/accuracies", "eval_rank/kendall_tau")))
+                   curves=("loss", "rewards/margins", "rewards/accuracies", "rank/kendall_tau", "replay/nll",
+                           "eval_loss", "eval_rewards/accuracies", "eval_rank/kendall_tau")))

@@ -11,7 +11,6 @@ over all processes, so they mean what they mean in one process.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -26,8 +25,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from align import distributed
 from align.errors import AlignError
 from align.models import adapters
-from align.models.load import give_back
+from align.models.host import ModelHost
 from align.replay import ReplayMixer
+from align.run_folder import MetricsLog, StageFolder
 from align.ui import StageProgress
 
 # Metrics that count what a batch holds: the processes' shares add up, where the other metrics are averaged.
@@ -36,18 +36,21 @@ COUNTS = {"num_tokens"}
 
 @dataclass
 class StageContext:
-    """What the pipeline hands a stage: the shared base, where to write, and earlier stages' outputs."""
+    """What the pipeline hands a stage: the host that lends it the run's base, where to write, the run's seed."""
 
-    recipe: object
-    base: object  # the frozen base model (nf4 or plain), shared by every stage of the run
-    tokenizer: object
+    host: ModelHost  # borrow the base with `with ctx.host.policy(init=stage.init) as model:`
     stage_dir: Path
+    seed: int = 0  # the recipe's; a stage's own `train.seed` comes first
     dtype: torch.dtype = torch.float32
     quiet: bool = False
     replay: ReplayMixer | None = None  # earlier data to mix into this stage's steps (align.replay)
     # `fit` calls it once the stage is ready to train, caches on disk included: with several processes the main one
     # prepares first and the others only then, so that they read what it wrote (align.pipeline supplies it)
     prepared: Callable[[], None] = lambda: None
+
+    @property
+    def tokenizer(self):
+        return self.host.tokenizer
 
 
 @dataclass
@@ -69,7 +72,7 @@ def device_batch_size(stage) -> int:
 
 def training_arguments(stage, ctx: StageContext) -> TrainingArguments:
     t = stage.train
-    seed = t.seed if t.seed is not None else ctx.recipe.seed
+    seed = t.seed if t.seed is not None else ctx.seed
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(ctx.stage_dir / "checkpoints"),
@@ -114,24 +117,16 @@ def last_checkpoint(stage_dir: Path) -> str | None:
 
 
 class MetricsFile(TrainerCallback):
-    """Every step's logged metrics, one JSON line each, appended: a resumed stage continues the same file, from which
-    `keep_metrics_until` first drops what the killed run logged after its checkpoint. The Trainer's end-of-training summary
-    (runtime, mean loss) is not a step: it goes to stage.json only."""
+    """Every step's logged metrics into the stage's metrics log (align.run_folder), whose records after the checkpoint
+    a stage resumes from were dropped first. The Trainer's end-of-training summary (runtime, mean loss) is not a
+    step: it goes to stage.json only."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, log: MetricsLog):
+        self.log = log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "train_runtime" not in logs:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop the records after `step` (a checkpoint's): a killed run may have logged steps that its resume redoes."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+            self.log.append({"step": state.global_step, **logs})
 
 
 class LogAtCheckpoints(TrainerCallback):
@@ -303,9 +298,9 @@ def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_
     trainer.add_callback(LogAtCheckpoints())  # in every process: each takes part in gathering the logged metrics
     resume = last_checkpoint(ctx.stage_dir)
     if distributed.is_main():  # one process writes and shows the stage's progress for all
-        metrics_file = ctx.stage_dir / "metrics.jsonl"
-        keep_metrics_until(metrics_file, checkpoint_step(resume) if resume else 0)
-        trainer.add_callback(MetricsFile(metrics_file))
+        metrics_log = StageFolder(ctx.stage_dir).metrics
+        metrics_log.keep_until(checkpoint_step(resume) if resume else 0)
+        trainer.add_callback(MetricsFile(metrics_log))
         trainer.add_callback(StageProgress(stage.name, quiet=ctx.quiet))
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
@@ -317,5 +312,4 @@ def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_
     adapter = ctx.stage_dir / "adapter"
     if distributed.is_main():  # every process holds the same trained adapter
         adapters.save(model, adapter)
-    ctx.base = give_back(model)  # the next stage starts from the bare base, as loaded
     return StageOutput(adapter, metrics, resume)

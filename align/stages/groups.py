@@ -48,7 +48,8 @@ def encode_groups(examples, tokenizer, train_cfg) -> list[dict]:
     """RankedExamples as rows {prompt_ids, responses: [ids per response], scores}."""
     rows = []
     for ex in examples:
-        encoded = [encode(tokenizer, ex.prompt, r, train_cfg.max_length, train_cfg.max_prompt_length) for r in ex.responses]
+        encoded = [encode(tokenizer, ex.prompt, r, train_cfg.max_length, train_cfg.max_prompt_length)
+                   for r in ex.responses]
         rows.append({"prompt_ids": encoded[0].prompt_ids, "responses": [e.completion_ids for e in encoded],
                      "scores": [float(s) for s in ex.scores]})
     return rows
@@ -134,13 +135,12 @@ class GroupTrainer(AlignTrainer):
         return int(batch["group_mask"].sum())  # a packed row holds a whole group
 
 
-def prepare(stage, ctx: StageContext, train_rows, eval_rows, needs_ref: bool):
-    """The policy (from `init`) on the base and, where the loss needs one, the frozen reference
-    (`reference`, else `init`; the bare base only when neither is given) with its log-probs cached on
-    the rows. Returns (model, the reference's adapter name or None, what the reference is)."""
-    model = adapters.with_policy(ctx.base, ctx.recipe.model.lora, init=stage.init)
+def prepare(model, stage, ctx: StageContext, train_rows, eval_rows, needs_ref: bool):
+    """Where the loss needs one, the frozen reference next to the policy (`reference`, else `init`; the bare base
+    only when neither is given), with its log-probs cached on the rows. Returns (the reference's adapter name or
+    None, what the reference is)."""
     if not needs_ref:
-        return model, None, "none (reference-free loss)"
+        return None, "none (reference-free loss)"
     reference = stage.reference or stage.init
     ref = None
     if reference:
@@ -153,14 +153,15 @@ def prepare(stage, ctx: StageContext, train_rows, eval_rows, needs_ref: bool):
         if ref:
             model.delete_adapter(ref)  # every log-prob it can give is cached; free its memory
             ref = None
-    return model, ref, reference or "base (adapters disabled)"
+    return ref, reference or "base (adapters disabled)"
 
 
 def run_groups(stage, ctx: StageContext, train_rows, eval_rows, loss: PreferenceLoss) -> StageOutput:
     """Train `loss` (align.losses.preference) on group rows, against the reference when the loss needs one."""
-    model, ref, reference = prepare(stage, ctx, train_rows, eval_rows, loss.needs_reference)
-    out = fit(GroupTrainer, model, stage, ctx, train_rows, eval_rows, collate_groups(ctx.tokenizer.pad_token_id),
-              objective=preference_objective(loss), ref=ref, needs_ref=loss.needs_reference)
+    with ctx.host.policy(init=stage.init) as model:
+        ref, reference = prepare(model, stage, ctx, train_rows, eval_rows, loss.needs_reference)
+        out = fit(GroupTrainer, model, stage, ctx, train_rows, eval_rows, collate_groups(ctx.tokenizer.pad_token_id),
+                  objective=preference_objective(loss), ref=ref, needs_ref=loss.needs_reference)
     out.extra["reference"] = reference
     return out
 
@@ -192,4 +193,5 @@ def ranking_summary(metrics: dict) -> dict:
     """How well the implicit rewards order whole held-out groups."""
     if "eval_rank/kendall_tau" not in metrics:
         return {}
-    return {"rewards": {"rank_accuracy": metrics["eval_rank/accuracy"], "kendall_tau": metrics["eval_rank/kendall_tau"]}}
+    return {"rewards": {"rank_accuracy": metrics["eval_rank/accuracy"],
+                        "kendall_tau": metrics["eval_rank/kendall_tau"]}}

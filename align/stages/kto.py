@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.data.collate import encode, pad_sequences
+from align.data.collate import encode
 from align.losses.dpo import KTOLoss, kto_kl_estimate
 from align.method_configs import KTOLossConfig
 from align.models import adapters
 from align.models.logprobs import completion_logprobs
+from align.models.tokens import pad_sequences
 from align.stages.engine import StageContext, StageOutput, fit
 from align.stages.groups import GroupTrainer, PreferenceStageConfig, loss_reward, prepare
 from align.stages.kind import StageKind, register
@@ -49,7 +50,8 @@ def encode_unpaired(examples, tokenizer, train_cfg) -> list[dict]:
     rows = []
     for i, ex in enumerate(examples):
         own = encode(tokenizer, ex.prompt, ex.completion, train_cfg.max_length, train_cfg.max_prompt_length)
-        mismatched = encode(tokenizer, ex.prompt, _mismatched(examples, i), train_cfg.max_length, train_cfg.max_prompt_length)
+        mismatched = encode(tokenizer, ex.prompt, _mismatched(examples, i), train_cfg.max_length,
+                            train_cfg.max_prompt_length)
         rows.append({"prompt_ids": own.prompt_ids, "responses": [own.completion_ids, mismatched.completion_ids],
                      "scores": [float(ex.desirable), 0.0]})
     return rows
@@ -102,9 +104,10 @@ class KTOTrainer(GroupTrainer):
 def run(stage, ctx: StageContext, data) -> StageOutput:
     train_rows = encode_unpaired(data["train"].examples, ctx.tokenizer, stage.train)
     eval_rows = encode_unpaired(data["eval"].examples, ctx.tokenizer, stage.train) if data.get("eval") else None
-    model, ref, reference = prepare(stage, ctx, train_rows, eval_rows, needs_ref=True)
-    out = fit(KTOTrainer, model, stage, ctx, train_rows, eval_rows, collate_unpaired(ctx.tokenizer.pad_token_id),
-              ref=ref, loss=stage.loss.build())
+    with ctx.host.policy(init=stage.init) as model:
+        ref, reference = prepare(model, stage, ctx, train_rows, eval_rows, needs_ref=True)
+        out = fit(KTOTrainer, model, stage, ctx, train_rows, eval_rows, collate_unpaired(ctx.tokenizer.pad_token_id),
+                  ref=ref, loss=stage.loss.build())
     out.extra["reference"] = reference
     return out
 

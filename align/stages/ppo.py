@@ -23,7 +23,6 @@ are saved, where accelerate's save_state would also write the whole quantized ba
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from collections import defaultdict
@@ -36,16 +35,16 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import get_scheduler
 
-from align.data.collate import encode_prompt
 from align.errors import DataError, require
-from align.eval.generation import Decoding, generate
 from align.losses.ppo import RunningMoments, kl_controller, policy_loss, value_loss
 from align.method_configs import PPOConfig, ReplayConfig, ReplayOutConfig
 from align.models import adapters, heads
-from align.models.load import give_back
+from align.models.generation import Decoding, generate
+from align.models.tokens import encode_prompt
 from align.rewards import Reward, RewardSource, load_reward
+from align.run_folder import StageFolder
 from align.settings import StageConfig
-from align.stages.engine import StageContext, StageOutput, keep_metrics_until
+from align.stages.engine import StageContext, StageOutput
 from align.stages.kind import StageKind, register
 from align.stages.ppo_rollout import make_experience, response_logprobs, response_values
 from align.ui import StageProgress, work_progress
@@ -77,9 +76,8 @@ class Roles:
     ref: str | None
 
 
-def build_roles(stage, ctx: StageContext):
-    """The PeftModel with every role's adapter on the shared base, and the roles' heads and rewards."""
-    model = adapters.with_policy(ctx.base, ctx.recipe.model.lora, init=stage.init)
+def build_roles(model, stage, ctx: StageContext):
+    """Every other role's adapter next to the `policy` one on the shared base, and the roles' heads and rewards."""
     reference = stage.reference or stage.init
     if reference:
         adapters.add_frozen(model, reference, adapters.REF)
@@ -93,7 +91,7 @@ def build_roles(stage, ctx: StageContext):
     if value_init:
         model.load_adapter(value_init, adapter_name=adapters.VALUE, is_trainable=True)
     else:
-        model.add_adapter(adapters.VALUE, adapters.lora_config(ctx.recipe.model.lora))
+        model.add_adapter(adapters.VALUE, adapters.lora_config(ctx.host.model_cfg.lora))
     # The head starts at 0 even on the reward adapter: scores are normalised to mean 0 during PPO, so a
     # copy of the reward head would start every value off by the reward model's raw mean.
     value_head = heads.new_head(heads.hidden_size(model))
@@ -114,7 +112,8 @@ def check_rules(roles: Roles, loaded) -> None:
                                 file=loaded.source, row=row, field="rule")
 
 
-def ppo_update(model, roles: Roles, rollout, optimizer, scheduler, cfg, groups, replay=None, step: int = 0) -> dict[str, float]:
+def ppo_update(model, roles: Roles, rollout, optimizer, scheduler, cfg, groups, replay=None,
+               step: int = 0) -> dict[str, float]:
     """`ppo_epochs` passes of clipped updates over shuffled minibatches; metrics averaged over them.
     With `replay`, each minibatch's policy loss gains the NLL of buffer sequences (InstructGPT's ptx)."""
     stats: dict[str, list[float]] = defaultdict(list)
@@ -125,7 +124,8 @@ def ppo_update(model, roles: Roles, rollout, optimizer, scheduler, cfg, groups, 
         for i, idx in enumerate(torch.randperm(size).split(cfg.minibatch_size)):
             mb = rollout.select(idx)
             model.set_adapter(adapters.POLICY)
-            logprobs, _ = response_logprobs(model, mb.query_response, mb.attention_mask, mb.prompt_width, cfg.temperature)
+            logprobs, _ = response_logprobs(model, mb.query_response, mb.attention_mask, mb.prompt_width,
+                                            cfg.temperature)
             pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip)
             loss = pg_loss
             if replay is not None:
@@ -218,8 +218,13 @@ def evaluate_policy(model, roles: Roles, tokenizer, loaded, cfg, quiet: bool) ->
 
 
 def run(stage, ctx: StageContext, data) -> StageOutput:
+    with ctx.host.policy(init=stage.init) as model:
+        return train_ppo(model, stage, ctx, data)
+
+
+def train_ppo(model, stage, ctx: StageContext, data) -> StageOutput:
     cfg, train = stage.ppo, stage.train
-    model, roles = build_roles(stage, ctx)
+    model, roles = build_roles(model, stage, ctx)
     check_rules(roles, data["train"])
     if data.get("eval"):
         check_rules(roles, data["eval"])
@@ -233,7 +238,8 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     updates = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
     groups = [role_parameters(model, adapters.POLICY),
               role_parameters(model, adapters.VALUE) + list(roles.value_head.parameters())]
-    optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=train.lr, eps=1e-5, weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=train.lr, eps=1e-5,
+                                  weight_decay=train.weight_decay)
     scheduler = get_scheduler(train.lr_scheduler, optimizer, round(train.warmup_ratio * updates), updates)
     kl_ctl = kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     moments = RunningMoments()
@@ -242,11 +248,11 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     if data.get("eval"):  # the starting (SFT) policy's held-out reward, the baseline PPO must beat
         start_scores = evaluate_policy(model, roles, ctx.tokenizer, data["eval"], cfg, ctx.quiet)
         metrics.update({f"eval_init_{k}": v for k, v in start_scores.items()})
-    metrics_file = ctx.stage_dir / "metrics.jsonl"
+    metrics_log = StageFolder(ctx.stage_dir).metrics
     resumed = _checkpoints(ctx.stage_dir)[-1] if _checkpoints(ctx.stage_dir) else None
     start = load_checkpoint(resumed, model, roles, optimizer, scheduler, kl_ctl, moments) if resumed else 0
-    keep_metrics_until(metrics_file, start)
-    seed = train.seed if train.seed is not None else ctx.recipe.seed
+    metrics_log.keep_until(start)
+    seed = train.seed if train.seed is not None else ctx.seed
 
     progress = StageProgress(stage.name, quiet=ctx.quiet)
     state = SimpleNamespace(global_step=start, max_steps=total)
@@ -257,14 +263,14 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
             order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + step // per_epoch))
             idx = order[(step % per_epoch) * cfg.rollout_batch_size :][: cfg.rollout_batch_size].tolist()
             rollout, _, step_metrics = make_experience(
-                model, roles, ctx.tokenizer, [examples[i] for i in idx], [prompts[i] for i in idx], cfg, kl_ctl.value, moments
+                model, roles, ctx.tokenizer, [examples[i] for i in idx], [prompts[i] for i in idx], cfg, kl_ctl.value,
+                moments
             )
             step_metrics.update(ppo_update(model, roles, rollout, optimizer, scheduler, cfg, groups, ctx.replay, step))
             step_metrics["lr"] = scheduler.get_last_lr()[0]
             kl_ctl.update(step_metrics["objective/kl"], cfg.rollout_batch_size)
             state.global_step = step + 1
-            with metrics_file.open("a") as f:
-                f.write(json.dumps({"step": step + 1, **step_metrics}) + "\n")
+            metrics_log.append({"step": step + 1, **step_metrics})
             progress.on_log(None, state, None, logs=step_metrics)
             progress.on_step_end(None, state, None)
             metrics.update(step_metrics)
@@ -279,7 +285,6 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     adapter = adapters.save(model, ctx.stage_dir / "adapter", adapters.POLICY)
     value_dir = adapters.save(model, ctx.stage_dir / "value_adapter", adapters.VALUE)
     heads.save_head(roles.value_head, value_dir)
-    ctx.base = give_back(model)
     return StageOutput(adapter, metrics, str(resumed) if resumed else None)
 
 
@@ -289,7 +294,8 @@ def heldout_summary(metrics: dict) -> dict:
         return {}
     return {"ppo_scores": {
         "init": {k.removeprefix("eval_init_"): v for k, v in metrics.items() if k.startswith("eval_init_")},
-        "final": {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_") and not k.startswith("eval_init_")},
+        "final": {k.removeprefix("eval_"): v for k, v in metrics.items()
+                  if k.startswith("eval_") and not k.startswith("eval_init_")},
     }}
 
 

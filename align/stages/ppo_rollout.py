@@ -24,9 +24,9 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import GenerationConfig
 
-from align.data.collate import left_pad
 from align.losses.ppo import entropy_from_logits, gae, kl_penalty_rewards, masked_mean, masked_whiten
 from align.models import adapters, heads
+from align.models.tokens import left_pad
 
 
 @dataclass

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from align import distributed
-from align.data.collate import encode, pad_sequences
+from align.data.collate import encode
 from align.losses.reward import reward_loss, reward_metrics
 from align.method_configs import RewardLossConfig
-from align.models import adapters, heads
+from align.models import heads
+from align.models.tokens import pad_sequences
 from align.settings import StageConfig
 from align.stages.engine import AlignTrainer, StageContext, StageOutput, fit
 from align.stages.kind import StageKind, register
@@ -34,7 +35,8 @@ def collate(pad_id: int):
     """Chosen then rejected in one batch [2B, T]; `margin` [B] when the data has one."""
 
     def fn(rows: list[dict]) -> dict:
-        pairs = [(r["prompt_ids"], r["chosen_ids"]) for r in rows] + [(r["prompt_ids"], r["rejected_ids"]) for r in rows]
+        pairs = ([(r["prompt_ids"], r["chosen_ids"]) for r in rows]
+                 + [(r["prompt_ids"], r["rejected_ids"]) for r in rows])
         batch = pad_sequences(pairs, pad_id)
         del batch["completion_mask"]
         if any(r["margin"] is not None for r in rows):
@@ -81,13 +83,12 @@ class RewardTrainer(AlignTrainer):
 
 
 def run(stage, ctx: StageContext, data) -> StageOutput:
-    model = adapters.with_policy(ctx.base, ctx.recipe.model.lora, init=stage.init)
-    model.score_head = heads.new_head(heads.hidden_size(model)).to(model.device)
     train_rows = encode_scored_pairs(data["train"].examples, ctx.tokenizer, stage.train)
     eval_rows = encode_scored_pairs(data["eval"].examples, ctx.tokenizer, stage.train) if data.get("eval") else None
-    head = model.score_head
-    out = fit(RewardTrainer, model, stage, ctx, train_rows, eval_rows, collate(ctx.tokenizer.pad_token_id),
-              center_coef=stage.loss.center_coef)
+    with ctx.host.policy(init=stage.init) as model:
+        head = model.score_head = heads.new_head(heads.hidden_size(model)).to(model.device)
+        out = fit(RewardTrainer, model, stage, ctx, train_rows, eval_rows, collate(ctx.tokenizer.pad_token_id),
+                  center_coef=stage.loss.center_coef)
     if distributed.is_main():  # the adapter folder is the main process's (engine.fit)
         heads.save_head(head, out.adapter)
     return out

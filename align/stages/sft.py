@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from align.data.collate import encode, pad_sequences
+from align.data.collate import encode
 from align.losses.sft import sft_loss
-from align.models import adapters
 from align.models.logprobs import completion_logprobs
+from align.models.tokens import pad_sequences
 from align.settings import StageConfig
 from align.stages.engine import AlignTrainer, StageContext, StageOutput, fit
 from align.stages.kind import StageKind, register
@@ -30,7 +30,8 @@ def encode_sft(examples, tokenizer, train_cfg) -> list[dict]:
 
 class SFTTrainer(AlignTrainer):
     def loss_and_metrics(self, model, batch):
-        logps, tokens = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        logps, tokens = completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                            batch["completion_mask"])
         loss = sft_loss(logps, tokens)
         return loss, {"num_tokens": float(tokens.sum())}
 
@@ -41,10 +42,10 @@ def collate(pad_id: int):
 
 def run(stage, ctx: StageContext, data) -> StageOutput:
     """`data` is {"train": LoadedData, "eval": LoadedData | None}, loaded (and fingerprinted) by the pipeline."""
-    model = adapters.with_policy(ctx.base, ctx.recipe.model.lora, init=stage.init)
     train_rows = encode_sft(data["train"].examples, ctx.tokenizer, stage.train)
     eval_rows = encode_sft(data["eval"].examples, ctx.tokenizer, stage.train) if data.get("eval") else None
-    return fit(SFTTrainer, model, stage, ctx, train_rows, eval_rows, collate(ctx.tokenizer.pad_token_id))
+    with ctx.host.policy(init=stage.init) as model:
+        return fit(SFTTrainer, model, stage, ctx, train_rows, eval_rows, collate(ctx.tokenizer.pad_token_id))
 
 
 register(StageKind("sft", SFTStageConfig, run, data="sft", demonstrations=True, curves=("loss", "eval_loss")))

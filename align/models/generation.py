@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.data.collate import encode_prompt, left_pad
+from align.models.tokens import encode_prompt, left_pad
 
 
 @contextmanager
@@ -44,7 +44,8 @@ class Decoding:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, batch_size: int, on_batch=None) -> list[Reply]:
+def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, batch_size: int,
+             on_batch=None) -> list[Reply]:
     """Replies to chat prompts, in order, batched with left padding; `on_batch(n)` after each batch."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
