@@ -149,6 +149,7 @@ class Pipeline:
         folder.write(state)
         if stage.replay_out and main:  # before training: it is the data's sample, whatever becomes of the run
             replay.keep_stage_sample(stage_dir, stage.name, data["train"], stage.replay_out.size, stage.train.seed)
+        self.host.load()  # before the seed is set: loading the tiny fallback model draws its random weights
         ctx = StageContext(self.host, stage_dir, self.recipe.seed, self.dtype, self.quiet,
                            prepared=distributed.barrier if main else lambda: None)
         if "replay" in data:

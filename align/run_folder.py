@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align import distributed
+from align.ui import StepObserver
 
 RECIPE_FILE, SUMMARY_FILE, STAGE_FILE, METRICS_FILE = "recipe.yaml", "summary.json", "stage.json", "metrics.jsonl"
 RUNNING, DONE, INTERRUPTED, STOPPED_EARLY, PRUNED = "running", "done", "interrupted", "stopped_early", "pruned"
@@ -51,11 +52,14 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 @dataclass(frozen=True)
-class MetricsLog:
-    """A stage's metrics.jsonl: one record per logged step, appended; a resumed stage first drops what the killed
-    run logged after the checkpoint it resumes from, so that every step is logged once."""
+class MetricsLog(StepObserver):
+    """A stage's metrics.jsonl: one record per logged step, appended as the loop logs it; a resumed stage first drops
+    what the killed run logged after the checkpoint it resumes from, so that every step is logged once."""
 
     path: Path
+
+    def logged(self, step: int, metrics: dict) -> None:
+        self.append({"step": step, **metrics})
 
     def keep_until(self, step: int) -> None:
         if self.path.is_file():

@@ -9,12 +9,29 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from transformers import TrainerCallback
 
 console = Console(stderr=True)
 
 
-class StageProgress(TrainerCallback):
+class StepObserver:
+    """What a training loop tells those who watch it, whoever runs the loop (the Trainer, through
+    align.stages.engine's callback, or align.stages.online): where it starts and how many steps it runs, each logged
+    step's metrics, each finished step, and its end."""
+
+    def begin(self, step: int, total: int) -> None:
+        pass
+
+    def logged(self, step: int, metrics: dict) -> None:
+        pass
+
+    def stepped(self, step: int) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+class StageProgress(StepObserver):
     """A bar per stage showing step, loss, reward margin (preference stages) or score and KL (PPO) and
     ETA; plain log lines instead when `quiet` (for CI logs and files)."""
 
@@ -22,9 +39,10 @@ class StageProgress(TrainerCallback):
         self.stage_name, self.quiet = stage_name, quiet
         self.progress: Progress | None = None
         self.task = None
-        self.last: dict = {}
+        self.total = 0
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def begin(self, step: int, total: int) -> None:
+        self.total = total
         if self.quiet:
             return
         self.progress = Progress(
@@ -38,15 +56,13 @@ class StageProgress(TrainerCallback):
             console=console,
         )
         self.progress.start()
-        self.task = self.progress.add_task(self.stage_name, total=state.max_steps, completed=state.global_step, info="")
+        self.task = self.progress.add_task(self.stage_name, total=total, completed=step, info="")
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def stepped(self, step: int) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
+            self.progress.update(self.task, completed=step)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        self.last.update(logs)
+    def logged(self, step: int, logs: dict) -> None:
         parts = [f"loss {logs['loss']:.4f}"] if "loss" in logs else []
         if "rewards/margins" in logs:
             parts.append(f"margin {logs['rewards/margins']:+.3f}")
@@ -63,10 +79,9 @@ class StageProgress(TrainerCallback):
         if self.progress is not None:
             self.progress.update(self.task, info=" ".join(parts))
         else:
-            logging.getLogger("align").info("%s step %d/%d %s", self.stage_name, state.global_step, state.max_steps,
-                                            " ".join(parts))
+            logging.getLogger("align").info("%s step %d/%d %s", self.stage_name, step, self.total, " ".join(parts))
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def end(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

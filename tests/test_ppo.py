@@ -128,13 +128,13 @@ def _adapter_weights(folder: Path) -> dict:
 def test_interrupted_ppo_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """Interrupted right after its step-2 checkpoint, a PPO run resumes to exactly the weights of an
     uninterrupted run: policy, value, optimizer, KL controller, reward statistics and RNG all restored."""
-    from align.stages import ppo
+    from align.stages import online
 
     text = tiny_ppo_recipe(tmp_path / "straight", ppo_steps=4, save_steps=2, ppo_eval=False).replace(
         "kl_coef: 0.05", "kl_coef: 0.05, kl_target: 0.01, kl_horizon: 50")
     _run(text)
 
-    save = ppo.save_checkpoint
+    save = online.save_checkpoint
 
     def save_then_die(stage_dir, step, *args):
         save(stage_dir, step, *args)
@@ -142,10 +142,10 @@ def test_interrupted_ppo_resumes_to_the_same_weights(tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     resumed_text = text.replace(str(tmp_path / "straight"), str(tmp_path / "resumed"))
-    monkeypatch.setattr(ppo, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(online, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         _run(resumed_text)
-    monkeypatch.setattr(ppo, "save_checkpoint", save)
+    monkeypatch.setattr(online, "save_checkpoint", save)
     summary = _run(resumed_text)
     assert summary["stages"]["ppo"]["resumed_from"].endswith("step-2")
     for folder in ("adapter", "value_adapter"):

@@ -248,6 +248,7 @@ def test_a_non_editable_install_finds_its_cards(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
                     "-w", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "wheel").glob("align-*.whl")
+    assert "align/models/tiny_tokenizer.json" in zipfile.ZipFile(wheel).namelist()  # the fallback model's tokenizer
     installed = tmp_path / "installed"
     zipfile.ZipFile(wheel).extractall(installed)
     script = ("import align, align.rewards as r; print(align.__file__); "

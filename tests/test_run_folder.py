@@ -5,8 +5,7 @@ import json
 
 from align.config import parse_recipe
 from align.pipeline import run_recipe
-from align.run_folder import (DONE, FINISHED, PRUNED, STOPPED_EARLY, MetricsLog, StageFolder, find_finished,
-                              write_json)
+from align.run_folder import DONE, FINISHED, PRUNED, STOPPED_EARLY, MetricsLog, StageFolder, find_finished, write_json
 from tests.conftest import _tiny_head
 
 

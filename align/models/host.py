@@ -28,15 +28,13 @@ class ModelHost:
         self._base = self._tokenizer = None
 
     @property
-    def loaded(self) -> bool:
-        return self._base is not None
-
-    @property
     def tokenizer(self):
-        self._ensure()
+        self.load()
         return self._tokenizer
 
-    def _ensure(self):
+    def load(self):
+        """Load the base now if it is not loaded yet (borrowing loads it anyway). Loading may draw random numbers
+        (the tiny fallback model is random weights), so a caller that seeds a stage loads first."""
         if self._base is None:
             self._base, self._tokenizer = self.loader(self.model_cfg, self.resolved)
         return self._base
@@ -50,13 +48,13 @@ class ModelHost:
 
     def bare(self):
         """The base alone, as loaded."""
-        return self._lent(self._ensure())
+        return self._lent(self.load())
 
     def policy(self, init: str | None = None):
         """A PeftModel whose trainable `policy` adapter is new (the model config's LoRA), or a copy of the adapter
         folder `init`."""
-        return self._lent(adapters.with_policy(self._ensure(), self.model_cfg.lora, init=init))
+        return self._lent(adapters.with_policy(self.load(), self.model_cfg.lora, init=init))
 
     def adapters(self, folders: dict[str, str]):
         """The base with each folder's adapter frozen under its name (a PeftModel), or the base alone for none."""
-        return self._lent(adapters.with_frozen(self._ensure(), folders))
+        return self._lent(adapters.with_frozen(self.load(), folders))

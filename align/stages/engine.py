@@ -27,8 +27,8 @@ from align.errors import AlignError
 from align.models import adapters
 from align.models.host import ModelHost
 from align.replay import ReplayMixer
-from align.run_folder import MetricsLog, StageFolder
-from align.ui import StageProgress
+from align.run_folder import StageFolder
+from align.ui import StageProgress, StepObserver
 
 # Metrics that count what a batch holds: the processes' shares add up, where the other metrics are averaged.
 COUNTS = {"num_tokens"}
@@ -116,17 +116,29 @@ def last_checkpoint(stage_dir: Path) -> str | None:
     return str(complete[-1]) if complete else None
 
 
-class MetricsFile(TrainerCallback):
-    """Every step's logged metrics into the stage's metrics log (align.run_folder), whose records after the checkpoint
-    a stage resumes from were dropped first. The Trainer's end-of-training summary (runtime, mean loss) is not a
-    step: it goes to stage.json only."""
+class Observed(TrainerCallback):
+    """The Trainer's events told to StepObservers (align.ui), so that Trainer stages report as the online loop does.
+    The Trainer's end-of-training summary (runtime, mean loss) is not a step: it goes to stage.json only."""
 
-    def __init__(self, log: MetricsLog):
-        self.log = log
+    def __init__(self, *observers: StepObserver):
+        self.observers = observers
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for observer in self.observers:
+            observer.begin(state.global_step, state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "train_runtime" not in logs:
-            self.log.append({"step": state.global_step, **logs})
+            for observer in self.observers:
+                observer.logged(state.global_step, logs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for observer in self.observers:
+            observer.stepped(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for observer in self.observers:
+            observer.end()
 
 
 class LogAtCheckpoints(TrainerCallback):
@@ -239,7 +251,8 @@ class AlignTrainer(Trainer):
 
     def _progress(self, description: str, total: int):
         """A bar under the stage's progress, in the process that shows it; nothing in the others."""
-        bar = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, StageProgress)), None)
+        observers = (o for cb in self.callback_handler.callbacks if isinstance(cb, Observed) for o in cb.observers)
+        bar = next((o for o in observers if isinstance(o, StageProgress)), None)
         return bar.subtask(description, total) if bar else nullcontext(lambda n=1: None)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -300,8 +313,7 @@ def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_
     if distributed.is_main():  # one process writes and shows the stage's progress for all
         metrics_log = StageFolder(ctx.stage_dir).metrics
         metrics_log.keep_until(checkpoint_step(resume) if resume else 0)
-        trainer.add_callback(MetricsFile(metrics_log))
-        trainer.add_callback(StageProgress(stage.name, quiet=ctx.quiet))
+        trainer.add_callback(Observed(metrics_log, StageProgress(stage.name, quiet=ctx.quiet)))
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     for entry in trainer.state.log_history:  # the last value of each logged metric

@@ -14,23 +14,16 @@ updates; gradients clipped per role; no entropy bonus; KL coefficient fixed, or 
 `kl_target` (Ziegler et al.). The policy and value losses are backpropagated one after the other because
 switching the active adapter changes which LoRA weights require grad.
 
-Checkpoints (`checkpoints/step-N/state.pt`, written to a temporary folder and renamed, so a kill never
-leaves a half one) hold the two trained adapters, the value head, the optimizer and scheduler, the KL
-controller, the reward statistics, every RNG and the step: a resumed run continues exactly where the
-checkpoint was taken, with the same prompt order. This is a single-process loop; only adapter weights
-are saved, where accelerate's save_state would also write the whole quantized base.
+The steps run in align.stages.online's loop, whose checkpoints hold, besides every RNG and the step, the two trained
+adapters, the value head, the optimizer and scheduler, the KL controller and the reward statistics. This is a
+single-process loop.
 """
 
 from __future__ import annotations
 
-import random
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import get_scheduler
@@ -42,10 +35,10 @@ from align.models import adapters, heads
 from align.models.generation import Decoding, generate
 from align.models.tokens import encode_prompt
 from align.rewards import Reward, RewardSource, load_reward
-from align.run_folder import StageFolder
 from align.settings import StageConfig
 from align.stages.engine import StageContext, StageOutput
 from align.stages.kind import StageKind, register
+from align.stages.online import run_online
 from align.stages.ppo_rollout import make_experience, response_logprobs, response_values
 from align.ui import StageProgress, work_progress
 
@@ -152,55 +145,6 @@ def ppo_update(model, roles: Roles, rollout, optimizer, scheduler, cfg, groups, 
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
-def _checkpoints(stage_dir: Path) -> list[Path]:
-    found = [p for p in (stage_dir / "checkpoints").glob("step-*") if (p / "state.pt").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def save_checkpoint(stage_dir: Path, step: int, model, roles: Roles, optimizer, scheduler, kl_ctl, moments) -> None:
-    state = {
-        "step": step,
-        "policy": get_peft_model_state_dict(model, adapter_name=adapters.POLICY),
-        "value": get_peft_model_state_dict(model, adapter_name=adapters.VALUE),
-        "value_head": roles.value_head.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "kl": kl_ctl.state_dict(),
-        "moments": moments.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-        },
-    }
-    final = stage_dir / "checkpoints" / f"step-{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / "state.pt")
-    tmp.rename(final)
-    for old in _checkpoints(stage_dir)[:-2]:
-        shutil.rmtree(old)
-
-
-def load_checkpoint(path: Path, model, roles: Roles, optimizer, scheduler, kl_ctl, moments) -> int:
-    state = torch.load(path / "state.pt", weights_only=False)  # our own file: it holds Python RNG state
-    set_peft_model_state_dict(model, state["policy"], adapter_name=adapters.POLICY)
-    set_peft_model_state_dict(model, state["value"], adapter_name=adapters.VALUE)
-    roles.value_head.load_state_dict(state["value_head"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    kl_ctl.load_state_dict(state["kl"])
-    moments.load_state_dict(state["moments"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    return state["step"]
-
-
 def evaluate_policy(model, roles: Roles, tokenizer, loaded, cfg, quiet: bool) -> dict[str, float]:
     """Mean reward of greedy responses to held-out prompts, per reward and weighted in total."""
     examples = loaded.examples
@@ -222,6 +166,59 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
         return train_ppo(model, stage, ctx, data)
 
 
+class PPO:
+    """PPO as an online algorithm (align.stages.online): a rollout batch with its rewards and GAE advantages, then
+    `ppo_epochs` passes of clipped policy and value updates; the KL coefficient follows each rollout's KL."""
+
+    def __init__(self, model, roles: Roles, tokenizer, examples, prompts: list[list[int]], stage, steps: int,
+                 replay=None):
+        cfg, train = stage.ppo, stage.train
+        self.model, self.roles, self.tokenizer, self.cfg, self.replay = model, roles, tokenizer, cfg, replay
+        self.examples, self.prompts, self.batch_size = examples, prompts, cfg.rollout_batch_size
+        updates = steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
+        self.groups = [role_parameters(model, adapters.POLICY),
+                       role_parameters(model, adapters.VALUE) + list(roles.value_head.parameters())]
+        self.optimizer = torch.optim.AdamW([{"params": g} for g in self.groups], lr=train.lr, eps=1e-5,
+                                           weight_decay=train.weight_decay)
+        self.scheduler = get_scheduler(train.lr_scheduler, self.optimizer, round(train.warmup_ratio * updates),
+                                       updates)
+        self.kl_ctl = kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.moments = RunningMoments()
+
+    def experience(self, batch: list[int], step: int):
+        rollout, _, metrics = make_experience(
+            self.model, self.roles, self.tokenizer, [self.examples[i] for i in batch], [self.prompts[i] for i in batch],
+            self.cfg, self.kl_ctl.value, self.moments)
+        self.kl_ctl.update(metrics["objective/kl"], self.cfg.rollout_batch_size)  # for the next rollout
+        return rollout, metrics
+
+    def update(self, rollout, step: int) -> dict[str, float]:
+        metrics = ppo_update(self.model, self.roles, rollout, self.optimizer, self.scheduler, self.cfg, self.groups,
+                             self.replay, step)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {
+            "policy": get_peft_model_state_dict(self.model, adapter_name=adapters.POLICY),
+            "value": get_peft_model_state_dict(self.model, adapter_name=adapters.VALUE),
+            "value_head": self.roles.value_head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl": self.kl_ctl.state_dict(),
+            "moments": self.moments.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        set_peft_model_state_dict(self.model, state["policy"], adapter_name=adapters.POLICY)
+        set_peft_model_state_dict(self.model, state["value"], adapter_name=adapters.VALUE)
+        self.roles.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl"])
+        self.moments.load_state_dict(state["moments"])
+
+
 def train_ppo(model, stage, ctx: StageContext, data) -> StageOutput:
     cfg, train = stage.ppo, stage.train
     model, roles = build_roles(model, stage, ctx)
@@ -234,51 +231,17 @@ def train_ppo(model, stage, ctx: StageContext, data) -> StageOutput:
     if per_epoch == 0:
         raise DataError(f"{len(examples)} prompts, fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})",
                         file=data["train"].source)
-    total = train.max_steps if train.max_steps > 0 else max(1, round(train.epochs * per_epoch))
-    updates = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
-    groups = [role_parameters(model, adapters.POLICY),
-              role_parameters(model, adapters.VALUE) + list(roles.value_head.parameters())]
-    optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=train.lr, eps=1e-5,
-                                  weight_decay=train.weight_decay)
-    scheduler = get_scheduler(train.lr_scheduler, optimizer, round(train.warmup_ratio * updates), updates)
-    kl_ctl = kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    moments = RunningMoments()
+    steps = train.max_steps if train.max_steps > 0 else max(1, round(train.epochs * per_epoch))
+    algorithm = PPO(model, roles, ctx.tokenizer, examples, prompts, stage, steps, ctx.replay)
 
     metrics: dict[str, float] = {}
     if data.get("eval"):  # the starting (SFT) policy's held-out reward, the baseline PPO must beat
         start_scores = evaluate_policy(model, roles, ctx.tokenizer, data["eval"], cfg, ctx.quiet)
         metrics.update({f"eval_init_{k}": v for k, v in start_scores.items()})
-    metrics_log = StageFolder(ctx.stage_dir).metrics
-    resumed = _checkpoints(ctx.stage_dir)[-1] if _checkpoints(ctx.stage_dir) else None
-    start = load_checkpoint(resumed, model, roles, optimizer, scheduler, kl_ctl, moments) if resumed else 0
-    metrics_log.keep_until(start)
     seed = train.seed if train.seed is not None else ctx.seed
-
-    progress = StageProgress(stage.name, quiet=ctx.quiet)
-    state = SimpleNamespace(global_step=start, max_steps=total)
-    progress.on_train_begin(None, state, None)
-    try:
-        for step in range(start, total):
-            # The prompt order depends only on the seed and the step, so a resumed run sees the same batches.
-            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + step // per_epoch))
-            idx = order[(step % per_epoch) * cfg.rollout_batch_size :][: cfg.rollout_batch_size].tolist()
-            rollout, _, step_metrics = make_experience(
-                model, roles, ctx.tokenizer, [examples[i] for i in idx], [prompts[i] for i in idx], cfg, kl_ctl.value,
-                moments
-            )
-            step_metrics.update(ppo_update(model, roles, rollout, optimizer, scheduler, cfg, groups, ctx.replay, step))
-            step_metrics["lr"] = scheduler.get_last_lr()[0]
-            kl_ctl.update(step_metrics["objective/kl"], cfg.rollout_batch_size)
-            state.global_step = step + 1
-            metrics_log.append({"step": step + 1, **step_metrics})
-            progress.on_log(None, state, None, logs=step_metrics)
-            progress.on_step_end(None, state, None)
-            metrics.update(step_metrics)
-            if (step + 1) % train.save_steps == 0 or step + 1 == total:
-                save_checkpoint(ctx.stage_dir, step + 1, model, roles, optimizer, scheduler, kl_ctl, moments)
-    finally:
-        progress.on_train_end(None, state, None)
-    metrics["global_step"] = total
+    trained, resumed = run_online(algorithm, ctx.stage_dir, len(examples), steps, seed, train.save_steps,
+                                  [StageProgress(stage.name, quiet=ctx.quiet)])
+    metrics.update(trained, global_step=steps)
     if data.get("eval"):
         final_scores = evaluate_policy(model, roles, ctx.tokenizer, data["eval"], cfg, ctx.quiet)
         metrics.update({f"eval_{k}": v for k, v in final_scores.items()})

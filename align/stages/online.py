@@ -1,0 +1,110 @@
+"""The loop of every online RL stage (PPO now; GRPO and RLOO join it): each step draws a batch of prompts, the
+algorithm makes experience from them (rollout, score, advantages) and updates on it. The loop owns what all such
+stages share: the prompt order, checkpoints and resume, and reporting each step to the same observers
+(`align.ui.StepObserver`) that the Trainer stages report to: the progress bar and the stage's metrics log.
+
+Checkpoints (`checkpoints/step-N/state.pt`, written to a temporary folder and renamed, so a kill never leaves a half
+one) hold the algorithm's state, every RNG and the step: a resumed run continues exactly where the checkpoint was
+taken, with the same prompt order, and logs each step once. Only what the algorithm trains is saved, where
+accelerate's save_state would also write the whole quantized base.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from align.run_folder import StageFolder
+from align.ui import StepObserver
+
+KEPT_CHECKPOINTS = 2
+
+
+class OnlineAlgorithm(Protocol):
+    batch_size: int  # prompts per step
+
+    def experience(self, prompts: list[int], step: int) -> tuple[object, dict[str, float]]:
+        """Generate from the prompts at these indices, score the replies and compute their advantages: the rollout,
+        and the step's metrics so far."""
+
+    def update(self, rollout, step: int) -> dict[str, float]:
+        """Train on the rollout; its metrics."""
+
+    def state_dict(self) -> dict:
+        """Everything but the RNGs that a resumed run needs to continue as this one would."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def checkpoints(stage_dir: Path) -> list[Path]:
+    found = [p for p in (stage_dir / "checkpoints").glob("step-*") if (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(stage_dir: Path, step: int, algorithm: OnlineAlgorithm) -> None:
+    state = {
+        "step": step,
+        **algorithm.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+        },
+    }
+    final = stage_dir / "checkpoints" / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / "state.pt")
+    tmp.rename(final)
+    for old in checkpoints(stage_dir)[:-KEPT_CHECKPOINTS]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(path: Path, algorithm: OnlineAlgorithm) -> int:
+    state = torch.load(path / "state.pt", weights_only=False)  # our own file: it holds Python RNG state
+    algorithm.load_state_dict(state)
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    return state["step"]
+
+
+def run_online(algorithm: OnlineAlgorithm, stage_dir: Path, prompts: int, steps: int, seed: int, save_steps: int,
+               observers: list[StepObserver]) -> tuple[dict[str, float], Path | None]:
+    """Run `steps` steps over `prompts` prompts (resuming from the stage's last checkpoint); the last value of each
+    metric, and the checkpoint resumed from."""
+    resumed = checkpoints(stage_dir)[-1] if checkpoints(stage_dir) else None
+    start = load_checkpoint(resumed, algorithm) if resumed else 0
+    metrics_log = StageFolder(stage_dir).metrics
+    metrics_log.keep_until(start)
+    observers = [metrics_log, *observers]
+    per_epoch = prompts // algorithm.batch_size
+    last: dict[str, float] = {}
+    for observer in observers:
+        observer.begin(start, steps)
+    try:
+        for step in range(start, steps):
+            # The prompt order depends only on the seed and the step, so a resumed run sees the same batches.
+            order = torch.randperm(prompts, generator=torch.Generator().manual_seed(seed + step // per_epoch))
+            batch = order[(step % per_epoch) * algorithm.batch_size :][: algorithm.batch_size].tolist()
+            rollout, metrics = algorithm.experience(batch, step)
+            metrics.update(algorithm.update(rollout, step))
+            for observer in observers:
+                observer.logged(step + 1, metrics)
+                observer.stepped(step + 1)
+            last.update(metrics)
+            if (step + 1) % save_steps == 0 or step + 1 == steps:
+                save_checkpoint(stage_dir, step + 1, algorithm)
+    finally:
+        for observer in observers:
+            observer.end()
+    return last, resumed
