@@ -62,9 +62,12 @@ class MetricsLog(StepObserver):
         self.append({"step": step, **metrics})
 
     def keep_until(self, step: int) -> None:
+        """Keep the records up to `step`; a kill mid-append leaves half a last line, which goes too."""
         if self.path.is_file():
-            lines = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in lines))
+            text = self.path.read_text()
+            lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+            kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as f:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from align.config import Recipe, load_recipe
 from align.errors import AlignError
 from align.run_folder import FINISHED, RECIPE_FILE, STAGE_FILE, StageFolder
 
@@ -27,7 +28,7 @@ def save_recipe(recipe, run_dir: Path) -> None:
 @dataclass
 class Run:
     dir: Path
-    recipe: object  # align.config.Recipe
+    recipe: Recipe
 
     @property
     def name(self) -> str:
@@ -63,8 +64,6 @@ class Run:
 
 def open_run(path: str | Path) -> Run:
     """The run at `path` (a folder `align run` wrote), with its recipe."""
-    from align.config import load_recipe
-
     run_dir = Path(path)
     if not (run_dir / RECIPE_FILE).is_file():
         hint = " (a stage folder? give RUN/STAGE where a stage is meant)" if (run_dir / STAGE_FILE).is_file() else ""

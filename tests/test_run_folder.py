@@ -50,3 +50,21 @@ def test_the_same_stage_in_another_run_folder_has_the_same_identity(tmp_path):
     found = find_finished(tmp_path / "runs", second_state["config_hash"])
     assert found.dir == tmp_path / "runs" / "first" / "sft" and found.outputs()["adapter"].endswith("first/sft/adapter")
     assert second["stages"]["sft"]["status"] == DONE
+
+
+def test_a_record_half_written_when_the_run_was_killed_goes_on_resume(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.append({"step": 1, "loss": 1.0})
+    with log.path.open("a") as f:
+        f.write('{"step": 2, "lo')  # SIGKILL mid-append
+    log.keep_until(2)
+    assert log.records() == [{"step": 1, "loss": 1.0}]
+
+
+def test_a_checkpoint_killed_while_being_saved_is_not_resumed_from(tmp_path):
+    from align.stages.online import checkpoints
+
+    for name, content in (("step-2", b"x"), ("step-10", b"x"), ("step-12.tmp", b"")):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "state.pt").write_bytes(content)
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-2", "step-10"]

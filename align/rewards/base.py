@@ -19,3 +19,9 @@ class Reward(ABC):
     @abstractmethod
     def score(self, prompts: list[list[dict]], responses: list[str], rules: list[dict] | None = None) -> torch.Tensor:
         """[B] rewards (on the CPU) of `responses` to `prompts`, whose rules are `rules` ({} for none)."""
+
+    def score_sampled(self, prompts: list[list[dict]], responses: list[str], rules: list[dict] | None,
+                      input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B] rewards of sampled responses, given also as the token ids that were sampled (prompt + response,
+        [B, T], padded on either side): a reward that reads tokens scores those rather than a re-encoding."""
+        return self.score(prompts, responses, rules)

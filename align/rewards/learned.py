@@ -20,8 +20,8 @@ def stage_name(folder: str | Path) -> str:
 
 class LearnedReward(Reward):
     """The reward adapter in `folder`, loaded as the frozen adapter `adapter` with its score head onto `model`,
-    a PeftModel over the shared base. PPO scores token ids directly (`score_ids`), so a response is scored
-    exactly as it was sampled."""
+    a PeftModel over the shared base. Sampled responses are scored on their token ids (`score_sampled`), exactly as
+    they were sampled."""
 
     kind = "learned"
     needs_rules = False
@@ -39,6 +39,10 @@ class LearnedReward(Reward):
         """[B] scores of token sequences (prompt + response, padded on either side)."""
         with adapters.using(self.model, self.adapter):
             return heads.sequence_scores(self.model, self.head, input_ids, attention_mask).float()
+
+    def score_sampled(self, prompts, responses, rules, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.score_ids(input_ids, attention_mask)
 
     def score(self, prompts, responses: list[str], rules: list[dict] | None = None,
               batch_size: int = 16) -> torch.Tensor:

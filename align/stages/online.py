@@ -42,8 +42,10 @@ class OnlineAlgorithm(Protocol):
 
 
 def checkpoints(stage_dir: Path) -> list[Path]:
-    found = [p for p in (stage_dir / "checkpoints").glob("step-*") if (p / "state.pt").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    """The complete checkpoints, oldest first: a kill mid-save leaves `step-N.tmp`, which is not one."""
+    found = [p for p in (stage_dir / "checkpoints").glob("step-*")
+             if p.name.removeprefix("step-").isdigit() and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
 def save_checkpoint(stage_dir: Path, step: int, algorithm: OnlineAlgorithm) -> None:

@@ -102,10 +102,8 @@ def make_experience(model, roles, tokenizer, examples, prompt_ids, cfg, kl_coef:
     metrics = {}
     scores = torch.zeros(len(texts), device=query_response.device)
     for reward, weight, label in roles.rewards:
-        if hasattr(reward, "score_ids"):  # a learned reward scores the very tokens that were sampled
-            part = reward.score_ids(query_response, attention_mask)
-        else:
-            part = reward.score([ex.prompt for ex in examples], texts, rules).to(scores.device)
+        part = reward.score_sampled([ex.prompt for ex in examples], texts, rules, query_response,
+                                    attention_mask).to(scores.device)
         metrics[f"reward/{label}"] = float(part.mean())
         scores += weight * part
     ended = (query_response[:, width:] == tokenizer.eos_token_id).any(1)
