@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from align.errors import require as _require
-from align.losses import preference
+from align.losses import grpo, preference
 from align.losses.dpo import KTOLoss
 
 
@@ -163,3 +163,44 @@ class PPOConfig:
         _require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
         _require(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
         _require(self.clip > 0 and self.clip_value > 0, "clip", "clip and clip_value must be > 0")
+
+
+@dataclass(kw_only=True)
+class GRPOConfig:
+    """GRPO's and its variants' own settings (align.losses.grpo has each one's paper); TRL 1.16's names in comments."""
+
+    prompts_per_step: int = 8  # prompts sampled per step; each gets `num_generations` completions
+    num_generations: int = 8  # G (TRL num_generations)
+    max_new_tokens: int = 48  # (TRL max_completion_length)
+    temperature: float = 1.0  # sampling temperature, also applied to the logits of every log-prob
+    # group_norm: GRPO; group_mean: Dr. GRPO's (no std); rloo: leave-one-out baseline, the KL in the reward
+    advantage: str = "group_norm"
+    # sequence (TRL grpo) | token (TRL bnpo, DAPO) | constant (TRL dr_grpo)
+    aggregation: str = "sequence"
+    clip_low: float = 0.2  # (TRL epsilon)
+    clip_high: float = 0.2  # DAPO's clip-higher sets it above clip_low, e.g. 0.28 (TRL epsilon_high)
+    kl_coef: float = 0.0  # beta; 0 loads no reference adapter (TRL beta, default 0 since 0.19)
+    num_iterations: int = 1  # mu: updates per rollout batch (TRL num_iterations)
+    minibatch_size: int = 16  # completions per gradient step
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        for name in ("prompts_per_step", "max_new_tokens", "num_iterations", "minibatch_size"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.num_generations >= 2, "num_generations",
+                 f"must be >= 2: advantages compare a prompt's completions, got {self.num_generations}")
+        _require((self.prompts_per_step * self.num_generations) % self.minibatch_size == 0, "minibatch_size",
+                 f"must divide prompts_per_step * num_generations ({self.prompts_per_step * self.num_generations}), "
+                 f"got {self.minibatch_size}")
+        _require(self.advantage in grpo.ADVANTAGES, "advantage",
+                 f"'{self.advantage}' is not one of {', '.join(grpo.ADVANTAGES)}")
+        _require(self.aggregation in grpo.AGGREGATIONS, "aggregation",
+                 f"'{self.aggregation}' is not one of {', '.join(grpo.AGGREGATIONS)}")
+        _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        _require(0 < self.clip_low < 1, "clip_low", f"must be in (0, 1), got {self.clip_low}")
+        _require(self.clip_high > 0, "clip_high", f"must be > 0, got {self.clip_high}")
+        _require(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+
+    def loss(self) -> grpo.ClippedGroupLoss:
+        return grpo.ClippedGroupLoss(self.clip_low, self.clip_high, 0.0 if self.advantage == "rloo" else self.kl_coef,
+                                     self.aggregation, self.max_new_tokens)

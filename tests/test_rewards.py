@@ -169,7 +169,7 @@ def test_a_spec_that_names_no_reward_says_what_it_could_name(tmp_path):
     for spec in ("no_such_card", str(tmp_path)):  # a folder without a score head is no rm stage's
         with pytest.raises(AlignError) as info:
             load_reward(spec)
-        assert f"'{spec}' is neither a reward card (concise, synthetic_tasks), a rule file, nor a folder written by " \
+        assert f"'{spec}' is neither a reward card ({', '.join(cards())}), a rule file, nor a folder written by " \
                "an rm stage" in str(info.value)
 
 
@@ -192,7 +192,8 @@ def test_reward_sources_are_one_dataclass_per_key(tmp_path):
      "needs exactly one of the keys model, rule, not both 'rule' and 'model'"),
     ("[{weight: 2.0}]", 0, "model", "needs exactly one of the keys model, rule; this one has none"),
     ("[{rule: concise}, {rule: nope}]", 0, "rule",
-     "no rule-reward file 'nope': give a path, or the name of a reward card (concise, synthetic_tasks)"),
+     "no rule-reward file 'nope': give a path, or the name of a reward card (answer_format, concise, math_answer, "
+     "synthetic_tasks)"),
     ("[{rule: concise, wieght: 2.0}]", 0, "wieght", "did you mean 'weight'?"),
     ("\n      - rule: concise\n      - weight: 1.0\n        model: x\n        rule: concise", 4, "rule", "not both"),
 ])

@@ -133,3 +133,27 @@ stages:
     assert all(0 < n <= 16 for n in sft["lengths"]) and all(s["responses"]["base"]["text"] for s in result["samples"])
     assert result["samples"][0]["prompt"] == "How can I improve my time management skills?"
     assert (run / "eval" / "report.html").stat().st_size > 10_000
+
+
+GSM8K = SHARED / "data" / "verifiable" / "gsm8k_train_rows0-999.jsonl.gz"
+
+
+@pytest.mark.skipif(not GSM8K.is_file(), reason="../shared GSM8K slice absent")
+def test_a_grpo_step_on_gsm8k_with_the_math_reward_in_nf4(tmp_path):
+    """Plumbing only: a 135M model solves almost no GSM8K problem, so the reward is near zero; the step must run."""
+    summary = run_recipe(parse_recipe(f"""
+name: gsm8k_grpo
+output_dir: {tmp_path}
+model: {{base: {GGUF}, quantization: nf4, lora: {{r: 8, alpha: 16, dropout: 0.0}}}}
+stages:
+  - name: grpo
+    kind: grpo
+    data: {{path: {GSM8K}, max_rows: 8}}
+    rewards: [{{rule: math_answer}}, {{rule: answer_format, weight: 0.2}}]
+    grpo: {{prompts_per_step: 2, num_generations: 2, max_new_tokens: 16, minibatch_size: 4, kl_coef: 0.04}}
+    train: {{max_steps: 1, lr: 1.0e-5, max_length: 320, max_prompt_length: 256}}
+"""), quiet=True)
+    grpo = summary["stages"]["grpo"]
+    assert grpo["status"] == "done" and grpo["metrics"]["global_step"] == 1
+    for key in ("rewards/rule:math_answer/mean", "rewards/rule:answer_format/mean", "kl", "reward_std"):
+        assert math.isfinite(grpo["metrics"][key]), key

@@ -215,9 +215,21 @@ def task(row: dict) -> TaskExample:
             raise DataError(f"expected a list of answers, got {short(answers)}", field="rule.answers")
         for i, answer in enumerate(answers):
             check_answer(answer, f"rule.answers[{i}]")
-    elif kind == "exact":
+    elif kind in ("exact", "math"):
         check_answer(rule["answer"], "rule.answer")
     return TaskExample(prompt=prompt, rule=rule)
+
+
+def gsm8k(row: dict) -> TaskExample:
+    """GSM8K's {question, answer}: the answer is a worked solution ending `#### <final answer>`, which becomes a
+    `math` rule."""
+    question = _get(row, "question", str, "the question as a string")
+    solution = _get(row, "answer", str, "a worked solution ending '#### <final answer>'")
+    final = re.search(r"####\s*(\S.*)$", solution.strip())
+    if final is None:
+        raise DataError("has no '#### <final answer>' at its end", field="answer")
+    return TaskExample(prompt=checked_prompt([{"role": "user", "content": question}], "question", listed=False),
+                       rule={"kind": "math", "answer": final.group(1).strip()})
 
 
 def bare_prompt(row: dict) -> TaskExample:

@@ -82,6 +82,8 @@ FORMATS: dict[tuple[str, str], Format] = {
                                       _is_hh("chosen", "rejected"), converters.hh_preference),
     ("task", "task"): Format("prompt (string or message list), rule: {kind, ...}", _has("prompt", "rule"),
                              converters.task),
+    ("task", "gsm8k"): Format("question, answer: a worked solution ending '#### <final answer>' (GSM8K)",
+                              _has("question", "answer"), converters.gsm8k),
     ("ranked", "oasst_tree"): Format("an OpenAssistant message tree {message_tree_id, prompt: {text, role: prompter|"
                                      "assistant, replies: [...]}} or its root message alone; the replies to a "
                                      "prompter message that have a rank (0 = best) form a group",
@@ -147,7 +149,7 @@ def _prompt_kind() -> dict[tuple[str, str], Format]:
     prompt of every preference (ranked formats included: one per group) and SFT row get none. Where both
     kinds have a name (hh_rlhf), the preference one wins: a row of two transcripts is a pair, whose
     transcripts must share their prompt."""
-    out = {("prompt", "task"): FORMATS[("task", "task")],
+    out = {("prompt", "task"): FORMATS[("task", "task")], ("prompt", "gsm8k"): FORMATS[("task", "gsm8k")],
            ("prompt", "prompt"): Format("prompt (string or message list), without rule, chosen, rejected or completion",
                                         _is_bare_prompt, converters.bare_prompt),
            # MT-Bench's second turn asks about the model's own first answer; only the first turn is a prompt

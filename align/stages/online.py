@@ -19,8 +19,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from align.models.generation import Decoding, generate
+from align.rewards.weighted import WeightedRewards
 from align.run_folder import StageFolder
-from align.ui import StepObserver
+from align.ui import StepObserver, work_progress
 
 KEPT_CHECKPOINTS = 2
 
@@ -110,3 +112,32 @@ def run_online(algorithm: OnlineAlgorithm, stage_dir: Path, prompts: int, steps:
         for observer in observers:
             observer.end()
     return last, resumed
+
+
+def heldout_rewards(model, rewards: WeightedRewards, tokenizer, loaded, max_new_tokens: int, batch_size: int,
+                    quiet: bool) -> dict[str, float]:
+    """Mean reward of the active policy's greedy replies to held-out prompts, per reward and weighted in total."""
+    examples = loaded.examples
+    with work_progress("held-out replies", len(examples), quiet) as advance:
+        replies = generate(model, tokenizer, [ex.prompt for ex in examples], Decoding(max_new_tokens), batch_size,
+                           on_batch=advance)
+    texts = [r.text for r in replies]
+    total, out = 0.0, {}
+    for reward, weight, label in rewards:
+        part = float(reward.score([ex.prompt for ex in examples], texts, [ex.rule for ex in examples]).mean())
+        out[f"reward/{label}"] = part
+        total += weight * part
+    out["objective/scores"] = total
+    return out
+
+
+def init_and_final(section: str, metrics: dict) -> dict:
+    """{section: {"init", "final"}}: the held-out rewards of the starting policy and of the trained one, for the
+    run's summary."""
+    if "eval_objective/scores" not in metrics:
+        return {}
+    return {section: {
+        "init": {k.removeprefix("eval_init_"): v for k, v in metrics.items() if k.startswith("eval_init_")},
+        "final": {k.removeprefix("eval_"): v for k, v in metrics.items()
+                  if k.startswith("eval_") and not k.startswith("eval_init_")},
+    }}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -32,15 +33,15 @@ from align.errors import DataError, require
 from align.losses.ppo import RunningMoments, kl_controller, policy_loss, value_loss
 from align.method_configs import PPOConfig, ReplayConfig, ReplayOutConfig
 from align.models import adapters, heads
-from align.models.generation import Decoding, generate
 from align.models.tokens import encode_prompt
-from align.rewards import Reward, RewardSource, load_reward
+from align.rewards import RewardSource
+from align.rewards.weighted import WeightedRewards, load_weighted, require_rules
 from align.settings import StageConfig
 from align.stages.engine import StageContext, StageOutput
 from align.stages.kind import StageKind, register
-from align.stages.online import run_online
+from align.stages.online import heldout_rewards, init_and_final, run_online
 from align.stages.ppo_rollout import make_experience, response_logprobs, response_values
-from align.ui import StageProgress, work_progress
+from align.ui import StageProgress
 
 
 @dataclass(kw_only=True)
@@ -65,7 +66,7 @@ class PPOStageConfig(StageConfig):
 @dataclass
 class Roles:
     value_head: torch.nn.Linear
-    rewards: list[tuple[Reward, float, str]]  # (reward, weight, label such as "rule:concise")
+    rewards: WeightedRewards
     ref: str | None
 
 
@@ -75,10 +76,7 @@ def build_roles(model, stage, ctx: StageContext):
     if reference:
         adapters.add_frozen(model, reference, adapters.REF)
     lengths = (stage.train.max_length, stage.train.max_prompt_length)  # held-out replies are scored as texts
-    rewards = []
-    for i, source in enumerate(stage.rewards):
-        reward = load_reward(source, model, ctx.tokenizer, f"reward{i}", lengths)
-        rewards.append((reward, source.weight, f"{source.key}:{reward.name}"))
+    rewards = load_weighted(stage.rewards, model, ctx.tokenizer, lengths)
     learned = [source.adapter_folder for source in stage.rewards if source.adapter_folder]
     value_init = stage.value_init or (learned[0] if learned else stage.init)
     if value_init:
@@ -95,14 +93,6 @@ def build_roles(model, stage, ctx: StageContext):
 
 def role_parameters(model, name: str) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
-
-
-def check_rules(roles: Roles, loaded) -> None:
-    if any(r.needs_rules for r, _, _ in roles.rewards):
-        for row, ex in enumerate(loaded.examples, 1):
-            if not ex.rule:
-                raise DataError("has no 'rule', which a rule reward with a 'task' check needs",
-                                file=loaded.source, row=row, field="rule")
 
 
 def ppo_update(model, roles: Roles, rollout, optimizer, scheduler, cfg, groups, replay=None,
@@ -143,22 +133,6 @@ def ppo_update(model, roles: Roles, rollout, optimizer, scheduler, cfg, groups, 
             stats["val/clipfrac"].append(vf_stats["clipfrac"])
     model.set_adapter(adapters.POLICY)
     return {k: sum(v) / len(v) for k, v in stats.items()}
-
-
-def evaluate_policy(model, roles: Roles, tokenizer, loaded, cfg, quiet: bool) -> dict[str, float]:
-    """Mean reward of greedy responses to held-out prompts, per reward and weighted in total."""
-    examples = loaded.examples
-    with work_progress("held-out replies", len(examples), quiet) as advance:
-        replies = generate(model, tokenizer, [ex.prompt for ex in examples], Decoding(cfg.max_new_tokens),
-                           cfg.rollout_batch_size, on_batch=advance)
-    texts = [r.text for r in replies]
-    total, out = 0.0, {}
-    for reward, weight, label in roles.rewards:
-        part = float(reward.score([ex.prompt for ex in examples], texts, [ex.rule for ex in examples]).mean())
-        out[f"reward/{label}"] = part
-        total += weight * part
-    out["objective/scores"] = total
-    return out
 
 
 def run(stage, ctx: StageContext, data) -> StageOutput:
@@ -222,9 +196,9 @@ class PPO:
 def train_ppo(model, stage, ctx: StageContext, data) -> StageOutput:
     cfg, train = stage.ppo, stage.train
     model, roles = build_roles(model, stage, ctx)
-    check_rules(roles, data["train"])
-    if data.get("eval"):
-        check_rules(roles, data["eval"])
+    for loaded in (data["train"], data.get("eval")):
+        if loaded:
+            require_rules(roles.rewards, loaded)
     examples = data["train"].examples
     prompts = [encode_prompt(ctx.tokenizer, ex.prompt)[-train.max_prompt_length :] for ex in examples]
     per_epoch = len(examples) // cfg.rollout_batch_size
@@ -236,14 +210,16 @@ def train_ppo(model, stage, ctx: StageContext, data) -> StageOutput:
 
     metrics: dict[str, float] = {}
     if data.get("eval"):  # the starting (SFT) policy's held-out reward, the baseline PPO must beat
-        start_scores = evaluate_policy(model, roles, ctx.tokenizer, data["eval"], cfg, ctx.quiet)
+        start_scores = heldout_rewards(model, roles.rewards, ctx.tokenizer, data["eval"], cfg.max_new_tokens,
+                                 cfg.rollout_batch_size, ctx.quiet)
         metrics.update({f"eval_init_{k}": v for k, v in start_scores.items()})
     seed = train.seed if train.seed is not None else ctx.seed
     trained, resumed = run_online(algorithm, ctx.stage_dir, len(examples), steps, seed, train.save_steps,
                                   [StageProgress(stage.name, quiet=ctx.quiet)])
     metrics.update(trained, global_step=steps)
     if data.get("eval"):
-        final_scores = evaluate_policy(model, roles, ctx.tokenizer, data["eval"], cfg, ctx.quiet)
+        final_scores = heldout_rewards(model, roles.rewards, ctx.tokenizer, data["eval"], cfg.max_new_tokens,
+                                 cfg.rollout_batch_size, ctx.quiet)
         metrics.update({f"eval_{k}": v for k, v in final_scores.items()})
     adapter = adapters.save(model, ctx.stage_dir / "adapter", adapters.POLICY)
     value_dir = adapters.save(model, ctx.stage_dir / "value_adapter", adapters.VALUE)
@@ -251,16 +227,6 @@ def train_ppo(model, stage, ctx: StageContext, data) -> StageOutput:
     return StageOutput(adapter, metrics, str(resumed) if resumed else None)
 
 
-def heldout_summary(metrics: dict) -> dict:
-    """The held-out reward of the starting policy and of the trained one."""
-    if "eval_objective/scores" not in metrics:
-        return {}
-    return {"ppo_scores": {
-        "init": {k.removeprefix("eval_init_"): v for k, v in metrics.items() if k.startswith("eval_init_")},
-        "final": {k.removeprefix("eval_"): v for k, v in metrics.items()
-                  if k.startswith("eval_") and not k.startswith("eval_init_")},
-    }}
-
-
-register(StageKind("ppo", PPOStageConfig, run, data="prompt", summary=heldout_summary, multi_process=False,
+register(StageKind("ppo", PPOStageConfig, run, data="prompt", summary=partial(init_and_final, "ppo_scores"),
+                   multi_process=False,
                    curves=("objective/scores", "objective/kl", "replay/nll")))

@@ -1,0 +1,199 @@
+"""The `grpo` stage: critic-free online RL (GRPO, Dr. GRPO, RLOO; align.losses.grpo) with G samples per prompt.
+
+The policy is a LoRA adapter on the one frozen base, as in every stage; with `kl_coef > 0` the reference
+(`reference`, default `init`) is a frozen adapter beside it, and with `kl_coef: 0` none is loaded. There is no
+value model. Each step (align.stages.online) samples G completions for each of `prompts_per_step` prompts, scores
+them with the stage's rewards (rule cards, learned reward models, weighted), turns each prompt's G rewards into
+advantages, and runs `num_iterations` passes of clipped updates over shuffled minibatches of the completions.
+Dropout is off while sampling and updating, so the first pass's ratios are exactly 1. Metrics carry TRL's names.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import get_scheduler
+
+from align.errors import DataError, require
+from align.losses.grpo import group_advantages
+from align.method_configs import GRPOConfig, ReplayConfig, ReplayOutConfig
+from align.models import adapters
+from align.models.tokens import encode_prompt
+from align.rewards import RewardSource
+from align.rewards.weighted import WeightedRewards, load_weighted, require_rules
+from align.settings import StageConfig
+from align.stages.engine import StageContext, StageOutput
+from align.stages.kind import StageKind, register
+from align.stages.online import heldout_rewards, init_and_final, run_online
+from align.stages.ppo_rollout import response_logprobs, sample
+from align.ui import StageProgress
+
+
+@dataclass(kw_only=True)
+class GRPOStageConfig(StageConfig):
+    """Online RL with G sampled completions per prompt and group-relative advantages; no value model."""
+
+    kind: str = "grpo"
+    # the KL reference adapter (loaded only with kl_coef > 0); None = init, else the base with adapters disabled
+    reference: str | None = None
+    rewards: list[RewardSource]  # required, summed with their weights: {model: ...} or {rule: ...} (align.rewards)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    replay: ReplayConfig | None = None  # SFT data mixed into the policy loss, InstructGPT's "ptx" term
+    replay_out: ReplayOutConfig | None = None  # it trains on prompts: it has no answers to keep
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(bool(self.rewards), "rewards", "GRPO needs at least one reward (model: or rule:)")
+        require(self.replay_out is None, "replay_out", "a grpo stage trains on prompts: it has no answers to keep")
+
+
+@dataclass
+class Rollout:
+    query_response: torch.Tensor  # [N, P+R], N = prompts * G, a prompt's G completions adjacent
+    attention_mask: torch.Tensor  # [N, P+R]
+    mask: torch.Tensor  # [N, R] float: 1 up to and including EOS
+    old_logps: torch.Tensor  # [N, R] under the policy that sampled
+    ref_logps: torch.Tensor | None  # [N, R] under the reference, where there is one
+    advantages: torch.Tensor  # [N]
+    prompt_width: int
+
+
+class GRPO:
+    """GRPO as an online algorithm (align.stages.online)."""
+
+    def __init__(self, model, rewards: WeightedRewards, tokenizer, examples, prompts: list[list[int]],
+                 stage: GRPOStageConfig, steps: int, ref: str | None, replay=None):
+        cfg, train = stage.grpo, stage.train
+        self.model, self.rewards, self.tokenizer, self.cfg, self.ref, self.replay = (model, rewards, tokenizer, cfg,
+                                                                                     ref, replay)
+        self.examples, self.prompts, self.batch_size = examples, prompts, cfg.prompts_per_step
+        self.loss = cfg.loss()
+        self.params = [p for n, p in model.named_parameters() if f".{adapters.POLICY}." in n and "lora_" in n]
+        self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, eps=1e-5, weight_decay=train.weight_decay)
+        completions = cfg.prompts_per_step * cfg.num_generations
+        updates = steps * cfg.num_iterations * (completions // cfg.minibatch_size)
+        self.scheduler = get_scheduler(train.lr_scheduler, self.optimizer, round(train.warmup_ratio * updates),
+                                       updates)
+
+    @torch.no_grad()
+    def experience(self, batch: list[int], step: int):
+        cfg, G = self.cfg, self.cfg.num_generations
+        examples = [self.examples[i] for i in batch for _ in range(G)]
+        self.model.eval()
+        query_response, attention_mask, mask, width = sample(
+            self.model, self.tokenizer, [self.prompts[i] for i in batch for _ in range(G)], cfg)
+        old_logps, _ = response_logprobs(self.model, query_response, attention_mask, width, cfg.temperature)
+        ref_logps = None
+        if cfg.kl_coef > 0:  # the reference adapter, or the bare base when the stage starts from it
+            with adapters.using(self.model, self.ref):
+                ref_logps, _ = response_logprobs(self.model, query_response, attention_mask, width, cfg.temperature)
+        texts = self.tokenizer.batch_decode(query_response[:, width:], skip_special_tokens=True)
+        prompts, rules = [ex.prompt for ex in examples], [ex.rule for ex in examples]
+        total = torch.zeros(len(texts))
+        metrics = {}
+        for reward, weight, label in self.rewards:
+            part = reward.score_sampled(prompts, texts, rules, query_response, attention_mask).float().cpu()
+            metrics[f"rewards/{label}/mean"] = float(part.mean())
+            metrics[f"rewards/{label}/std"] = float(part.std())
+            total += weight * part
+        kl = ((old_logps - ref_logps) * mask).sum(1).cpu() if ref_logps is not None else None  # [N] summed k1
+        advantages = group_advantages(total, G, cfg.advantage, kl, cfg.kl_coef)
+        group_std = total.view(-1, G).std(1)  # [prompts]
+        ended = ((query_response[:, width:] == self.tokenizer.eos_token_id) & (mask > 0)).any(1)
+        metrics.update({
+            "reward": float(total.mean()),
+            "reward_std": float(group_std.mean()),
+            "frac_reward_zero_std": float(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()),
+            "completions/mean_length": float(mask.sum(1).mean()),
+            "completions/clipped_ratio": float((~ended).float().mean()),
+        })
+        rollout = Rollout(query_response, attention_mask, mask, old_logps, ref_logps,
+                          advantages.to(query_response.device), width)
+        return rollout, metrics
+
+    def update(self, rollout: Rollout, step: int) -> dict[str, float]:
+        """`num_iterations` passes of clipped updates over shuffled minibatches; metrics averaged over them."""
+        cfg, stats = self.cfg, defaultdict(list)
+        self.model.eval()  # dropout off, as while sampling: the ratios compare the same function
+        size = rollout.query_response.shape[0]
+        minibatches = size // cfg.minibatch_size
+        for iteration in range(cfg.num_iterations):
+            for i, idx in enumerate(torch.randperm(size).split(cfg.minibatch_size)):
+                logps, _ = response_logprobs(self.model, rollout.query_response[idx], rollout.attention_mask[idx],
+                                             rollout.prompt_width, cfg.temperature)
+                ref = rollout.ref_logps[idx] if rollout.ref_logps is not None else None
+                loss, metrics = self.loss(logps, rollout.old_logps[idx], rollout.advantages[idx], rollout.mask[idx],
+                                          ref)
+                if self.replay is not None:
+                    ptx, ptx_stats = self.replay.loss(self.model, (step * cfg.num_iterations + iteration) * minibatches
+                                                      + i, len(idx))
+                    loss = loss + ptx
+                    metrics.update(ptx_stats)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                stats["loss"].append(float(loss.detach()))
+                for key, value in metrics.items():
+                    stats[key].append(value)
+        out = {key: sum(values) / len(values) for key, values in stats.items()}
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def state_dict(self) -> dict:
+        return {"policy": get_peft_model_state_dict(self.model, adapter_name=adapters.POLICY),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_peft_model_state_dict(self.model, state["policy"], adapter_name=adapters.POLICY)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def run(stage, ctx: StageContext, data) -> StageOutput:
+    with ctx.host.policy(init=stage.init) as model:
+        return train_grpo(model, stage, ctx, data)
+
+
+def train_grpo(model, stage: GRPOStageConfig, ctx: StageContext, data) -> StageOutput:
+    cfg, train = stage.grpo, stage.train
+    reference = (stage.reference or stage.init) if cfg.kl_coef > 0 else None
+    if reference:
+        adapters.add_frozen(model, reference, adapters.REF)
+    rewards = load_weighted(stage.rewards, model, ctx.tokenizer, (train.max_length, train.max_prompt_length))
+    model.set_adapter(adapters.POLICY)
+    for loaded in (data["train"], data.get("eval")):
+        if loaded:
+            require_rules(rewards, loaded)
+    examples = data["train"].examples
+    if len(examples) < cfg.prompts_per_step:
+        raise DataError(f"{len(examples)} prompts, fewer than grpo.prompts_per_step ({cfg.prompts_per_step})",
+                        file=data["train"].source)
+    prompts = [encode_prompt(ctx.tokenizer, ex.prompt)[-train.max_prompt_length :] for ex in examples]
+    per_epoch = len(examples) // cfg.prompts_per_step
+    steps = train.max_steps if train.max_steps > 0 else max(1, round(train.epochs * per_epoch))
+    algorithm = GRPO(model, rewards, ctx.tokenizer, examples, prompts, stage, steps,
+                     adapters.REF if reference else None, ctx.replay)
+    metrics: dict[str, float] = {}
+    evaluate = data.get("eval") and (lambda: heldout_rewards(model, rewards, ctx.tokenizer, data["eval"],
+                                                             cfg.max_new_tokens, cfg.minibatch_size, ctx.quiet))
+    if evaluate:  # the starting policy's held-out reward, the baseline GRPO must beat
+        metrics.update({f"eval_init_{k}": v for k, v in evaluate().items()})
+    seed = train.seed if train.seed is not None else ctx.seed
+    trained, resumed = run_online(algorithm, ctx.stage_dir, len(examples), steps, seed, train.save_steps,
+                                  [StageProgress(stage.name, quiet=ctx.quiet)])
+    metrics.update(trained, global_step=steps)
+    if evaluate:
+        metrics.update({f"eval_{k}": v for k, v in evaluate().items()})
+    adapter = adapters.save(model, ctx.stage_dir / "adapter", adapters.POLICY)
+    return StageOutput(adapter, metrics, str(resumed) if resumed else None)
+
+
+register(StageKind("grpo", GRPOStageConfig, run, data="prompt", summary=partial(init_and_final, "grpo_scores"),
+                   multi_process=False,
+                   curves=("reward", "kl", "completions/mean_length", "replay/nll")))

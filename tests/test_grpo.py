@@ -1,0 +1,131 @@
+"""GRPO (align.losses.grpo, align.stages.grpo): advantages against hand-worked numbers and TRL's formulas, the loss
+against TRL 1.16's GRPOTrainer._compute_loss on identical inputs for each aggregation TRL has, clip-higher at work,
+and the stage end to end on the tiny model (its metrics under TRL's names), and a SIGKILLed run resuming with each step
+logged once."""
+
+import json
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from trl import GRPOTrainer
+
+from align.config import parse_recipe
+from align.losses.grpo import ClippedGroupLoss, group_advantages
+from align.pipeline import run_recipe
+from tests.conftest import _tiny_head, kill_run_after, rerun
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 4.0, 3.0, 3.0, 3.0])  # two prompts, G = 3
+    std = (42 / 18) ** 0.5  # Bessel-corrected std of 1, 2, 4
+    expected = torch.tensor([-4 / 3, -1 / 3, 5 / 3]) / (std + 1e-4)
+    assert torch.allclose(group_advantages(rewards, 3, "group_norm")[:3], expected, atol=1e-6)
+    assert group_advantages(rewards, 3, "group_norm")[3:].tolist() == [0.0, 0.0, 0.0]  # a tied group teaches nothing
+    assert torch.allclose(group_advantages(rewards, 3, "group_mean")[:3], torch.tensor([-4 / 3, -1 / 3, 5 / 3]))
+    # RLOO: rewards less 0.1 * summed KL (0.95, 2, 3.9), each against the mean of its two siblings
+    kl = torch.tensor([0.5, 0.0, 1.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(group_advantages(rewards, 3, "rloo", kl, 0.1)[:3], torch.tensor([-2.0, -0.425, 2.425]))
+
+
+def _trl_loss(loss_type, logps, old, ref, advantages, mask, beta, eps_low, eps_high, max_len):
+    """TRL 1.16's GRPOTrainer._compute_loss, its own code, on our inputs (no model: log-probs given)."""
+    metrics = {"train": defaultdict(list)}
+    trainer = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
+        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level="token", beta=beta, loss_type=loss_type, epsilon_low=eps_low,
+        epsilon_high=eps_high, use_vllm=False, model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, max_completion_length=max_len, _entropy_bonus_enabled=False,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
+        accelerator=SimpleNamespace(reduce=lambda x, reduction: x, gather=lambda x: x, num_processes=1),
+        _metrics=metrics)
+    width = logps.shape[1]
+    inputs = {"prompt_ids": torch.zeros(logps.shape[0], 2, dtype=torch.long),
+              "prompt_mask": torch.ones(logps.shape[0], 2, dtype=torch.long),
+              "completion_ids": torch.zeros(logps.shape[0], width, dtype=torch.long), "completion_mask": mask,
+              "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref}
+    return GRPOTrainer._compute_loss(trainer, None, inputs), metrics["train"]
+
+
+@pytest.mark.parametrize("aggregation,trl_type", [("sequence", "grpo"), ("token", "bnpo"), ("constant", "dr_grpo")])
+def test_the_loss_is_trls_for_each_aggregation(aggregation, trl_type):
+    torch.manual_seed(0)
+    n, width = 6, 5
+    old = -torch.rand(n, width) * 3
+    logps = old + torch.randn(n, width) * 0.4  # ratios well outside the clip range on some tokens
+    ref = old + torch.randn(n, width) * 0.2
+    advantages = torch.randn(n)
+    mask = torch.ones(n, width)
+    mask[0, 3:] = 0
+    mask[4, 1:] = 0
+    ours, metrics = ClippedGroupLoss(0.2, 0.28, 0.04, aggregation, width)(logps, old, advantages, mask, ref)
+    theirs, trl_metrics = _trl_loss(trl_type, logps, old, ref, advantages, mask, 0.04, 0.2, 0.28, width)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+    for key in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert metrics[key] == pytest.approx(trl_metrics[key][0], abs=1e-6), key
+    assert metrics["clip_ratio/region_mean"] > 0  # the clip did bite on these inputs
+
+
+def test_clip_higher_lets_positive_advantages_move_further_before_the_clip():
+    """mu = 2: the second pass sees ratios the first pass moved; a wider upper clip flags fewer of them."""
+    torch.manual_seed(1)
+    old = -torch.rand(8, 6) * 2
+    advantages = torch.tensor([1.0, -1.0] * 4)
+    mask = torch.ones(8, 6)
+    high = {}
+    for clip_high in (0.05, 0.28):
+        logps = old.clone().requires_grad_(True)
+        loss_fn = ClippedGroupLoss(0.05, clip_high, 0.0, "token", 6)
+        optimizer = torch.optim.SGD([logps], lr=5.0)  # moves each log-prob by about 0.1 per pass
+        for _ in range(2):  # num_iterations = 2 on one rollout
+            loss, metrics = loss_fn(logps, old, advantages, mask)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        high[clip_high] = metrics["clip_ratio/high_mean"]
+    # the positive half's ratios near 1.1 in the second pass: past 1.05, short of 1.28
+    assert high[0.05] == 0.5 and high[0.28] == 0.0
+
+
+TRAIN = "lr: 5.0e-3, max_length: 96, max_prompt_length: 64"
+
+
+def _recipe(output_dir, steps: int, save_steps: int = 50, advantage: str = "group_norm", kl_coef: float = 0.0):
+    return _tiny_head("tinygrpo", output_dir, "none", sft_steps=4) + f"""\
+  - name: grpo
+    kind: grpo
+    init: ${{sft.adapter}}
+    data: {{path: "synthetic:prompts", max_rows: 32}}
+    rewards: [{{rule: synthetic_tasks}}]
+    grpo: {{prompts_per_step: 4, num_generations: 4, max_new_tokens: 8, minibatch_size: 8, num_iterations: 2,
+            advantage: {advantage}, kl_coef: {kl_coef}}}
+    train: {{max_steps: {steps}, save_steps: {save_steps}, {TRAIN}}}
+"""
+
+
+@pytest.mark.parametrize("advantage,kl_coef", [("group_norm", 0.0), ("rloo", 0.05)])
+def test_a_grpo_stage_trains_logs_trls_metrics_and_loads_a_reference_only_with_kl(tmp_path, advantage, kl_coef):
+    summary = run_recipe(parse_recipe(_recipe(tmp_path, steps=3, advantage=advantage, kl_coef=kl_coef)), quiet=True)
+    assert summary["stages"]["grpo"]["status"] == "done"
+    records = [json.loads(line) for line in (tmp_path / "tinygrpo" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
+                "rewards/rule:synthetic_tasks/mean", "rewards/rule:synthetic_tasks/std", "clip_ratio/region_mean"):
+        assert key in records[-1], key
+    assert ("kl" in records[-1]) == (kl_coef > 0 and advantage != "rloo")  # rloo puts its KL in the reward
+    assert all(r["completions/mean_length"] <= 8 for r in records)
+
+
+def test_sigkill_during_grpo_resumes_to_every_step_once(tmp_path):
+    recipe = tmp_path / "tinygrpo.yaml"
+    recipe.write_text(_recipe(tmp_path / "runs", steps=8, save_steps=2))
+    stage_dir = tmp_path / "runs" / "tinygrpo" / "grpo"
+    cmd = kill_run_after(recipe, lambda: list((stage_dir / "checkpoints").glob("step-*/state.pt")), linger=0.5)
+    assert json.loads((stage_dir / "stage.json").read_text())["status"] == "running"
+    rerun(cmd)
+    state = json.loads((stage_dir / "stage.json").read_text())
+    assert state["status"] == "done" and "step-" in state["resumed_from"]
+    steps = [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
