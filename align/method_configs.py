@@ -182,6 +182,13 @@ class GRPOConfig:
     kl_coef: float = 0.0  # beta; 0 loads no reference adapter (TRL beta, default 0 since 0.19)
     num_iterations: int = 1  # mu: updates per rollout batch (TRL num_iterations)
     minibatch_size: int = 16  # completions per gradient step
+    # DAPO: sample more prompts (up to max_resample_rounds batches more) until every group's rewards differ
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 3
+    # DAPO's soft overlong punishment: 0 = off; else the last this many tokens before max_new_tokens cost up to
+    # overlong_penalty, linearly
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
@@ -200,6 +207,10 @@ class GRPOConfig:
         _require(0 < self.clip_low < 1, "clip_low", f"must be in (0, 1), got {self.clip_low}")
         _require(self.clip_high > 0, "clip_high", f"must be > 0, got {self.clip_high}")
         _require(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+        _require(self.max_resample_rounds >= 0, "max_resample_rounds", f"must be >= 0, got {self.max_resample_rounds}")
+        _require(0 <= self.overlong_buffer < self.max_new_tokens, "overlong_buffer",
+                 f"must be in [0, max_new_tokens), got {self.overlong_buffer}")
+        _require(self.overlong_penalty >= 0, "overlong_penalty", f"must be >= 0, got {self.overlong_penalty}")
 
     def loss(self) -> grpo.ClippedGroupLoss:
         return grpo.ClippedGroupLoss(self.clip_low, self.clip_high, 0.0 if self.advantage == "rloo" else self.kl_coef,

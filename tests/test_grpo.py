@@ -3,7 +3,9 @@ against TRL 1.16's GRPOTrainer._compute_loss on identical inputs for each aggreg
 and the stage end to end on the tiny model (its metrics under TRL's names), and a SIGKILLed run resuming with each step
 logged once."""
 
+import dataclasses
 import json
+import zlib
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -14,6 +16,8 @@ from trl import GRPOTrainer
 from align.config import parse_recipe
 from align.losses.grpo import ClippedGroupLoss, group_advantages
 from align.pipeline import run_recipe
+from align.rewards import REWARD_SOURCES, Reward, RewardSource, register_source
+from align.stages.grpo_rollout import overlong_penalty
 from tests.conftest import _tiny_head, kill_run_after, rerun
 
 
@@ -120,12 +124,65 @@ def test_a_grpo_stage_trains_logs_trls_metrics_and_loads_a_reference_only_with_k
 
 def test_sigkill_during_grpo_resumes_to_every_step_once(tmp_path):
     recipe = tmp_path / "tinygrpo.yaml"
-    recipe.write_text(_recipe(tmp_path / "runs", steps=8, save_steps=2))
+    recipe.write_text(_recipe(tmp_path / "runs", steps=12, save_steps=2))
     stage_dir = tmp_path / "runs" / "tinygrpo" / "grpo"
-    cmd = kill_run_after(recipe, lambda: list((stage_dir / "checkpoints").glob("step-*/state.pt")), linger=0.5)
+
+    def logged_past_a_checkpoint() -> bool:  # killed with a step to redo
+        log = stage_dir / "metrics.jsonl"
+        return bool(list((stage_dir / "checkpoints").glob("step-*/state.pt"))) and log.is_file() and \
+            log.read_text().count("\n") % 2 == 1
+
+    cmd = kill_run_after(recipe, logged_past_a_checkpoint)
     assert json.loads((stage_dir / "stage.json").read_text())["status"] == "running"
     rerun(cmd)
     state = json.loads((stage_dir / "stage.json").read_text())
     assert state["status"] == "done" and "step-" in state["resumed_from"]
     steps = [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))
+    assert steps == list(range(1, 13))
+
+
+def test_the_overlong_penalty_by_hand():
+    lengths = torch.tensor([3, 6, 7, 8, 10])
+    assert overlong_penalty(lengths, max_new_tokens=10, buffer=4).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0]
+
+
+class HalfThePromptsVary(Reward):
+    """Tied (0) on about half the prompts, whatever the completion; on the others, a score that differs per text."""
+
+    name, kind, needs_rules = "half", "toy", False
+
+    def score(self, prompts, responses, rules=None):
+        return torch.tensor([float(zlib.crc32(r.encode()) % 7) if zlib.crc32(p[-1]["content"].encode()) % 2 else 0.0
+                             for p, r in zip(prompts, responses)])
+
+
+@dataclasses.dataclass(kw_only=True)
+class HalfSource(RewardSource):
+    half: bool = True
+
+    def load(self, model=None, tokenizer=None, adapter="reward", lengths=(512, 256)):
+        return HalfThePromptsVary()
+
+
+@pytest.fixture
+def half_reward():
+    register_source("half")(HalfSource)
+    yield
+    del REWARD_SOURCES["half"]
+
+
+def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ(tmp_path, half_reward):
+    def zero_std(dynamic: bool) -> list[dict]:
+        text = _recipe(tmp_path / str(dynamic), steps=3).replace("rewards: [{rule: synthetic_tasks}]",
+                                                                 "rewards: [{half: true}]")
+        text = text.replace("num_iterations: 2,", f"num_iterations: 1, dynamic_sampling: {str(dynamic).lower()}, "
+                                                  "max_resample_rounds: 6, overlong_buffer: 2,")
+        run_recipe(parse_recipe(text), quiet=True)
+        log = (tmp_path / str(dynamic) / "tinygrpo" / "grpo" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in log]
+
+    plain, dynamic = zero_std(False), zero_std(True)
+    assert sum(r["frac_reward_zero_std"] for r in plain) > 0  # tied groups reach the update without it
+    assert [r["frac_reward_zero_std"] for r in dynamic] == [0.0, 0.0, 0.0]
+    assert any(r["dynamic_sampling/rounds"] > 0 for r in dynamic)
+    assert all("rewards/overlong/mean" in r and r["rewards/overlong/mean"] <= 0 for r in dynamic)

@@ -27,9 +27,10 @@ from align.rewards import RewardSource
 from align.rewards.weighted import WeightedRewards, load_weighted, require_rules
 from align.settings import StageConfig
 from align.stages.engine import StageContext, StageOutput
+from align.stages.grpo_rollout import Groups, dynamic_groups, sample_groups
 from align.stages.kind import StageKind, register
 from align.stages.online import heldout_rewards, init_and_final, run_online
-from align.stages.ppo_rollout import response_logprobs, sample
+from align.stages.ppo_rollout import response_logprobs
 from align.ui import StageProgress
 
 
@@ -66,11 +67,11 @@ class GRPO:
     """GRPO as an online algorithm (align.stages.online)."""
 
     def __init__(self, model, rewards: WeightedRewards, tokenizer, examples, prompts: list[list[int]],
-                 stage: GRPOStageConfig, steps: int, ref: str | None, replay=None):
+                 stage: GRPOStageConfig, steps: int, seed: int, ref: str | None, replay=None):
         cfg, train = stage.grpo, stage.train
         self.model, self.rewards, self.tokenizer, self.cfg, self.ref, self.replay = (model, rewards, tokenizer, cfg,
                                                                                      ref, replay)
-        self.examples, self.prompts, self.batch_size = examples, prompts, cfg.prompts_per_step
+        self.examples, self.prompts, self.batch_size, self.seed = examples, prompts, cfg.prompts_per_step, seed
         self.loss = cfg.loss()
         self.params = [p for n, p in model.named_parameters() if f".{adapters.POLICY}." in n and "lora_" in n]
         self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, eps=1e-5, weight_decay=train.weight_decay)
@@ -82,38 +83,40 @@ class GRPO:
     @torch.no_grad()
     def experience(self, batch: list[int], step: int):
         cfg, G = self.cfg, self.cfg.num_generations
-        examples = [self.examples[i] for i in batch for _ in range(G)]
         self.model.eval()
-        query_response, attention_mask, mask, width = sample(
-            self.model, self.tokenizer, [self.prompts[i] for i in batch for _ in range(G)], cfg)
-        old_logps, _ = response_logprobs(self.model, query_response, attention_mask, width, cfg.temperature)
+
+        def sample_prompts(prompts: list[int]) -> Groups:
+            return sample_groups(self.model, self.tokenizer, self.rewards, self.examples, self.prompts, prompts, cfg)
+
+        metrics = {}
+        if cfg.dynamic_sampling:  # the extra prompts depend only on the seed and the step, as the batch does
+            draws = torch.Generator().manual_seed(self.seed + 1_000_003 * (step + 1))
+            groups, metrics = dynamic_groups(
+                sample_prompts, batch, lambda _: torch.randperm(len(self.prompts), generator=draws)[: len(batch)]
+                .tolist(), len(batch), cfg.max_resample_rounds, self.tokenizer.pad_token_id)
+        else:
+            groups = sample_prompts(batch)
+        qr, am, mask, width = groups.query_response, groups.attention_mask, groups.mask, groups.prompt_width
+        old_logps, _ = response_logprobs(self.model, qr, am, width, cfg.temperature)
         ref_logps = None
         if cfg.kl_coef > 0:  # the reference adapter, or the bare base when the stage starts from it
             with adapters.using(self.model, self.ref):
-                ref_logps, _ = response_logprobs(self.model, query_response, attention_mask, width, cfg.temperature)
-        texts = self.tokenizer.batch_decode(query_response[:, width:], skip_special_tokens=True)
-        prompts, rules = [ex.prompt for ex in examples], [ex.rule for ex in examples]
-        total = torch.zeros(len(texts))
-        metrics = {}
-        for reward, weight, label in self.rewards:
-            part = reward.score_sampled(prompts, texts, rules, query_response, attention_mask).float().cpu()
-            metrics[f"rewards/{label}/mean"] = float(part.mean())
-            metrics[f"rewards/{label}/std"] = float(part.std())
-            total += weight * part
+                ref_logps, _ = response_logprobs(self.model, qr, am, width, cfg.temperature)
+        for label, scores in groups.rewards.items():
+            metrics[f"rewards/{label}/mean"] = float(scores.mean())
+            metrics[f"rewards/{label}/std"] = float(scores.std())
         kl = ((old_logps - ref_logps) * mask).sum(1).cpu() if ref_logps is not None else None  # [N] summed k1
-        advantages = group_advantages(total, G, cfg.advantage, kl, cfg.kl_coef)
-        group_std = total.view(-1, G).std(1)  # [prompts]
-        ended = ((query_response[:, width:] == self.tokenizer.eos_token_id) & (mask > 0)).any(1)
+        advantages = group_advantages(groups.total, G, cfg.advantage, kl, cfg.kl_coef)
+        group_std = groups.group_std()
+        ended = ((qr[:, width:] == self.tokenizer.eos_token_id) & (mask > 0)).any(1)
         metrics.update({
-            "reward": float(total.mean()),
+            "reward": float(groups.total.mean()),
             "reward_std": float(group_std.mean()),
             "frac_reward_zero_std": float(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()),
             "completions/mean_length": float(mask.sum(1).mean()),
             "completions/clipped_ratio": float((~ended).float().mean()),
         })
-        rollout = Rollout(query_response, attention_mask, mask, old_logps, ref_logps,
-                          advantages.to(query_response.device), width)
-        return rollout, metrics
+        return Rollout(qr, am, mask, old_logps, ref_logps, advantages.to(qr.device), width), metrics
 
     def update(self, rollout: Rollout, step: int) -> dict[str, float]:
         """`num_iterations` passes of clipped updates over shuffled minibatches; metrics averaged over them."""
@@ -177,14 +180,14 @@ def train_grpo(model, stage: GRPOStageConfig, ctx: StageContext, data) -> StageO
     prompts = [encode_prompt(ctx.tokenizer, ex.prompt)[-train.max_prompt_length :] for ex in examples]
     per_epoch = len(examples) // cfg.prompts_per_step
     steps = train.max_steps if train.max_steps > 0 else max(1, round(train.epochs * per_epoch))
-    algorithm = GRPO(model, rewards, ctx.tokenizer, examples, prompts, stage, steps,
+    seed = train.seed if train.seed is not None else ctx.seed
+    algorithm = GRPO(model, rewards, ctx.tokenizer, examples, prompts, stage, steps, seed,
                      adapters.REF if reference else None, ctx.replay)
     metrics: dict[str, float] = {}
     evaluate = data.get("eval") and (lambda: heldout_rewards(model, rewards, ctx.tokenizer, data["eval"],
                                                              cfg.max_new_tokens, cfg.minibatch_size, ctx.quiet))
     if evaluate:  # the starting policy's held-out reward, the baseline GRPO must beat
         metrics.update({f"eval_init_{k}": v for k, v in evaluate().items()})
-    seed = train.seed if train.seed is not None else ctx.seed
     trained, resumed = run_online(algorithm, ctx.stage_dir, len(examples), steps, seed, train.save_steps,
                                   [StageProgress(stage.name, quiet=ctx.quiet)])
     metrics.update(trained, global_step=steps)
