@@ -70,6 +70,8 @@ class StageProgress(StepObserver):
             parts.append(f"tau {logs['rank/kendall_tau']:+.3f}")
         if "objective/scores" in logs:
             parts.append(f"score {logs['objective/scores']:+.3f} kl {logs['objective/kl']:.2f}")
+        if "frac_reward_zero_std" in logs:  # grpo
+            parts.append(f"reward {logs['reward']:.3f} tied {logs['frac_reward_zero_std']:.2f}")
         if "eval_rewards/accuracies" in logs:
             parts.append(f"eval acc {logs['eval_rewards/accuracies']:.2f}")
         if "eval_rank/kendall_tau" in logs:
