@@ -100,7 +100,7 @@ def test_dataclasses_validate_when_built_in_python():
 
 
 def test_registry_lists_kinds():
-    assert set(KINDS) == {"sft", "rm", "dpo", "rank", "kto", "ppo"}
+    assert set(KINDS) == {"sft", "rm", "dpo", "rank", "kto", "ppo", "grpo"}
     assert KINDS["sft"].config is SFTStageConfig and KINDS["dpo"].config is DPOStageConfig
 
 
@@ -165,8 +165,8 @@ def test_missing_kind(tmp_path):
 
 
 def test_unknown_kind(tmp_path):
-    e = error(tmp_path, RECIPE.replace("kind: dpo", "kind: grpo"))
-    assert_at(e, 10, "stages.dpo.kind", "'grpo'", "sft, rm, dpo, rank, kto, ppo")
+    e = error(tmp_path, RECIPE.replace("kind: dpo", "kind: grpq"))
+    assert_at(e, 10, "stages.dpo.kind", "'grpq'", "sft, rm, dpo, rank, kto, ppo, grpo")
 
 
 def test_duplicate_stage_names(tmp_path):
@@ -207,7 +207,7 @@ def test_eval_stages_must_exist(tmp_path):
 
 @pytest.mark.parametrize("line, key, words", [
     ("  judge: dpo", "eval.judge", "is a dpo stage; a judge is an rm stage or a reward card"),
-    ("  judge: nope", "eval.judge", "neither an rm stage of this recipe, a reward card (concise"),
+    ("  judge: nope", "eval.judge", "neither an rm stage of this recipe, a reward card (answer_format, concise"),
     ("  reference: sftt", "eval.reference", "unknown stage 'sftt'"),
 ])
 def test_eval_judge_and_reference_are_checked(tmp_path, line, key, words):
