@@ -124,8 +124,8 @@ def test_registry_and_description_cover_every_format():
 def test_prompt_kind_tries_task_then_bare_prompts_then_preference_then_sft_formats():
     # The preference kind's own formats first, then its ranked ones, so detection of pairs is as it was.
     assert [name for (k, name) in FORMATS if k == "prompt"] == [
-        "task", "gsm8k", "prompt", "fastchat_questions", "preference", "implicit_prompt", "hh_rlhf", "oasst_tree", "ranked",
-        "ultrafeedback", "scored_responses", "messages", "prompt_completion", "alpaca", "sharegpt"]
+        "task", "gsm8k", "prompt", "fastchat_questions", "preference", "implicit_prompt", "hh_rlhf", "oasst_tree",
+        "ranked", "ultrafeedback", "scored_responses", "messages", "prompt_completion", "alpaca", "sharegpt"]
 
 
 def test_prompt_sets_for_eval_text_lines_and_fastchat_questions(tmp_path):

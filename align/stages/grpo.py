@@ -18,38 +18,26 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import get_scheduler
 
-from align.errors import DataError, require
+from align.errors import DataError
 from align.losses.grpo import group_advantages
-from align.method_configs import GRPOConfig, ReplayConfig, ReplayOutConfig
+from align.method_configs import GRPOConfig
 from align.models import adapters
 from align.models.tokens import encode_prompt
-from align.rewards import RewardSource
 from align.rewards.weighted import WeightedRewards, load_weighted, require_rules
-from align.settings import StageConfig
 from align.stages.engine import StageContext, StageOutput
 from align.stages.grpo_rollout import Groups, dynamic_groups, sample_groups
 from align.stages.kind import StageKind, register
-from align.stages.online import heldout_rewards, init_and_final, run_online
+from align.stages.online import OnlineStageConfig, heldout_rewards, init_and_final, run_online
 from align.stages.ppo_rollout import response_logprobs
 from align.ui import StageProgress
 
 
 @dataclass(kw_only=True)
-class GRPOStageConfig(StageConfig):
+class GRPOStageConfig(OnlineStageConfig):
     """Online RL with G sampled completions per prompt and group-relative advantages; no value model."""
 
     kind: str = "grpo"
-    # the KL reference adapter (loaded only with kl_coef > 0); None = init, else the base with adapters disabled
-    reference: str | None = None
-    rewards: list[RewardSource]  # required, summed with their weights: {model: ...} or {rule: ...} (align.rewards)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    replay: ReplayConfig | None = None  # SFT data mixed into the policy loss, InstructGPT's "ptx" term
-    replay_out: ReplayOutConfig | None = None  # it trains on prompts: it has no answers to keep
-
-    def __post_init__(self):
-        super().__post_init__()
-        require(bool(self.rewards), "rewards", "GRPO needs at least one reward (model: or rule:)")
-        require(self.replay_out is None, "replay_out", "a grpo stage trains on prompts: it has no answers to keep")
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # its reference is loaded only with kl_coef > 0
 
 
 @dataclass

@@ -13,18 +13,39 @@ from __future__ import annotations
 
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from align.errors import require
+from align.method_configs import ReplayConfig, ReplayOutConfig
 from align.models.generation import Decoding, generate
+from align.rewards import RewardSource
 from align.rewards.weighted import WeightedRewards
 from align.run_folder import StageFolder
+from align.settings import StageConfig
 from align.ui import StepObserver, work_progress
 
 KEPT_CHECKPOINTS = 2
+
+
+@dataclass(kw_only=True)
+class OnlineStageConfig(StageConfig):
+    """What every online RL stage's config has: the rewards it samples for, a KL reference, replay of SFT data."""
+
+    reference: str | None = None  # the frozen KL reference adapter, e.g. ${sft.adapter}; None = `init`
+    rewards: list[RewardSource]  # required, summed with their weights: {model: ...} or {rule: ...} (align.rewards)
+    replay: ReplayConfig | None = None  # SFT data mixed into the policy loss, InstructGPT's "ptx" term
+    replay_out: ReplayOutConfig | None = None  # it trains on prompts: it has no answers to keep
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(bool(self.rewards), "rewards", f"a {self.kind} stage needs at least one reward (model: or rule:)")
+        require(self.replay_out is None, "replay_out",
+                f"a {self.kind} stage trains on prompts: it has no answers to keep")
 
 
 class OnlineAlgorithm(Protocol):

@@ -29,38 +29,27 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import get_scheduler
 
-from align.errors import DataError, require
+from align.errors import DataError
 from align.losses.ppo import RunningMoments, kl_controller, policy_loss, value_loss
-from align.method_configs import PPOConfig, ReplayConfig, ReplayOutConfig
+from align.method_configs import PPOConfig
 from align.models import adapters, heads
 from align.models.tokens import encode_prompt
-from align.rewards import RewardSource
 from align.rewards.weighted import WeightedRewards, load_weighted, require_rules
-from align.settings import StageConfig
 from align.stages.engine import StageContext, StageOutput
 from align.stages.kind import StageKind, register
-from align.stages.online import heldout_rewards, init_and_final, run_online
+from align.stages.online import OnlineStageConfig, heldout_rewards, init_and_final, run_online
 from align.stages.ppo_rollout import make_experience, response_logprobs, response_values
 from align.ui import StageProgress
 
 
 @dataclass(kw_only=True)
-class PPOStageConfig(StageConfig):
+class PPOStageConfig(OnlineStageConfig):
     """PPO against learned and/or rule-based rewards; policy, value, reward and reference are adapters
     on the one base. `data` holds prompts (any format with a prompt; a `rule` feeds rule rewards)."""
 
     kind: str = "ppo"
-    reference: str | None = None  # frozen KL reference, e.g. ${sft.adapter}; None = `init`
     value_init: str | None = None  # the value adapter's start; None = the first reward model's, else `init`
-    rewards: list[RewardSource]  # required, summed with their weights: {model: ...} or {rule: ...} (align.rewards)
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    replay: ReplayConfig | None = None  # SFT data mixed into the policy loss, InstructGPT's "ptx" term
-    replay_out: ReplayOutConfig | None = None  # PPO trains on prompts: it has no answers to keep
-
-    def __post_init__(self):
-        super().__post_init__()
-        require(bool(self.rewards), "rewards", "PPO needs at least one reward (model: or rule:)")
-        require(self.replay_out is None, "replay_out", "a ppo stage trains on prompts: it has no answers to keep")
 
 
 @dataclass
