@@ -266,8 +266,10 @@ class Pipeline:
 
 def model_settings(model_cfg) -> dict:
     """The model section without what the identity already says in resolved form: the name `base` resolves from,
-    `precision` (the identity has the dtype it gave) and `chat_template` (the identity has the template used)."""
-    return {k: v for k, v in asdict(model_cfg).items() if k not in ("base", "precision", "chat_template")}
+    `precision` (the identity has the dtype it gave) and `chat_template` (the identity has the template used); nor
+    `dequantized_generation`, which changes how fast generation computes, not what."""
+    return {k: v for k, v in asdict(model_cfg).items()
+            if k not in ("base", "precision", "chat_template", "dequantized_generation")}
 
 
 def _strings(obj):

@@ -1,4 +1,4 @@
-"""Batched generation of chat replies from the model as it is (whichever adapter is active)."""
+"""Batched generation of chat replies from the model as it is (whichever adapter is active): align.models.decoding."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from align.models.decoding import decode
 from align.models.tokens import encode_prompt, left_pad
 
 
@@ -36,10 +37,11 @@ class Decoding:
     seed: int = 0  # sampling is repeatable: the same seed gives the same replies
 
     def kwargs(self) -> dict:
+        """The same settings for `model.generate` (align chat streams its replies through it)."""
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} if self.do_sample else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        # use_cache whatever the model's config says (the Trainer turns it off): replies depend on the base, the
-        # adapter and these settings only, and in bf16 replies computed without the KV cache differ from those with it
+        # use_cache whatever the model's config says (the Trainer turns it off): in bf16 replies computed without the
+        # KV cache differ from those with it
         return {"max_new_tokens": self.max_new_tokens, "use_cache": True, **sampling}
 
 
@@ -57,8 +59,10 @@ def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, ba
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = {k: v.to(model.device) for k, v in left_pad([encoded[i] for i in idx], pad).items()}
-            out = model.generate(**batch, **decoding.kwargs(), pad_token_id=pad, eos_token_id=eos)
-            for i, ids in zip(idx, out[:, batch["input_ids"].shape[1] :].tolist()):
+            out = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=decoding.max_new_tokens,
+                         eos_id=eos, pad_id=pad, do_sample=decoding.do_sample, temperature=decoding.temperature,
+                         top_p=decoding.top_p)
+            for i, ids in zip(idx, out.tolist()):
                 ids = ids[: ids.index(eos) + 1] if eos in ids else ids
                 replies[i] = Reply(tokenizer.decode(ids, skip_special_tokens=True), ids)
             if on_batch:

@@ -25,6 +25,7 @@ import torch
 
 from align import distributed
 from align.errors import AlignError
+from align.models.decoding import want_dequantized
 from align.models.tokens import DEFAULT_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ def load_base(model_cfg, resolved: ResolvedBase | None = None):
         model = model.to("cuda")
     if model_cfg.quantization == "nf4":
         keep_4bit_layout(model)
+        want_dequantized(model, model_cfg.dequantized_generation)
     model.requires_grad_(False)
     return model, tokenizer
 

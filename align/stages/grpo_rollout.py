@@ -67,8 +67,8 @@ def sample_groups(model, tokenizer, rewards, examples, prompt_ids: list[list[int
                   cfg) -> Groups:
     """G completions of the active (policy) adapter for each prompt index in `prompts`, scored."""
     G = cfg.num_generations
-    query_response, attention_mask, mask, width = sample(
-        model, tokenizer, [prompt_ids[i] for i in prompts for _ in range(G)], cfg)
+    query_response, attention_mask, mask, width = sample(model, tokenizer, [prompt_ids[i] for i in prompts], cfg,
+                                                         repeats=G)
     texts = tokenizer.batch_decode(query_response[:, width:], skip_special_tokens=True)
     chosen = [examples[i] for i in prompts for _ in range(G)]
     messages, rules = [ex.prompt for ex in chosen], [ex.rule for ex in chosen]

@@ -5,8 +5,8 @@ adapter, not running another model. Tensors: P = prompt width (left-padded), R =
 `query_response` is [B, P+R] with padding after each response's EOS.
 
 Implementation details of Huang et al. (2023 blog; 2024, arXiv 2403.17031) followed here:
-- sampling with a fresh generation config (no top-k, top-p or repetition penalty from the model's
-  defaults), so the log-probs we train on are those of the distribution we sampled from;
+- sampling with no logits processor (no top-k, top-p or repetition penalty from the model's defaults:
+  align.models.decoding), so the log-probs we train on are those of the distribution we sampled from;
 - the same temperature divides the logits of every log-prob (details "temperature" and "logits
   processing");
 - tokens after the first EOS become padding, and a response with no EOS gets `missing_eos_penalty`
@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import GenerationConfig
 
 from align.losses.ppo import entropy_from_logits, gae, kl_penalty_rewards, masked_mean, masked_whiten
 from align.models import adapters, heads
+from align.models.decoding import decode
 from align.models.tokens import left_pad
 
 
@@ -62,23 +62,24 @@ def response_values(model, head, query_response, attention_mask, prompt_width: i
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompt_ids: list[list[int]], cfg):
-    """Responses of the active (policy) adapter: (query_response, attention_mask, response_mask, P)."""
+def sample(model, tokenizer, prompt_ids: list[list[int]], cfg, repeats: int = 1):
+    """`repeats` responses of the active (policy) adapter to each prompt, each prompt's adjacent:
+    (query_response, attention_mask, response_mask, P)."""
     batch = {k: v.to(model.device) for k, v in left_pad(prompt_ids, tokenizer.pad_token_id).items()}
-    generation = GenerationConfig(
-        do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-    )
-    out = model.generate(**batch, generation_config=generation)
+    response = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=cfg.max_new_tokens,
+                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, do_sample=True,
+                      temperature=cfg.temperature, repeats=repeats)  # [B * repeats, R], padding after EOS
     width = batch["input_ids"].shape[1]
-    response = out[:, width:]  # [B, R]
-    is_eos = response == tokenizer.eos_token_id
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    response = response.masked_fill(after_eos, tokenizer.pad_token_id)
-    response_mask = (~after_eos).long()
-    query_response = torch.cat([batch["input_ids"], response], 1)
-    attention_mask = torch.cat([batch["attention_mask"], response_mask], 1)
+    response_mask = decode_mask(response, tokenizer.eos_token_id)
+    query_response = torch.cat([batch["input_ids"].repeat_interleave(repeats, 0), response], 1)
+    attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(repeats, 0), response_mask], 1)
     return query_response, attention_mask, response_mask.float(), width
+
+
+def decode_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B, R] long: 1 up to and including each response's first EOS."""
+    is_eos = response == eos_id
+    return ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()
 
 
 @torch.no_grad()
