@@ -1,9 +1,10 @@
 """Several processes on one run (`accelerate launch`, `torchrun`): which one is the main process, and waiting for it.
 
 Stages that pass over a dataset train with DistributedDataParallel through transformers' Trainer, each process on its
-share of every batch. Files the processes share (stage.json, adapters, caches, replay buffers, metrics, forgetting,
-eval, summary) are written by the main process alone, and the others wait where they next need what it wrote.
-Without a launcher there is one process: it is the main one, waits for nobody, and every helper here is a no-op.
+share of every batch; the grpo stage's loop shares out its prompts and minibatches itself and averages its adapter's
+gradients with `average_gradients`. Files the processes share (stage.json, adapters, caches, replay buffers, metrics,
+forgetting, eval, summary) are written by the main process alone, and the others wait where they next need what it
+wrote. Without a launcher there is one process: it is the main one, waits for nobody, and every helper here is a no-op.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def main_first() -> Iterator[None]:
         barrier()
 
 
+def share(items):
+    """This process's contiguous share of `items` (a list, range or tensor whose length the processes divide)."""
+    size = len(items) // world_size()
+    return items[rank() * size : (rank() + 1) * size]
+
+
 def broadcast(obj):
     """The main process's `obj`, in every process."""
     if not _active():
@@ -74,3 +81,22 @@ def gather(obj) -> list:
     out = [None] * world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def mean(values: dict[str, float]) -> dict[str, float]:
+    """Each value's mean over the processes, which hold the same keys."""
+    parts = gather(values)
+    return {key: sum(part[key] for part in parts) / len(parts) for key in values}
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Replace each parameter's gradient by its mean over the processes, as DDP does in backward, for a loop whose
+    forward passes do not run through a DDP wrapper: one all-reduce of all the gradients flattened together."""
+    if not _active():
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size()
+    for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(averaged.view_as(grad))

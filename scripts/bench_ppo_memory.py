@@ -1,4 +1,4 @@
-"""PPO's peak memory against SFT's on the same base and batch shape, and against peers' four models.
+"""PPO's and GRPO's peak memory against SFT's on the same base and batch shape, and against peers' four models.
 
 align's PPO keeps policy, value, reward and reference as four LoRA adapters on ONE frozen base; peers
 (TRL's old PPOTrainer, OpenRLHF) hold four models. This script measures, each in a fresh subprocess:
@@ -8,6 +8,9 @@ align's PPO keeps policy, value, reward and reference as four LoRA adapters on O
 - `ppo`: a ppo stage of --steps steps (rollout batch --batch, minibatch --batch/2, 1 PPO epoch, rewards:
   the `synthetic_tasks` rule plus a reward-model adapter). Its sft and rm stages (1 step each) are first
   run by an unmeasured subprocess, so the measured one skips them as finished: its peak is base + PPO;
+- `grpo`: a grpo stage of --steps steps from the same sft adapter, --batch completions a step (--batch / G
+  prompts x G = --generations samples), minibatch --batch/2, the `synthetic_tasks` rule alone and no
+  reference (kl_coef 0, as quickstart_grpo and TRL's default): policy only, no value, reward or reference adapter;
 - `four_bases`: the base loaded four times, no adapters, no training: a lower bound for peers' PPO.
 
 Peak: on CUDA `torch.cuda.max_memory_allocated()`; on CPU the peak RSS (VmHWM). "above base" is the
@@ -36,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("base", "sft", "ppo", "four_bases")
+MODES = ("base", "sft", "ppo", "grpo", "four_bases")
 LLAMA_SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
@@ -64,6 +67,15 @@ def recipe(args, mode: str, work: Path) -> str:
     sft = {"name": "sft", "kind": "sft", "data": {"path": "synthetic:sft", "max_rows": rows},
            "train": {**train, "max_steps": args.steps if mode == "sft" else 1}}
     stages = [sft]
+    if mode == "grpo":
+        stages.append({
+            "name": "grpo", "kind": "grpo", "init": "${sft.adapter}",
+            "data": {"path": "synthetic:prompts", "max_rows": rows},
+            "rewards": [{"rule": "synthetic_tasks"}],
+            "grpo": {"prompts_per_step": args.batch // args.generations, "num_generations": args.generations,
+                     "minibatch_size": args.batch // 2, "max_new_tokens": args.max_new_tokens},
+            "train": {**train, "max_steps": args.steps},
+        })
     if mode in ("prep", "ppo"):
         stages.append({"name": "rm", "kind": "rm", "init": "${sft.adapter}",
                        "data": {"path": "synthetic:preference", "max_rows": args.batch},
@@ -123,7 +135,8 @@ def measure(args, mode: str, work: Path) -> dict:
     # The environment (ALIGN_CACHE, HF_HUB_OFFLINE, CUDA_VISIBLE_DEVICES) passes on to the child unchanged.
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--work-dir", str(work),
            "--model", args.model, "--quantization", args.quantization, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens)]
+           "--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens),
+           "--generations", str(args.generations)]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -170,14 +183,16 @@ def report(args, results: dict) -> dict:
 
     for r in results.values():
         r["above_base_bytes"] = r["peak_bytes"] - r["loaded_bytes"]
-    sft, ppo = results["sft"], results["ppo"]
+    sft, ppo, grpo = results["sft"], results["ppo"], results["grpo"]
     ratios = {
         "PPO / SFT peak": ratio(ppo["peak_bytes"], sft["peak_bytes"]),
         "(PPO - base) / (SFT - base)": ratio(ppo["above_base_bytes"], sft["above_base_bytes"]),
+        "GRPO / PPO peak": ratio(grpo["peak_bytes"], ppo["peak_bytes"]),
+        "(GRPO - base) / (PPO - base)": ratio(grpo["above_base_bytes"], ppo["above_base_bytes"]),
         "four bases / PPO peak": ratio(results["four_bases"]["peak_bytes"], ppo["peak_bytes"]),
     }
     settings = {k: getattr(args, k)
-                for k in ("model", "random_llama", "quantization", "steps", "batch", "max_new_tokens")}
+                for k in ("model", "random_llama", "quantization", "steps", "batch", "generations", "max_new_tokens")}
     table = Table("mode", Column("peak", justify="right"), Column("above base", justify="right"),
                   title="peak memory per mode")
     for mode, r in results.items():
@@ -200,14 +215,15 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=8,
                         help="SFT batch and PPO rollout batch (even: minibatch is half)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--generations", type=int, default=8, help="GRPO's G; it must divide --batch")
     parser.add_argument("--random-llama", choices=sorted(LLAMA_SHAPES),
                         help="a random Llama of this shape instead of --model")
     parser.add_argument("--work-dir", help="runs and the built model (default: a temporary folder, removed at the end)")
     parser.add_argument("--json", help="write every number to this file")
     parser.add_argument("--child", choices=[*MODES, "prep"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.batch < 2 or args.batch % 2 or args.steps < 1:
-        parser.error("--batch must be even and >= 2, --steps >= 1")
+    if args.batch < 2 or args.batch % 2 or args.steps < 1 or args.batch % args.generations:
+        parser.error("--batch must be even, >= 2 and a multiple of --generations; --steps >= 1")
     return args
 
 
@@ -222,7 +238,8 @@ def main(argv=None) -> dict:
             args.model = str(build_random_llama(args.random_llama, work / f"random-llama-{args.random_llama}"))
         # Measured stages must run, not be skipped as finished by an earlier run in a kept work dir.
         shutil.rmtree(work / "runs" / "bench_sft", ignore_errors=True)
-        shutil.rmtree(work / "runs" / "bench_ppo" / "ppo", ignore_errors=True)
+        for stage in ("ppo", "grpo"):
+            shutil.rmtree(work / "runs" / "bench_ppo" / stage, ignore_errors=True)
         measure(args, "prep", work)
         results = {mode: measure(args, mode, work) for mode in MODES}
     out = report(args, results)

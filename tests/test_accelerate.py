@@ -51,7 +51,7 @@ def launch_two(recipe: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
            "--main_process_port", "0",  # 0: accelerate takes a free port
            "-m", "align.cli", "run", str(recipe), "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 

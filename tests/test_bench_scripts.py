@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from align.models.load import load_base
+from align.models.load import compute_dtype, load_base
 from align.settings import ModelConfig
 from tests.conftest import load_script
 
@@ -16,17 +16,20 @@ def _bench():
     return load_script("bench_ppo_memory")
 
 
-@pytest.mark.slow  # six fresh Python processes that each import torch and transformers: ~70 s on 2 busy cores
+@pytest.mark.slow  # seven fresh Python processes that each import torch and transformers: ~70 s on 2 busy cores
 def test_bench_ppo_memory_measures_every_mode(tmp_path):
     out = tmp_path / "bench.json"
     _bench().main(["--model", "builtin:tiny", "--quantization", "none", "--steps", "1", "--batch", "4",
-                   "--max-new-tokens", "4", "--work-dir", str(tmp_path / "work"), "--json", str(out)])
+                   "--max-new-tokens", "4", "--generations", "2", "--work-dir", str(tmp_path / "work"),
+                   "--json", str(out)])
     report = json.loads(out.read_text())
-    for mode in ("base", "sft", "ppo", "four_bases"):
+    for mode in ("base", "sft", "ppo", "grpo", "four_bases"):
         assert report["results"][mode]["peak_bytes"] > 0, mode
     assert report["results"]["four_bases"]["loads"] == 4
     assert report["results"]["ppo"]["loads"] == 1  # sft and rm were skipped as finished, not rerun
-    assert set(report["ratios"]) == {"PPO / SFT peak", "(PPO - base) / (SFT - base)", "four bases / PPO peak"}
+    assert report["results"]["grpo"]["loads"] == 1  # sft skipped as finished
+    assert set(report["ratios"]) == {"PPO / SFT peak", "(PPO - base) / (SFT - base)", "GRPO / PPO peak",
+                                     "(GRPO - base) / (PPO - base)", "four bases / PPO peak"}
     for name, value in report["ratios"].items():
         assert value is not None and math.isfinite(value), name
 
@@ -42,3 +45,17 @@ def test_random_llama_tiny_builds_a_folder_that_load_base_loads(tmp_path):
                                         return_tensors="pt", return_dict=True)["input_ids"]
     assert model(ids.to(model.device)).logits.shape == (1, ids.shape[1], len(tokenizer))
     assert _bench().build_random_llama("tiny", folder) == folder  # kept once built
+
+
+def test_bench_rollout_compares_align_decoding_with_generate(tmp_path):
+    out = tmp_path / "rollout.json"
+    load_script("bench_rollout").main(["--model", "builtin:tiny", "--quantization", "nf4", "--prompts", "6",
+                                       "--batch-size", "3", "--groups", "2", "--generations", "3",
+                                       "--max-new-tokens", "5", "--repeats", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    for engine in ("align", "align, dequantized"):
+        assert report[engine]["greedy_identical"] is True, engine
+        assert math.isfinite(report[engine]["sampled_speedup"]) and report[engine]["sampled_speedup"] > 0
+    quantized = sum(m.in_features * m.out_features for m in load_base(ModelConfig(
+        base="builtin:tiny", quantization="nf4"))[0].modules() if type(m).__name__ == "Linear4bit")
+    assert report["dequantized_bytes"] == quantized * torch.tensor([], dtype=compute_dtype("auto")).element_size()

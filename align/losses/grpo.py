@@ -15,6 +15,11 @@ exp(ref - logp) - (ref - logp) - 1), as GRPO's eq. 3 has it. Aggregated over a b
 - `sequence`: the mean over completions of each one's mean over its tokens (TRL `grpo`);
 - `token`: the sum over all tokens / their number (TRL `bnpo`; DAPO's token-level loss);
 - `constant`: the sum over all tokens / (N * max completion length) (TRL `dr_grpo`; Dr. GRPO with `group_mean`).
+
+Under W processes, each holding an equal share of a minibatch and averaging its gradients with the others', `sequence`
+and `constant` need nothing more: a share's mean over its N / W completions, or its sum over N / W * max length, is
+what the whole minibatch's is on average over the shares. `token` divides by the whole minibatch's tokens / W
+(`tokens`), DAPO's token-level loss over the global batch, as TRL's `dapo` normalises it.
 """
 
 from __future__ import annotations
@@ -53,8 +58,12 @@ class ClippedGroupLoss:
     max_completion_length: int = 0  # `constant`'s denominator per completion
 
     def __call__(self, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                 ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """`logps`, `old_logps`, `ref_logps`, `mask`: [N, T] per completion token; `advantages` [N]."""
+                 ref_logps: torch.Tensor | None = None,
+                 tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """`logps`, `old_logps`, `ref_logps`, `mask`: [N, T] per completion token; `advantages` [N]; `tokens`: what
+        `token` aggregation and the per-token metrics divide by, by default the batch's own token count (a share of a
+        minibatch passes the minibatch's count / W, so that the processes' mean is the whole minibatch's)."""
+        tokens = (mask.sum() if tokens is None else tokens).clamp(min=1.0)
         adv = advantages[:, None]  # [N, 1]
         ratio = torch.exp(logps - old_logps)  # [N, T]
         clipped = torch.clamp(ratio, 1 - self.clip_low, 1 + self.clip_high)  # [N, T]
@@ -63,22 +72,22 @@ class ClippedGroupLoss:
         if self.beta and ref_logps is not None:
             kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1  # [N, T] k3, >= 0
             per_token = per_token + self.beta * kl
-            metrics["kl"] = float(_masked_mean(kl.detach(), mask))
-        loss = self.aggregate(per_token, mask)
+            metrics["kl"] = float(_masked_mean(kl.detach(), mask, tokens))
+        loss = self.aggregate(per_token, mask, tokens)
         low = (ratio < 1 - self.clip_low) & (adv < 0)  # [N, T] where the clip held a negative advantage's ratio
         high = (ratio > 1 + self.clip_high) & (adv > 0)
-        metrics.update({"clip_ratio/low_mean": float(_masked_mean(low.float(), mask)),
-                        "clip_ratio/high_mean": float(_masked_mean(high.float(), mask)),
-                        "clip_ratio/region_mean": float(_masked_mean((low | high).float(), mask))})
+        metrics.update({"clip_ratio/low_mean": float(_masked_mean(low.float(), mask, tokens)),
+                        "clip_ratio/high_mean": float(_masked_mean(high.float(), mask, tokens)),
+                        "clip_ratio/region_mean": float(_masked_mean((low | high).float(), mask, tokens))})
         return loss, metrics
 
-    def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         if self.aggregation == "sequence":
             return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
         if self.aggregation == "token":
-            return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+            return (per_token * mask).sum() / tokens
         return (per_token * mask).sum() / (per_token.shape[0] * self.max_completion_length)
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / tokens

@@ -6,6 +6,13 @@ value model. Each step (align.stages.online) samples G completions for each of `
 them with the stage's rewards (rule cards, learned reward models, weighted), turns each prompt's G rewards into
 advantages, and runs `num_iterations` passes of clipped updates over shuffled minibatches of the completions.
 Dropout is off while sampling and updating, so the first pass's ratios are exactly 1. Metrics carry TRL's names.
+
+Under a launcher (`accelerate launch`, align.distributed) `prompts_per_step` and `minibatch_size` are global, as
+`train.batch_size` is for the other stages, and a run trains on the same minibatches whatever the number of processes
+W: each process samples and scores the groups of its contiguous share of the step's prompts (dynamic sampling fills
+each share on its own), then all gather all the groups and compute every advantage and metric as one process would;
+each process takes its share of every minibatch (the main process draws their order) and the gradients are averaged.
+The processes sample with streams of their own (seed + rank), as TRL's GRPOTrainer does, not to repeat each other.
 """
 
 from __future__ import annotations
@@ -15,17 +22,19 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+from accelerate.utils import gather
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import get_scheduler
 
-from align.errors import DataError
+from align import distributed
+from align.errors import AlignError, DataError
 from align.losses.grpo import group_advantages
 from align.method_configs import GRPOConfig
 from align.models import adapters
 from align.models.tokens import encode_prompt
 from align.rewards.weighted import WeightedRewards, load_weighted, require_rules
 from align.stages.engine import StageContext, StageOutput
-from align.stages.grpo_rollout import Groups, dynamic_groups, sample_groups
+from align.stages.grpo_rollout import Groups, dynamic_groups, gathered, sample_groups
 from align.stages.kind import StageKind, register
 from align.stages.online import OnlineStageConfig, heldout_rewards, init_and_final, run_online
 from align.stages.ppo_rollout import response_logprobs
@@ -42,7 +51,7 @@ class GRPOStageConfig(OnlineStageConfig):
 
 @dataclass
 class Rollout:
-    query_response: torch.Tensor  # [N, P+R], N = prompts * G, a prompt's G completions adjacent
+    query_response: torch.Tensor  # [N, P+R], N = prompts * G of all processes, a prompt's G completions adjacent
     attention_mask: torch.Tensor  # [N, P+R]
     mask: torch.Tensor  # [N, R] float: 1 up to and including EOS
     old_logps: torch.Tensor  # [N, R] under the policy that sampled
@@ -76,20 +85,31 @@ class GRPO:
         def sample_prompts(prompts: list[int]) -> Groups:
             return sample_groups(self.model, self.tokenizer, self.rewards, self.examples, self.prompts, prompts, cfg)
 
-        metrics = {}
-        if cfg.dynamic_sampling:  # the extra prompts depend only on the seed and the step, as the batch does
+        share, metrics = distributed.share(batch), {}
+        if cfg.dynamic_sampling:
+            # The extra prompts depend only on the seed and the step, as the batch does: each round every process
+            # draws what one process would and samples its share of it.
             draws = torch.Generator().manual_seed(self.seed + 1_000_003 * (step + 1))
             groups, metrics = dynamic_groups(
-                sample_prompts, batch, lambda _: torch.randperm(len(self.prompts), generator=draws)[: len(batch)]
-                .tolist(), len(batch), cfg.max_resample_rounds, self.tokenizer.pad_token_id)
+                sample_prompts, share, lambda _: distributed.share(
+                    torch.randperm(len(self.prompts), generator=draws)[: len(batch)].tolist()),
+                len(share), cfg.max_resample_rounds, self.tokenizer.pad_token_id)
+            metrics = distributed.mean(metrics)
         else:
-            groups = sample_prompts(batch)
+            groups = sample_prompts(share)
+        groups = gathered(groups, self.tokenizer.pad_token_id)
         qr, am, mask, width = groups.query_response, groups.attention_mask, groups.mask, groups.prompt_width
-        old_logps, _ = response_logprobs(self.model, qr, am, width, cfg.temperature)
+
+        def logprobs() -> torch.Tensor:  # [N, R] each process scores the rows of its own share
+            own, _ = response_logprobs(self.model, distributed.share(qr), distributed.share(am), width,
+                                       cfg.temperature)
+            return gather(own)
+
+        old_logps = logprobs()
         ref_logps = None
         if cfg.kl_coef > 0:  # the reference adapter, or the bare base when the stage starts from it
             with adapters.using(self.model, self.ref):
-                ref_logps, _ = response_logprobs(self.model, qr, am, width, cfg.temperature)
+                ref_logps = logprobs()
         for label, scores in groups.rewards.items():
             metrics[f"rewards/{label}/mean"] = float(scores.mean())
             metrics[f"rewards/{label}/std"] = float(scores.std())
@@ -107,24 +127,31 @@ class GRPO:
         return Rollout(qr, am, mask, old_logps, ref_logps, advantages.to(qr.device), width), metrics
 
     def update(self, rollout: Rollout, step: int) -> dict[str, float]:
-        """`num_iterations` passes of clipped updates over shuffled minibatches; metrics averaged over them."""
+        """`num_iterations` passes of clipped updates over shuffled minibatches; metrics averaged over them (and over
+        the processes, each of which holds its share of every minibatch)."""
         cfg, stats = self.cfg, defaultdict(list)
         self.model.eval()  # dropout off, as while sampling: the ratios compare the same function
         size = rollout.query_response.shape[0]
         minibatches = size // cfg.minibatch_size
         for iteration in range(cfg.num_iterations):
-            for i, idx in enumerate(torch.randperm(size).split(cfg.minibatch_size)):
+            order = distributed.broadcast(torch.randperm(size))  # the main process's: the same minibatches in all
+            for i, minibatch in enumerate(order.split(cfg.minibatch_size)):
+                idx = distributed.share(minibatch)
                 logps, _ = response_logprobs(self.model, rollout.query_response[idx], rollout.attention_mask[idx],
                                              rollout.prompt_width, cfg.temperature)
                 ref = rollout.ref_logps[idx] if rollout.ref_logps is not None else None
+                tokens = rollout.mask[minibatch].sum() / distributed.world_size()
                 loss, metrics = self.loss(logps, rollout.old_logps[idx], rollout.advantages[idx], rollout.mask[idx],
-                                          ref)
+                                          ref, tokens)
                 if self.replay is not None:
+                    # Every process adds the buffer sequences that one process adds to the whole minibatch: averaged
+                    # over the processes, the replay term is one process's, at the price of W forwards.
                     ptx, ptx_stats = self.replay.loss(self.model, (step * cfg.num_iterations + iteration) * minibatches
-                                                      + i, len(idx))
+                                                      + i, len(minibatch))
                     loss = loss + ptx
                     metrics.update(ptx_stats)
                 loss.backward()
+                distributed.average_gradients(self.params)  # the log-probs bypass a DDP wrapper's forward
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -132,7 +159,7 @@ class GRPO:
                 stats["loss"].append(float(loss.detach()))
                 for key, value in metrics.items():
                     stats[key].append(value)
-        out = {key: sum(values) / len(values) for key, values in stats.items()}
+        out = distributed.mean({key: sum(values) / len(values) for key, values in stats.items()})
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
 
@@ -146,6 +173,16 @@ class GRPO:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+def check_shares(stage: GRPOStageConfig) -> None:
+    """The step's prompts and each minibatch divide evenly among the processes (whole groups in each share)."""
+    processes = distributed.world_size()
+    for key in ("prompts_per_step", "minibatch_size"):
+        value = getattr(stage.grpo, key)
+        if value % processes:
+            raise AlignError(f"stages.{stage.name}.grpo.{key}: {value} is the global count of all {processes} "
+                             f"processes and must divide evenly among them; make it a multiple of {processes}")
+
+
 def run(stage, ctx: StageContext, data) -> StageOutput:
     with ctx.host.policy(init=stage.init) as model:
         return train_grpo(model, stage, ctx, data)
@@ -153,6 +190,7 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
 
 def train_grpo(model, stage: GRPOStageConfig, ctx: StageContext, data) -> StageOutput:
     cfg, train = stage.grpo, stage.train
+    check_shares(stage)
     reference = (stage.reference or stage.init) if cfg.kl_coef > 0 else None
     if reference:
         adapters.add_frozen(model, reference, adapters.REF)
@@ -169,11 +207,14 @@ def train_grpo(model, stage: GRPOStageConfig, ctx: StageContext, data) -> StageO
     per_epoch = len(examples) // cfg.prompts_per_step
     steps = train.max_steps if train.max_steps > 0 else max(1, round(train.epochs * per_epoch))
     seed = train.seed if train.seed is not None else ctx.seed
+    if distributed.rank():  # after the adapters, which must start the same in every process
+        torch.manual_seed(seed + distributed.rank())
     algorithm = GRPO(model, rewards, ctx.tokenizer, examples, prompts, stage, steps, seed,
                      adapters.REF if reference else None, ctx.replay)
     metrics: dict[str, float] = {}
     evaluate = data.get("eval") and (lambda: heldout_rewards(model, rewards, ctx.tokenizer, data["eval"],
                                                              cfg.max_new_tokens, cfg.minibatch_size, ctx.quiet))
+    ctx.prepared()
     if evaluate:  # the starting policy's held-out reward, the baseline GRPO must beat
         metrics.update({f"eval_init_{k}": v for k, v in evaluate().items()})
     trained, resumed = run_online(algorithm, ctx.stage_dir, len(examples), steps, seed, train.save_steps,
@@ -181,10 +222,11 @@ def train_grpo(model, stage: GRPOStageConfig, ctx: StageContext, data) -> StageO
     metrics.update(trained, global_step=steps)
     if evaluate:
         metrics.update({f"eval_{k}": v for k, v in evaluate().items()})
-    adapter = adapters.save(model, ctx.stage_dir / "adapter", adapters.POLICY)
+    adapter = ctx.stage_dir / "adapter"
+    if distributed.is_main():  # every process holds the same trained adapter
+        adapters.save(model, adapter, adapters.POLICY)
     return StageOutput(adapter, metrics, str(resumed) if resumed else None)
 
 
 register(StageKind("grpo", GRPOStageConfig, run, data="prompt", summary=partial(init_and_final, "grpo_scores"),
-                   multi_process=False,
                    curves=("reward", "kl", "completions/mean_length", "replay/nll")))

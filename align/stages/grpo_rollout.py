@@ -1,6 +1,8 @@
 """GRPO's rollouts: G sampled completions per prompt, scored, with DAPO's dynamic sampling and overlong penalty.
 
 Tensors: N = prompts * G completions, a prompt's G adjacent; P = prompt width (left-padded), R = response width.
+Under a launcher each process samples and scores the groups of its share of a step's prompts, then every process
+gathers all of them (`gathered`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from align import distributed
 from align.stages.ppo_rollout import sample
 
 
@@ -28,6 +31,11 @@ class Groups:
 
     def group_std(self) -> torch.Tensor:
         return self.total.view(self.size(), -1).std(1)  # [N / G]
+
+    def to(self, device) -> Groups:
+        """The token tensors on `device`; the scores stay on the CPU, where the rewards put them."""
+        return replace(self, query_response=self.query_response.to(device),
+                       attention_mask=self.attention_mask.to(device), mask=self.mask.to(device))
 
     def select(self, keep: list[int]) -> Groups:
         """The groups at positions `keep` (of this batch's prompts)."""
@@ -53,6 +61,16 @@ def concat(parts: list[Groups], pad_id: int) -> Groups:
                   [i for p in parts for i in p.prompts],
                   {k: torch.cat([p.rewards[k] for p in parts]) for k in parts[0].rewards},
                   torch.cat([p.total for p in parts]))
+
+
+def gathered(groups: Groups, pad_id: int) -> Groups:
+    """Every process's groups, in every process, in rank order (the shares are contiguous: the step's prompt order);
+    in one process, `groups`."""
+    if distributed.world_size() == 1:
+        return groups
+    device = groups.query_response.device
+    # pickled: a CUDA tensor would come back on the device of the process that sent it
+    return concat(distributed.gather(groups.to("cpu")), pad_id).to(device)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int) -> torch.Tensor:

@@ -7,6 +7,10 @@ Checkpoints (`checkpoints/step-N/state.pt`, written to a temporary folder and re
 one) hold the algorithm's state, every RNG and the step: a resumed run continues exactly where the checkpoint was
 taken, with the same prompt order, and logs each step once. Only what the algorithm trains is saved, where
 accelerate's save_state would also write the whole quantized base.
+
+Under a launcher (align.distributed; grpo trains so, ppo does not) every process runs the loop over the same batches
+and the algorithm shares out the work; the main process alone writes the checkpoints, with every process's RNGs, and
+the metrics log, and tells the observers.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from align import distributed
 from align.errors import require
 from align.method_configs import ReplayConfig, ReplayOutConfig
 from align.models.generation import Decoding, generate
@@ -72,16 +77,15 @@ def checkpoints(stage_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(stage_dir: Path, step: int, algorithm: OnlineAlgorithm) -> None:
-    state = {
-        "step": step,
-        **algorithm.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-        },
-    }
+    rng = distributed.gather({  # each process's, in rank order
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    })
+    if not distributed.is_main():
+        return
+    state = {"step": step, **algorithm.state_dict(), "rng": rng}
     final = stage_dir / "checkpoints" / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -95,23 +99,29 @@ def save_checkpoint(stage_dir: Path, step: int, algorithm: OnlineAlgorithm) -> N
 def load_checkpoint(path: Path, algorithm: OnlineAlgorithm) -> int:
     state = torch.load(path / "state.pt", weights_only=False)  # our own file: it holds Python RNG state
     algorithm.load_state_dict(state)
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
+    per_process = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older: one dict
+    if distributed.rank() < len(per_process):  # a process the checkpoint did not have keeps its own seeded RNGs
+        rng = per_process[distributed.rank()]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
     return state["step"]
 
 
 def run_online(algorithm: OnlineAlgorithm, stage_dir: Path, prompts: int, steps: int, seed: int, save_steps: int,
                observers: list[StepObserver]) -> tuple[dict[str, float], Path | None]:
     """Run `steps` steps over `prompts` prompts (resuming from the stage's last checkpoint); the last value of each
-    metric, and the checkpoint resumed from."""
-    resumed = checkpoints(stage_dir)[-1] if checkpoints(stage_dir) else None
+    metric, and the checkpoint resumed from. Only the main process tells the `observers`."""
+    resumed = distributed.broadcast(checkpoints(stage_dir)[-1] if checkpoints(stage_dir) else None)
     start = load_checkpoint(resumed, algorithm) if resumed else 0
-    metrics_log = StageFolder(stage_dir).metrics
-    metrics_log.keep_until(start)
-    observers = [metrics_log, *observers]
+    if distributed.is_main():
+        metrics_log = StageFolder(stage_dir).metrics
+        metrics_log.keep_until(start)
+        observers = [metrics_log, *observers]
+    else:
+        observers = []
     per_epoch = prompts // algorithm.batch_size
     last: dict[str, float] = {}
     for observer in observers:
@@ -137,15 +147,20 @@ def run_online(algorithm: OnlineAlgorithm, stage_dir: Path, prompts: int, steps:
 
 def heldout_rewards(model, rewards: WeightedRewards, tokenizer, loaded, max_new_tokens: int, batch_size: int,
                     quiet: bool) -> dict[str, float]:
-    """Mean reward of the active policy's greedy replies to held-out prompts, per reward and weighted in total."""
-    examples = loaded.examples
-    with work_progress("held-out replies", len(examples), quiet) as advance:
+    """Mean reward of the active policy's greedy replies to held-out prompts, per reward and weighted in total. Under a
+    launcher each process answers every W-th prompt and the processes' sums are added up."""
+    examples = loaded.examples[distributed.rank() :: distributed.world_size()]
+    with work_progress("held-out replies", len(examples), quiet or not distributed.is_main()) as advance:
         replies = generate(model, tokenizer, [ex.prompt for ex in examples], Decoding(max_new_tokens), batch_size,
                            on_batch=advance)
     texts = [r.text for r in replies]
+    sums = {label: float(reward.score([ex.prompt for ex in examples], texts, [ex.rule for ex in examples]).sum())
+            for reward, _, label in rewards}
+    parts = distributed.gather((sums, len(examples)))
+    count = sum(n for _, n in parts)
     total, out = 0.0, {}
-    for reward, weight, label in rewards:
-        part = float(reward.score([ex.prompt for ex in examples], texts, [ex.rule for ex in examples]).mean())
+    for _, weight, label in rewards:
+        part = sum(shares[label] for shares, _ in parts) / count
         out[f"reward/{label}"] = part
         total += weight * part
     out["objective/scores"] = total
