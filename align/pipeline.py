@@ -207,7 +207,7 @@ class Pipeline:
             if not kind_of(stage).multi_process:
                 raise AlignError(f"stage '{stage.name}': {stage.kind} stages train in one process (their loop has no "
                                  "multi-process version); run this recipe without a launcher")
-            device_batch_size(stage)
+            (kind_of(stage).check_shares or device_batch_size)(stage)
 
     def evaluate(self) -> dict:
         """`align eval` on this run with the recipe's eval section: RUN/eval/ with eval.json and report.html."""

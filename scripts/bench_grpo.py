@@ -4,15 +4,16 @@ Each side runs in its own fresh subprocess (so its peak RSS is its own), one aft
 `--quantization` asked for (`both`, the default: `none` then `nf4`; the target is for nf4, QLoRA).
 
 Workload (defaults, all overridable): 4 prompts per step × G = 8 completions each = 32 completions, at most 64
-completion tokens, μ (num_iterations) = 1, minibatches of 16 completions (one optimizer step each: 2 per rollout
-per μ), 4 steps, of which the first is an untimed warm-up. A step is one rollout batch: sampling, scoring, the
-old-policy log-probs, and all μ passes of updates. The model is a Llama-shaped config initialised at random
-(scripts/bench_dpo.py's `build_model`: `tiny`, or `100m`, ~110M parameters with a 32,000-id head) and saved with
-align's tiny tokenizer; random weights rarely sample EOS, so completions run to full length and both sides
-generate about the same number of tokens. The prompts are the first prompts × steps of align's `synthetic:prompts`
-and the reward is the `synthetic_tasks` rule card (1 when the completion passes the prompt's rule, else 0): ours
-through the recipe, TRL's through a reward function that calls the same align rule checker on the completion text.
-A random model almost never earns it, so most advantages are 0; both sides still run every forward and backward.
+completion tokens, μ (num_iterations) = 1, one minibatch of all 32 completions (one optimizer step per rollout per
+μ: TRL's `steps_per_generation` = 1), 4 steps, of which the first is an untimed warm-up. A step is one rollout
+batch: sampling, scoring, the old-policy log-probs (where needed), and all μ passes of updates. The model is a
+Llama-shaped config initialised at random (scripts/bench_dpo.py's `build_model`: `tiny`, or `100m`, ~110M parameters
+with a 32,000-id head) and saved with align's tiny tokenizer; random weights rarely sample EOS, so completions run
+to full length and both sides generate about the same number of tokens. The prompts are the first prompts × steps of
+align's `synthetic:prompts` and the reward is the `synthetic_tasks` rule card (1 when the completion passes the
+prompt's rule, else 0): ours through the recipe, TRL's through a reward function that calls the same align rule
+checker on the completion text. A random model almost never earns it, so most advantages are 0; both sides still run
+every forward and backward.
 
 Matched, and set explicitly where TRL's default differs: fp32 (`bf16=False`; TRL defaults to bf16), no gradient
 checkpointing (TRL defaults to it), the same quantization (nf4: bitsandbytes 4-bit base, double quantization, fp32
@@ -25,8 +26,8 @@ the aggregation (`sequence` = TRL `loss_type="grpo"`, `token` = `bnpo`, `constan
 masking, no dynamic sampling, AdamW (lr 1e-4, eps 1e-5 as ours, no weight decay), linear decay without warm-up,
 max grad norm 1, the seed, and the batch geometry: TRL's `generation_batch_size` = prompts × G,
 `per_device_train_batch_size` = our `minibatch_size`, no gradient accumulation, so one TRL optimizer step is one of
-our minibatches and TRL's `steps_per_generation` = prompts × G / minibatch (2 by default). TRL's `steps_per_generation
-= 1` would make its optimizer step the whole rollout batch; it equals ours only when `minibatch_size` = prompts × G.
+our minibatches and TRL's `steps_per_generation` = prompts × G / minibatch (1 by default, as the issue asks; a
+smaller `--minibatch` gives several optimizer steps per rollout on both sides).
 TRL's `max_steps` counts optimizer steps: steps × steps_per_generation × μ. TRL gets the prompts as a conversational
 dataset, unshuffled, in the order our online loop draws them (its seeded permutation), so step k of both sides
 samples for the same prompts; every side records the prompt token ids of each generation call, and the run fails
@@ -37,7 +38,8 @@ Not identical: the samples. Ours draws from its own KV-cached decoding loop (ali
 prefill runs once and its cache is repeated G times; one uniform draw per token), TRL from transformers' `generate`
 on G copies of each prompt: the same distribution, different draws, so completions, lengths, rewards and losses
 differ and each side counts the completion tokens it generated. TRL skips the old-policy log-prob forward when a
-rollout is one optimizer step (μ = 1 and minibatch = prompts × G); ours always runs it (with the defaults both do).
+rollout is one optimizer step (μ = 1 and minibatch = prompts × G: the ratio is exactly 1); so does ours (with the
+defaults both skip it).
 Ours reshuffles the minibatches in each of the μ passes, TRL shuffles once per rollout. The LoRA inits are seeded
 alike but not compared.
 
@@ -462,7 +464,7 @@ def parse_args(argv):
     parser.add_argument("--generations", type=int, default=8, help="G: completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="max completion tokens")
     parser.add_argument("--num-iterations", type=int, default=1, help="μ: update passes per rollout")
-    parser.add_argument("--minibatch", type=int, default=16, help="completions per optimizer step")
+    parser.add_argument("--minibatch", type=int, help="completions per optimizer step (default: prompts × G)")
     parser.add_argument("--kl-coef", type=float, default=0.0, help="our kl_coef = TRL's beta")
     parser.add_argument("--aggregation", choices=sorted(LOSS_TYPES), default="sequence",
                         help="ours; TRL's loss_type follows (sequence: grpo, token: bnpo, constant: dr_grpo)")
@@ -479,6 +481,7 @@ def parse_args(argv):
         parser.error("--steps must leave at least one warm-up and one timed step")
     if args.generations < 2:
         parser.error("--generations must be >= 2: advantages compare a prompt's completions")
+    args.minibatch = args.minibatch or args.prompts * args.generations
     if (args.prompts * args.generations) % args.minibatch:
         parser.error(f"--minibatch must divide prompts × generations ({args.prompts * args.generations})")
     return args

@@ -96,14 +96,16 @@ def test_clip_higher_lets_positive_advantages_move_further_before_the_clip():
 TRAIN = "lr: 5.0e-3, max_length: 96, max_prompt_length: 64"
 
 
-def _recipe(output_dir, steps: int, save_steps: int = 50, advantage: str = "group_norm", kl_coef: float = 0.0):
+def _recipe(output_dir, steps: int, save_steps: int = 50, advantage: str = "group_norm", kl_coef: float = 0.0,
+            minibatch: int = 8, iterations: int = 2):
     return _tiny_head("tinygrpo", output_dir, "none", sft_steps=4) + f"""\
   - name: grpo
     kind: grpo
     init: ${{sft.adapter}}
     data: {{path: "synthetic:prompts", max_rows: 32}}
     rewards: [{{rule: synthetic_tasks}}]
-    grpo: {{prompts_per_step: 4, num_generations: 4, max_new_tokens: 8, minibatch_size: 8, num_iterations: 2,
+    grpo: {{prompts_per_step: 4, num_generations: 4, max_new_tokens: 8, minibatch_size: {minibatch},
+            num_iterations: {iterations},
             advantage: {advantage}, kl_coef: {kl_coef}}}
     train: {{max_steps: {steps}, save_steps: {save_steps}, {TRAIN}}}
 """
@@ -120,6 +122,23 @@ def test_a_grpo_stage_trains_logs_trls_metrics_and_loads_a_reference_only_with_k
         assert key in records[-1], key
     assert ("kl" in records[-1]) == (kl_coef > 0 and advantage != "rloo")  # rloo puts its KL in the reward
     assert all(r["completions/mean_length"] <= 8 for r in records)
+
+
+def test_one_update_per_rollout_takes_the_old_log_probs_from_the_update_itself(tmp_path, monkeypatch):
+    from align.stages import grpo
+
+    forwards = []  # whether each log-prob forward had gradients: the update's have, a separate old-policy pass not
+
+    def counted(*args, **kwargs):
+        forwards.append(torch.is_grad_enabled())
+        return response_logprobs(*args, **kwargs)
+
+    response_logprobs = grpo.response_logprobs
+    monkeypatch.setattr(grpo, "response_logprobs", counted)
+    run_recipe(parse_recipe(_recipe(tmp_path, steps=2, minibatch=16, iterations=1)), quiet=True)
+    assert forwards == [True, True]  # one per step: the update's
+    records = [json.loads(line) for line in (tmp_path / "tinygrpo" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["clip_ratio/region_mean"] == 0.0 for r in records)  # ratio exactly 1: nothing clipped
 
 
 def test_sigkill_during_grpo_resumes_to_every_step_once(tmp_path):

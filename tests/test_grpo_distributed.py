@@ -135,7 +135,9 @@ def test_the_step_and_its_minibatches_must_divide_among_the_processes(tmp_path, 
     from align import distributed
     from align.errors import AlignError
     from align.stages.grpo import check_shares
+    from align.stages.kind import KINDS
 
+    assert KINDS["grpo"].check_shares is check_shares  # the pipeline checks it before any stage trains
     stage = parse_recipe(_recipe(tmp_path)).stage("grpo")
     monkeypatch.setattr(distributed, "world_size", lambda: 4)
     check_shares(stage)

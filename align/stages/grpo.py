@@ -54,7 +54,7 @@ class Rollout:
     query_response: torch.Tensor  # [N, P+R], N = prompts * G of all processes, a prompt's G completions adjacent
     attention_mask: torch.Tensor  # [N, P+R]
     mask: torch.Tensor  # [N, R] float: 1 up to and including EOS
-    old_logps: torch.Tensor  # [N, R] under the policy that sampled
+    old_logps: torch.Tensor | None  # [N, R] under the policy that sampled; None: the update's own, detached
     ref_logps: torch.Tensor | None  # [N, R] under the reference, where there is one
     advantages: torch.Tensor  # [N]
     prompt_width: int
@@ -105,7 +105,11 @@ class GRPO:
                                        cfg.temperature)
             return gather(own)
 
-        old_logps = logprobs()
+        # With one update per rollout the policy that sampled is the one updated: its log-probs come from the update's
+        # own forward (ratio exactly 1), as TRL does, and a forward over the whole batch is saved. RLOO's KL term needs
+        # them before the update.
+        one_update = cfg.num_iterations == 1 and cfg.minibatch_size >= qr.shape[0]
+        old_logps = None if one_update and not (cfg.advantage == "rloo" and cfg.kl_coef > 0) else logprobs()
         ref_logps = None
         if cfg.kl_coef > 0:  # the reference adapter, or the bare base when the stage starts from it
             with adapters.using(self.model, self.ref):
@@ -113,7 +117,7 @@ class GRPO:
         for label, scores in groups.rewards.items():
             metrics[f"rewards/{label}/mean"] = float(scores.mean())
             metrics[f"rewards/{label}/std"] = float(scores.std())
-        kl = ((old_logps - ref_logps) * mask).sum(1).cpu() if ref_logps is not None else None  # [N] summed k1
+        kl = ((old_logps - ref_logps) * mask).sum(1).cpu() if ref_logps is not None and old_logps is not None else None
         advantages = group_advantages(groups.total, G, cfg.advantage, kl, cfg.kl_coef)
         group_std = groups.group_std()
         ended = ((qr[:, width:] == self.tokenizer.eos_token_id) & (mask > 0)).any(1)
@@ -141,7 +145,8 @@ class GRPO:
                                              rollout.prompt_width, cfg.temperature)
                 ref = rollout.ref_logps[idx] if rollout.ref_logps is not None else None
                 tokens = rollout.mask[minibatch].sum() / distributed.world_size()
-                loss, metrics = self.loss(logps, rollout.old_logps[idx], rollout.advantages[idx], rollout.mask[idx],
+                old = rollout.old_logps[idx] if rollout.old_logps is not None else logps.detach()
+                loss, metrics = self.loss(logps, old, rollout.advantages[idx], rollout.mask[idx],
                                           ref, tokens)
                 if self.replay is not None:
                     # Every process adds the buffer sequences that one process adds to the whole minibatch: averaged
@@ -229,4 +234,5 @@ def train_grpo(model, stage: GRPOStageConfig, ctx: StageContext, data) -> StageO
 
 
 register(StageKind("grpo", GRPOStageConfig, run, data="prompt", summary=partial(init_and_final, "grpo_scores"),
+                   check_shares=check_shares,
                    curves=("reward", "kl", "completions/mean_length", "replay/nll")))

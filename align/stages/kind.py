@@ -38,6 +38,9 @@ class StageKind:
     summary: Callable[[dict], dict] = _no_summary
     curves: tuple[str, ...] = ()  # metrics.jsonl keys the report plots, where logged
     multi_process: bool = True  # trains under a launcher (several processes); False: one process only
+    # Before anything trains under a launcher: raises where the stage's global batch does not divide among the
+    # processes. None: its `train.batch_size` must (align.stages.engine.device_batch_size).
+    check_shares: Callable | None = None
 
     @property
     def policy(self) -> bool:
