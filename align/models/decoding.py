@@ -39,25 +39,27 @@ def dequantized_weights(model):
     bitsandbytes would compute (it dequantizes to the input's dtype, then `F.linear`), without redoing it each call."""
     import bitsandbytes as bnb
 
-    swapped = []
+    swapped, size = [], 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             state = module.weight.quant_state
             weight = bnb.functional.dequantize_4bit(module.weight, state).to(module.compute_dtype or state.dtype)
             module.forward = _dense_forward(weight, module.bias)  # an instance attribute shadows the class's
             swapped.append(module)
+            size += weight.numel() * weight.element_size()
     try:
-        yield sum(m.forward.weight_bytes for m in swapped)
+        yield size
     finally:
         for module in swapped:
             del module.forward
 
 
 def _dense_forward(weight: torch.Tensor, bias: torch.Tensor | None):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).to(x.dtype)
+    bias = None if bias is None else bias.to(weight.dtype)  # cast once, not at every token
 
-    forward.weight_bytes = weight.numel() * weight.element_size()
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
     return forward
 
 
