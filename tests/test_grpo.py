@@ -15,9 +15,11 @@ from trl import GRPOTrainer
 
 from align.config import parse_recipe
 from align.losses.grpo import ClippedGroupLoss, group_advantages
+from align.models.tiny import tiny_model_and_tokenizer
 from align.pipeline import run_recipe
 from align.rewards import REWARD_SOURCES, Reward, RewardSource, register_source
-from align.stages.grpo_rollout import overlong_penalty
+from align.stages.grpo_rollout import Groups, grouped_logprobs, overlong_penalty
+from align.stages.ppo_rollout import decode_mask, response_logprobs, sample
 from tests.conftest import _tiny_head, kill_run_after, rerun
 
 
@@ -131,10 +133,9 @@ def test_one_update_per_rollout_takes_the_old_log_probs_from_the_update_itself(t
 
     def counted(*args, **kwargs):
         forwards.append(torch.is_grad_enabled())
-        return response_logprobs(*args, **kwargs)
+        return grouped_logprobs(*args, **kwargs)
 
-    response_logprobs = grpo.response_logprobs
-    monkeypatch.setattr(grpo, "response_logprobs", counted)
+    monkeypatch.setattr(grpo, "grouped_logprobs", counted)
     run_recipe(parse_recipe(_recipe(tmp_path, steps=2, minibatch=16, iterations=1)), quiet=True)
     assert forwards == [True, True]  # one per step: the update's
     records = [json.loads(line) for line in (tmp_path / "tinygrpo" / "grpo" / "metrics.jsonl").read_text().splitlines()]
@@ -205,3 +206,27 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ(tmp_p
     assert [r["frac_reward_zero_std"] for r in dynamic] == [0.0, 0.0, 0.0]
     assert any(r["dynamic_sampling/rounds"] > 0 for r in dynamic)
     assert all("rewards/overlong/mean" in r and r["rewards/overlong/mean"] <= 0 for r in dynamic)
+
+
+def test_packed_completions_have_the_log_probs_and_gradients_of_each_completion_alone():
+    """The update runs each prompt once for its completions in the minibatch (grouped_logprobs): the log-probs and
+    their gradients are those of the padded rows that `response_logprobs` scores one by one."""
+    model, tok = tiny_model_and_tokenizer(hidden=64, layers=2)
+    torch.manual_seed(0)
+    prompts = [[1, 40, 41, 42, 43, 2], [1, 50, 51, 2], [1, 60, 61, 62, 2]]  # different lengths: left padding
+    cfg = SimpleNamespace(max_new_tokens=12, temperature=0.7)
+    qr, am, _, width = sample(model.eval(), tok, prompts, cfg, repeats=3)
+    for row, end in enumerate([3, 11, 0, 5, 7, 11, 2, 9, 4]):  # a random model rarely samples EOS: end them here
+        qr[row, width + end] = tok.eos_token_id
+        qr[row, width + end + 1 :] = tok.pad_token_id
+    mask = decode_mask(qr[:, width:], tok.eos_token_id).float()
+    am = torch.cat([am[:, :width], mask.long()], 1)
+    groups = Groups(qr, am, mask, width, [0, 1, 2], {}, torch.zeros(9))
+    rows = torch.tensor([7, 0, 2, 8, 4])  # shuffled, groups split across the minibatch
+    packed = grouped_logprobs(model, groups, rows, tok.pad_token_id, cfg.temperature)  # [5, R]
+    alone, _ = response_logprobs(model, qr[rows], am[rows], width, cfg.temperature)
+    torch.testing.assert_close(packed, alone * mask[rows], atol=1e-5, rtol=0)
+    weight = model.get_input_embeddings().weight
+    packed_grad, = torch.autograd.grad(packed.sum(), weight)
+    alone_grad, = torch.autograd.grad((alone * mask[rows]).sum(), weight)
+    torch.testing.assert_close(packed_grad, alone_grad, atol=1e-5, rtol=1e-4)

@@ -9,6 +9,9 @@ Where `generate`'s time goes on a CPU, and what this loop does instead:
   number per sequence picks the token from the cumulative distribution (inverse CDF: the same distribution);
 - a prompt sampled G times (GRPO's groups, `collect generate --samples`) is run through the model once and its KV
   cache repeated G times;
+- `DynamicCache` concatenates each new token's keys and values onto the whole cache, copying it at every token of
+  every layer (on a CPU as long as the model's own matmuls for 32 sequences); here each layer's cache is one buffer
+  sized for the whole reply that every token is written into;
 - with `model.dequantized_generation`, each 4-bit weight is dequantized once per call instead of once per token.
   That copy costs 2 (bf16) or 4 (fp32) bytes per quantized parameter for as long as the call runs, so it is off by
   default: the one 4-bit base stays the only copy of the weights.
@@ -24,6 +27,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 DEQUANTIZED = "align_dequantized_generation"  # the attribute on the base that `model.dequantized_generation` sets
 
@@ -63,6 +67,32 @@ def _dense_forward(weight: torch.Tensor, bias: torch.Tensor | None):
     return forward
 
 
+class _BufferLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are the first `length` positions of a buffer of `capacity`: the same
+    tensors attention reads from a `DynamicLayer`, without a copy of the whole cache per token."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:  # [B, heads, capacity, head_dim]
+            shape = (*key_states.shape[:2], self.capacity, key_states.shape[3])
+            self.key_buffer, self.value_buffer = key_states.new_empty(shape), value_states.new_empty(shape)
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
 def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
     """[B] tokens from [B, V] logits: the argmax, or a draw from softmax(logits / temperature) cut to its top-p
     nucleus (the smallest set of most likely tokens whose probability reaches `top_p`, as transformers' TopPLogitsWarper
@@ -91,6 +121,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     weights = dequantized_weights(base) if getattr(base, DEQUANTIZED, False) else nullcontext()
     with weights:
         cache = DynamicCache(config=base.config)
+        if all(type(layer) is DynamicLayer for layer in cache.layers):  # sliding-window layers keep their own
+            cache.layers = [_BufferLayer(input_ids.shape[1] + max_new_tokens) for _ in cache.layers]
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P] as generate counts them
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                          past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # [B, H]

@@ -35,9 +35,9 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return sums, targets_mask.sum(-1)
 
 
-def packed_logprobs(model, batch: dict, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and token counts [B, slots] of every response in a `pack_groups` batch; 0 in the
-    slots of groups with fewer responses."""
+def packed_token_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """[N] the log-prob of every scored token of a `pack_groups` batch, in `score_source` order, under
+    softmax(logits / temperature)."""
     decoder, head = decoder_and_head(model)
     input_ids = batch["input_ids"]  # [B, T]
     mask = batch["attention"][:, None]  # [B, 1, T, T]
@@ -47,9 +47,17 @@ def packed_logprobs(model, batch: dict, slots: int) -> tuple[torch.Tensor, torch
     hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"]).last_hidden_state
     selected = hidden.reshape(-1, hidden.shape[-1])[batch["score_source"]]  # [N, H]
     logits = head(selected).float()  # [N, V]
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = batch["score_target"]
-    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # [N]
-    size = input_ids.shape[0] * slots
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # [N]
+
+
+def packed_logprobs(model, batch: dict, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and token counts [B, slots] of every response in a `pack_groups` batch; 0 in the
+    slots of groups with fewer responses."""
+    token_logps = packed_token_logprobs(model, batch)  # [N]
+    size = batch["input_ids"].shape[0] * slots
     sums = token_logps.new_zeros(size).index_add(0, batch["score_slot"], token_logps)
     counts = torch.bincount(batch["score_slot"], minlength=size)
     return sums.view(-1, slots), counts.view(-1, slots)  # [B, slots]

@@ -34,10 +34,9 @@ from align.models import adapters
 from align.models.tokens import encode_prompt
 from align.rewards.weighted import WeightedRewards, load_weighted, require_rules
 from align.stages.engine import StageContext, StageOutput
-from align.stages.grpo_rollout import Groups, dynamic_groups, gathered, sample_groups
+from align.stages.grpo_rollout import Groups, dynamic_groups, gathered, grouped_logprobs, sample_groups
 from align.stages.kind import StageKind, register
 from align.stages.online import OnlineStageConfig, heldout_rewards, init_and_final, run_online
-from align.stages.ppo_rollout import response_logprobs
 from align.ui import StageProgress
 
 
@@ -51,13 +50,10 @@ class GRPOStageConfig(OnlineStageConfig):
 
 @dataclass
 class Rollout:
-    query_response: torch.Tensor  # [N, P+R], N = prompts * G of all processes, a prompt's G completions adjacent
-    attention_mask: torch.Tensor  # [N, P+R]
-    mask: torch.Tensor  # [N, R] float: 1 up to and including EOS
+    groups: Groups  # N = prompts * G completions of all processes, a prompt's G adjacent
     old_logps: torch.Tensor | None  # [N, R] under the policy that sampled; None: the update's own, detached
     ref_logps: torch.Tensor | None  # [N, R] under the reference, where there is one
     advantages: torch.Tensor  # [N]
-    prompt_width: int
 
 
 class GRPO:
@@ -98,12 +94,10 @@ class GRPO:
         else:
             groups = sample_prompts(share)
         groups = gathered(groups, self.tokenizer.pad_token_id)
-        qr, am, mask, width = groups.query_response, groups.attention_mask, groups.mask, groups.prompt_width
+        qr, mask, width = groups.query_response, groups.mask, groups.prompt_width
 
         def logprobs() -> torch.Tensor:  # [N, R] each process scores the rows of its own share
-            own, _ = response_logprobs(self.model, distributed.share(qr), distributed.share(am), width,
-                                       cfg.temperature)
-            return gather(own)
+            return gather(self.logprobs(groups, distributed.share(torch.arange(qr.shape[0]))))
 
         # With one update per rollout the policy that sampled is the one updated: its log-probs come from the update's
         # own forward (ratio exactly 1), as TRL does, and a forward over the whole batch is saved. RLOO's KL term needs
@@ -128,26 +122,29 @@ class GRPO:
             "completions/mean_length": float(mask.sum(1).mean()),
             "completions/clipped_ratio": float((~ended).float().mean()),
         })
-        return Rollout(qr, am, mask, old_logps, ref_logps, advantages.to(qr.device), width), metrics
+        return Rollout(groups, old_logps, ref_logps, advantages.to(qr.device)), metrics
+
+    def logprobs(self, groups: Groups, rows: torch.Tensor) -> torch.Tensor:
+        """[len(rows), R] under the active adapter, each prompt's completions packed behind one copy of it."""
+        return grouped_logprobs(self.model, groups, rows, self.tokenizer.pad_token_id, self.cfg.temperature)
 
     def update(self, rollout: Rollout, step: int) -> dict[str, float]:
         """`num_iterations` passes of clipped updates over shuffled minibatches; metrics averaged over them (and over
         the processes, each of which holds its share of every minibatch)."""
         cfg, stats = self.cfg, defaultdict(list)
         self.model.eval()  # dropout off, as while sampling: the ratios compare the same function
-        size = rollout.query_response.shape[0]
+        groups = rollout.groups
+        size = groups.query_response.shape[0]
         minibatches = size // cfg.minibatch_size
         for iteration in range(cfg.num_iterations):
             order = distributed.broadcast(torch.randperm(size))  # the main process's: the same minibatches in all
             for i, minibatch in enumerate(order.split(cfg.minibatch_size)):
                 idx = distributed.share(minibatch)
-                logps, _ = response_logprobs(self.model, rollout.query_response[idx], rollout.attention_mask[idx],
-                                             rollout.prompt_width, cfg.temperature)
+                logps = self.logprobs(groups, idx)
                 ref = rollout.ref_logps[idx] if rollout.ref_logps is not None else None
-                tokens = rollout.mask[minibatch].sum() / distributed.world_size()
+                tokens = groups.mask[minibatch].sum() / distributed.world_size()
                 old = rollout.old_logps[idx] if rollout.old_logps is not None else logps.detach()
-                loss, metrics = self.loss(logps, old, rollout.advantages[idx], rollout.mask[idx],
-                                          ref, tokens)
+                loss, metrics = self.loss(logps, old, rollout.advantages[idx], groups.mask[idx], ref, tokens)
                 if self.replay is not None:
                     # Every process adds the buffer sequences that one process adds to the whole minibatch: averaged
                     # over the processes, the replay term is one process's, at the price of W forwards.

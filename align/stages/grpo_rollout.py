@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from align import distributed
+from align.data.collate import pack_groups
+from align.models.logprobs import packed_token_logprobs
 from align.stages.ppo_rollout import sample
 
 
@@ -71,6 +73,31 @@ def gathered(groups: Groups, pad_id: int) -> Groups:
     device = groups.query_response.device
     # pickled: a CUDA tensor would come back on the device of the process that sent it
     return concat(distributed.gather(groups.to("cpu")), pad_id).to(device)
+
+
+def grouped_logprobs(model, groups: Groups, rows: torch.Tensor, pad_id: int, temperature: float) -> torch.Tensor:
+    """[len(rows), R] log-probs of the response tokens of `groups`' rows `rows` (0 after each EOS), the selected
+    completions of each prompt packed into one sequence behind one copy of the prompt (`pack_groups`): a group of G
+    completions costs P + their lengths in tokens instead of G * (P + R), and each completion's log-probs are those
+    of prompt + completion on its own, at the positions the decoding loop gave it."""
+    G = groups.query_response.shape[0] // groups.size()
+    qr, width = groups.query_response, groups.prompt_width
+    members: dict[int, list[int]] = {}  # group -> positions in `rows`
+    for position, row in enumerate(rows.tolist()):
+        members.setdefault(row // G, []).append(position)
+    order = [position for group in members.values() for position in group]  # the packed responses' order
+    lengths = groups.mask[rows].sum(1).long()  # [len(rows)] up to and including EOS
+    packed = []
+    for group in members.values():
+        first = rows[group[0]]
+        prompt = qr[first, :width][groups.attention_mask[first, :width].bool()].tolist()
+        packed.append((prompt, [qr[rows[p], width : width + lengths[p]].tolist() for p in group]))
+    batch = {k: v.to(qr.device) for k, v in pack_groups(packed, pad_id).items()}
+    token_logps = packed_token_logprobs(model, batch, temperature)  # [sum of lengths], response by response
+    order_t = torch.tensor(order, device=qr.device)
+    row_of = order_t.repeat_interleave(lengths[order_t])
+    column_of = torch.cat([torch.arange(int(lengths[p]), device=qr.device) for p in order])
+    return token_logps.new_zeros(len(order), groups.mask.shape[1]).index_put((row_of, column_of), token_logps)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int) -> torch.Tensor:
