@@ -7,12 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 
-.PHONY: quickstart test setup browser
+.PHONY: quickstart test setup track browser
 
 quickstart: setup
 	$(BIN)/align run recipes/quickstart.yaml
 
-test: setup browser
+test: setup track browser
 	$(BIN)/ruff check align tests scripts
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
@@ -26,6 +26,13 @@ browser:
 		echo "chromium could not be installed: the browser tests will be skipped"
 
 setup: $(VENV)/.installed
+
+# the experiment trackers (align.tracking) the tests read back; the quickstart needs none of them
+track: $(VENV)/.installed-track
+
+$(VENV)/.installed-track: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev,track]"
+	touch $@
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

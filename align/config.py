@@ -26,6 +26,7 @@ from align.refs import parse_refs
 from align.rewards import REWARD_SOURCES, RewardSource, reward_source
 from align.settings import DataConfig, ModelConfig, StageConfig
 from align.stages.kind import KINDS, kind_of
+from align.tracking import TRACKERS, default_trackers
 
 # what `${stage.output}` may name: runs/<recipe>/<stage>/{adapter/, , replay/buffer.jsonl}
 STAGE_OUTPUTS = {"adapter", "dir", "replay"}
@@ -111,6 +112,24 @@ class ForgettingConfig:
 
 
 @dataclass(kw_only=True)
+class TrackingConfig:
+    """The experiment trackers every stage's metrics go to (align.tracking), beside each stage's metrics.jsonl."""
+
+    # tensorboard | wandb | mlflow | trackio; None = tensorboard where it is installed; [] = none
+    report_to: list[str] | None = None
+    project: str = "align"  # the tracker's project (W&B, Trackio) or experiment (MLflow)
+    group: str | None = None  # what groups the stages' runs; None = the recipe's name (a sweep: its study's)
+
+    def __post_init__(self):
+        for i, name in enumerate(self.report_to or []):
+            _require(name in TRACKERS, f"report_to[{i}]",
+                     f"unknown tracker '{name}'; choose from: {', '.join(TRACKERS)}")
+
+    def trackers(self) -> list[str]:
+        return default_trackers() if self.report_to is None else list(dict.fromkeys(self.report_to))
+
+
+@dataclass(kw_only=True)
 class Recipe:
     """A whole pipeline: one base model and a chain of stages, each writing runs/<name>/<stage>/."""
 
@@ -121,6 +140,7 @@ class Recipe:
     stages: list[StageConfig]  # required, non-empty
     eval: EvalConfig | None = None
     forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     path: str | None = field(default=None, init=False)  # the file it was loaded from
 
     def __post_init__(self):

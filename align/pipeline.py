@@ -35,7 +35,6 @@ from align.models.identity import base_identity, identity_key, machine
 from align.models.load import compute_dtype, load_base, resolve_base
 from align.refs import parse_refs, resolve_all_refs, resolve_refs
 from align.run_folder import (
-    DONE,
     FINISHED,
     INTERRUPTED,
     RUNNING,
@@ -48,6 +47,7 @@ from align.run_folder import (
 from align.runs import Run, save_recipe
 from align.stages.engine import StageContext, device_batch_size
 from align.stages.kind import KINDS, kind_of
+from align.tracking import numbers, report_summary, stage_trackers
 from align.ui import console, forgetting_table, stages_table
 
 SUMMARY_EVAL_KEYS = ("win_rate", "lc_win_rate", "mean_reward", "mean_length", "kl_to_reference", "task_accuracy",
@@ -151,7 +151,8 @@ class Pipeline:
             replay.keep_stage_sample(stage_dir, stage.name, data["train"], stage.replay_out.size, stage.train.seed)
         self.host.load()  # before the seed is set: loading the tiny fallback model draws its random weights
         ctx = StageContext(self.host, stage_dir, self.recipe.seed, self.dtype, self.quiet,
-                           prepared=distributed.barrier if main else lambda: None)
+                           prepared=distributed.barrier if main else lambda: None,
+                           trackers=self.trackers(stage, folder) if main else [])
         if "replay" in data:
             ctx.replay = replay.stage_mixer(stage, stage_dir, self.host.tokenizer, data["replay"])
         transformers.set_seed(stage.train.seed if stage.train.seed is not None else self.recipe.seed)
@@ -163,7 +164,7 @@ class Pipeline:
             folder.write(state)
             raise
         state.update(
-            status=DONE,
+            status=out.status,
             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
             seconds=round(time.time() - start, 1),
             metrics=out.metrics,
@@ -173,6 +174,16 @@ class Pipeline:
         )
         folder.write(state)
         return state
+
+    def trackers(self, stage, folder: StageFolder) -> list:
+        """The stage's runs in the recipe's trackers; a resumed stage's reopen, past the steps they already have."""
+        tracking = self.recipe.tracking
+        config = {"stage": asdict(stage), "model": asdict(self.recipe.model), "seed": self.recipe.seed}
+        return stage_trackers(tracking.trackers(), folder.dir, f"{self.recipe.name}/{stage.name}", self.group(),
+                              tracking.project, config, folder.metrics.last_step())
+
+    def group(self) -> str:
+        return self.recipe.tracking.group or self.recipe.name
 
     def measure_forgetting(self, stage, state: dict) -> None:
         """Add to `state` (and stage.json) what the stage's policy kept and lost: the policy it started
@@ -255,6 +266,11 @@ class Pipeline:
                                           for n, st in evaluation["stages"].items()}}
         summary["heldout"] = heldout
         write_json(self.run_dir / SUMMARY_FILE, summary)
+        if evaluation and self.recipe.tracking.trackers():
+            report_summary(self.recipe.tracking.trackers(), self.run_dir / "eval", self.group(),
+                           self.recipe.tracking.project, numbers({f"{name}/{key}": value for name, stage in
+                                                                  summary["eval"]["stages"].items()
+                                                                  for key, value in stage.items()}))
         console.print(stages_table(summary))
         if summary["forgetting"]:
             console.print(forgetting_table(summary["forgetting"]))

@@ -4,6 +4,7 @@
     runs/<recipe>/summary.json       the run's summary
     runs/<recipe>/<stage>/stage.json the stage's life cycle, identity, data, machine and final metrics
     runs/<recipe>/<stage>/metrics.jsonl, adapter/, checkpoints/, replay/buffer.jsonl
+    runs/<recipe>/<stage>/tensorboard/, tracking.json   what align.tracking writes: event files, trackers' run ids
 
 `stage.json` goes `running` (from the start of a stage) to `done`, or `interrupted` when it raises; a SIGKILL leaves
 `running`, and the next launch resumes from the stage's last checkpoint. `stopped_early` (a stage that ended before
@@ -25,6 +26,7 @@ from align.ui import StepObserver
 RECIPE_FILE, SUMMARY_FILE, STAGE_FILE, METRICS_FILE = "recipe.yaml", "summary.json", "stage.json", "metrics.jsonl"
 RUNNING, DONE, INTERRUPTED, STOPPED_EARLY, PRUNED = "running", "done", "interrupted", "stopped_early", "pruned"
 FINISHED = (DONE, STOPPED_EARLY)  # a stage that left an adapter later stages may start from
+TENSORBOARD_DIR, TRACKING_FILE = "tensorboard", "tracking.json"
 # <stage>/replay/buffer.jsonl: the stage's sample of its data, for later stages; mixed.jsonl: what it mixed in itself
 REPLAY_DIR, REPLAY_BUFFER, REPLAY_MIXED = "replay", "buffer", "mixed"
 
@@ -68,6 +70,12 @@ class MetricsLog(StepObserver):
             lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
             kept = [line for line in lines if line and json.loads(line)["step"] <= step]
             self.path.write_text("".join(line + "\n" for line in kept))
+
+    def last_step(self) -> int:
+        """The last step logged (0 for none), a half-written last line left by a kill not counted."""
+        text = self.path.read_text() if self.path.is_file() else ""
+        lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+        return max((json.loads(line)["step"] for line in lines if line), default=0)
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as f:

@@ -57,6 +57,23 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class EarlyStoppingConfig:
+    """Stop a stage once its held-out metric stops improving, and hand on the adapter of its best evaluation
+    (align.stages.early_stopping). The stage evaluates every `train.eval_steps` steps and checkpoints there too."""
+
+    metric: str  # required: a held-out metric the stage logs, e.g. eval_rewards/accuracies or eval_objective/scores
+    mode: Literal["max", "min"] = "max"  # whether larger values are better
+    patience: int = 3  # evaluations in a row without an improvement before the stage stops
+    min_delta: float = 0.0  # an improvement must beat the best so far by more than this
+
+    def __post_init__(self):
+        _require(self.metric.startswith("eval_"), "metric",
+                 f"must be a held-out metric (eval_...): the stage's training metrics are not, got '{self.metric}'")
+        _require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience}")
+        _require(self.min_delta >= 0, "min_delta", f"must be >= 0, got {self.min_delta}")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """Optimisation settings of one stage (they map onto transformers' TrainingArguments)."""
 
@@ -76,6 +93,7 @@ class TrainConfig:
     seed: int | None = None  # None = the recipe's seed (filled in by Recipe)
     gradient_checkpointing: bool = False
     group_by_length: bool = False  # batches of similar lengths (shuffled in groups of 50 batches) pad less
+    early_stopping: EarlyStoppingConfig | None = None  # None = train every step
 
     def __post_init__(self):
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -84,6 +102,8 @@ class TrainConfig:
         _require(self.max_prompt_length >= 1, "max_prompt_length", f"must be >= 1, got {self.max_prompt_length}")
         _require(self.max_length > self.max_prompt_length, "max_length",
                  f"must be greater than max_prompt_length ({self.max_prompt_length}), got {self.max_length}")
+        _require(self.early_stopping is None or bool(self.eval_steps), "early_stopping",
+                 "needs train.eval_steps: how often the stage evaluates the metric it watches")
 
 
 @dataclass(kw_only=True)
@@ -102,3 +122,5 @@ class StageConfig:
         _require(_IDENTIFIER.fullmatch(self.name) is not None, "name",
                  f"stage names must look like identifiers ([A-Za-z_][A-Za-z0-9_]*), got '{self.name}'")
         _require(self.name != "base", "name", "'base' is reserved for the untrained model in eval")
+        _require(self.train.early_stopping is None or self.eval_data is not None, "train.early_stopping",
+                 "needs eval_data: the held-out data its metric is measured on")

@@ -79,7 +79,7 @@ def kill_run_after(recipe_path, ready, timeout: float = 240, linger: float = 0.0
     """Start `align run recipe_path --quiet`, SIGKILL it once `ready()` is true (and `linger` seconds
     more), and return the command, to run again for the resume."""
     cmd = [sys.executable, "-m", "align.cli", "run", str(recipe_path), "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = _repository_first()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while time.time() < deadline and not ready():
@@ -91,8 +91,14 @@ def kill_run_after(recipe_path, ready, timeout: float = 240, linger: float = 0.0
     return cmd
 
 
+def _repository_first() -> dict[str, str]:
+    """The environment with this repository first on PYTHONPATH, before whatever the caller put there."""
+    path = [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
 def rerun(cmd: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = _repository_first()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -136,8 +136,8 @@ def test_interrupted_ppo_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
     save = online.save_checkpoint
 
-    def save_then_die(stage_dir, step, *args):
-        save(stage_dir, step, *args)
+    def save_then_die(stage_dir, step, *args, **kwargs):
+        save(stage_dir, step, *args, **kwargs)
         if step == 2:
             raise KeyboardInterrupt
 

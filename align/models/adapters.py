@@ -82,3 +82,11 @@ def save(model, out_dir: str | Path, name: str = POLICY) -> Path:
             shutil.rmtree(out_dir)
         shutil.move(str(nested if nested.is_dir() else Path(tmp)), out_dir)
     return out_dir
+
+
+def restore(model, folder: str | Path, name: str = POLICY) -> None:
+    """Give adapter `name` the weights saved in `folder` (a checkpoint's copy of it), in place."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")), adapter_name=name)

@@ -27,7 +27,8 @@ from align.errors import AlignError
 from align.models import adapters
 from align.models.host import ModelHost
 from align.replay import ReplayMixer
-from align.run_folder import StageFolder
+from align.run_folder import DONE, STOPPED_EARLY, StageFolder
+from align.stages.early_stopping import EarlyStopping, StopWhenNoBetter
 from align.ui import StageProgress, StepObserver
 
 # Metrics that count what a batch holds: the processes' shares add up, where the other metrics are averaged.
@@ -47,10 +48,15 @@ class StageContext:
     # `fit` calls it once the stage is ready to train, caches on disk included: with several processes the main one
     # prepares first and the others only then, so that they read what it wrote (align.pipeline supplies it)
     prepared: Callable[[], None] = lambda: None
+    trackers: list[StepObserver] = field(default_factory=list)  # the recipe's experiment trackers (align.tracking)
 
     @property
     def tokenizer(self):
         return self.host.tokenizer
+
+    def observers(self, stage_name: str) -> list[StepObserver]:
+        """Who watches the stage train, besides its metrics.jsonl: its progress bar and the trackers."""
+        return [StageProgress(stage_name, quiet=self.quiet), *self.trackers]
 
 
 @dataclass
@@ -59,6 +65,16 @@ class StageOutput:
     metrics: dict
     resumed_from: str | None = None
     extra: dict = field(default_factory=dict)
+    status: str = DONE  # or STOPPED_EARLY: early stopping ended it before its last step
+
+    @classmethod
+    def stopped(cls, adapter: Path, metrics: dict, resumed_from: str | None, stopping: EarlyStopping | None,
+                last_step: int) -> StageOutput:
+        """The output of a stage that may have stopped early: its early-stopping record in stage.json."""
+        if stopping is None:
+            return cls(adapter, metrics, resumed_from)
+        return cls(adapter, metrics, resumed_from, {"early_stopping": stopping.report(last_step)},
+                   STOPPED_EARLY if stopping.should_stop else DONE)
 
 
 def device_batch_size(stage) -> int:
@@ -293,9 +309,20 @@ def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_
     """Train the `policy` adapter of `model` (resuming from the stage's last checkpoint), evaluate it,
     save it to `adapter/`, and give the pipeline back the bare base for the next stage."""
     ctx.prepared()
+    resume = last_checkpoint(ctx.stage_dir)
+    args = training_arguments(stage, ctx)
+    stopping = None
+    if stage.train.early_stopping:
+        # the evaluations the stage logged up to its checkpoint; every process decides alike from the main one's log
+        logged = StageFolder(ctx.stage_dir).metrics
+        records = distributed.broadcast([r for r in logged.records() if r["step"] <= checkpoint_step(resume)]
+                                        if resume and distributed.is_main() else [])
+        stopping = EarlyStopping.from_log(stage.train.early_stopping, records)
+        if stopping.should_stop:  # killed after it stopped, before it was recorded done: nothing left to train
+            args.max_steps = checkpoint_step(resume)
     trainer = trainer_cls(
         model=model,
-        args=training_arguments(stage, ctx),
+        args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=collator,
@@ -309,19 +336,29 @@ def fit(trainer_cls: type[AlignTrainer], model, stage, ctx: StageContext, train_
                          "processes and no sharding (DDP), or DeepSpeed ZeRO-2 (recipes/accelerate/)")
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts when tqdm is off; the progress bar shows them
     trainer.add_callback(LogAtCheckpoints())  # in every process: each takes part in gathering the logged metrics
-    resume = last_checkpoint(ctx.stage_dir)
+    if stopping:
+        trainer.add_callback(StopWhenNoBetter(stopping))
     if distributed.is_main():  # one process writes and shows the stage's progress for all
         metrics_log = StageFolder(ctx.stage_dir).metrics
         metrics_log.keep_until(checkpoint_step(resume) if resume else 0)
-        trainer.add_callback(Observed(metrics_log, StageProgress(stage.name, quiet=ctx.quiet)))
+        trainer.add_callback(Observed(metrics_log, *ctx.observers(stage.name)))
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     for entry in trainer.state.log_history:  # the last value of each logged metric
         metrics.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
     metrics["global_step"] = trainer.state.global_step
-    if eval_rows and not evaluated_at_end(trainer.state):
+    best = stopping.best() if stopping else None
+    if best:
+        trainer.remove_callback(StopWhenNoBetter)
+        if best[0] != trainer.state.global_step:  # hand on the best evaluation's adapter, and its held-out metrics
+            adapters.restore(model, ctx.stage_dir / "checkpoints" / f"checkpoint-{best[0]}" / adapters.POLICY)
+        for entry in trainer.state.log_history:
+            if entry.get("step") == best[0]:
+                metrics.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+        metrics["best_step"] = best[0]
+    elif eval_rows and not evaluated_at_end(trainer.state):
         metrics.update(trainer.evaluate())
     adapter = ctx.stage_dir / "adapter"
     if distributed.is_main():  # every process holds the same trained adapter
         adapters.save(model, adapter)
-    return StageOutput(adapter, metrics, resume)
+    return StageOutput.stopped(adapter, metrics, resume, stopping, trainer.state.global_step)

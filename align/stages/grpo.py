@@ -36,8 +36,7 @@ from align.rewards.weighted import WeightedRewards, load_weighted, require_rules
 from align.stages.engine import StageContext, StageOutput
 from align.stages.grpo_rollout import Groups, dynamic_groups, gathered, grouped_logprobs, sample_groups
 from align.stages.kind import StageKind, register
-from align.stages.online import OnlineStageConfig, heldout_rewards, init_and_final, run_online
-from align.ui import StageProgress
+from align.stages.online import OnlineStageConfig, heldout_rewards, init_and_final, train_online
 
 
 @dataclass(kw_only=True)
@@ -213,21 +212,14 @@ def train_grpo(model, stage: GRPOStageConfig, ctx: StageContext, data) -> StageO
         torch.manual_seed(seed + distributed.rank())
     algorithm = GRPO(model, rewards, ctx.tokenizer, examples, prompts, stage, steps, seed,
                      adapters.REF if reference else None, ctx.replay)
-    metrics: dict[str, float] = {}
     evaluate = data.get("eval") and (lambda: heldout_rewards(model, rewards, ctx.tokenizer, data["eval"],
                                                              cfg.max_new_tokens, cfg.minibatch_size, ctx.quiet))
     ctx.prepared()
-    if evaluate:  # the starting policy's held-out reward, the baseline GRPO must beat
-        metrics.update({f"eval_init_{k}": v for k, v in evaluate().items()})
-    trained, resumed = run_online(algorithm, ctx.stage_dir, len(examples), steps, seed, train.save_steps,
-                                  [StageProgress(stage.name, quiet=ctx.quiet)])
-    metrics.update(trained, global_step=steps)
-    if evaluate:
-        metrics.update({f"eval_{k}": v for k, v in evaluate().items()})
+    metrics, resumed, stopping, done = train_online(algorithm, stage, ctx, len(examples), steps, seed, evaluate)
     adapter = ctx.stage_dir / "adapter"
     if distributed.is_main():  # every process holds the same trained adapter
         adapters.save(model, adapter, adapters.POLICY)
-    return StageOutput(adapter, metrics, str(resumed) if resumed else None)
+    return StageOutput.stopped(adapter, metrics, str(resumed) if resumed else None, stopping, done)
 
 
 register(StageKind("grpo", GRPOStageConfig, run, data="prompt", summary=partial(init_and_final, "grpo_scores"),

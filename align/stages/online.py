@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -31,7 +32,8 @@ from align.models.generation import Decoding, generate
 from align.rewards import RewardSource
 from align.rewards.weighted import WeightedRewards
 from align.run_folder import StageFolder
-from align.settings import StageConfig
+from align.settings import EarlyStoppingConfig, StageConfig
+from align.stages.early_stopping import EarlyStopping
 from align.ui import StepObserver, work_progress
 
 KEPT_CHECKPOINTS = 2
@@ -76,7 +78,9 @@ def checkpoints(stage_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
-def save_checkpoint(stage_dir: Path, step: int, algorithm: OnlineAlgorithm) -> None:
+def save_checkpoint(stage_dir: Path, step: int, algorithm: OnlineAlgorithm, keep: int | None = None) -> None:
+    """Save step `step`; of the older checkpoints keep the last `KEPT_CHECKPOINTS` - 1 and that of step `keep` (early
+    stopping's best)."""
     rng = distributed.gather({  # each process's, in rank order
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -93,7 +97,8 @@ def save_checkpoint(stage_dir: Path, step: int, algorithm: OnlineAlgorithm) -> N
     torch.save(state, tmp / "state.pt")
     tmp.rename(final)
     for old in checkpoints(stage_dir)[:-KEPT_CHECKPOINTS]:
-        shutil.rmtree(old)
+        if old.name != f"step-{keep}":
+            shutil.rmtree(old)
 
 
 def load_checkpoint(path: Path, algorithm: OnlineAlgorithm) -> int:
@@ -110,39 +115,93 @@ def load_checkpoint(path: Path, algorithm: OnlineAlgorithm) -> int:
     return state["step"]
 
 
+@dataclass
+class Evaluation:
+    """The held-out evaluation inside the loop: `evaluate()` every `every` steps, its metrics logged with an `eval_`
+    prefix at that step; with `early_stopping`, the stage stops when they stop improving
+    (align.stages.early_stopping)."""
+
+    evaluate: Callable[[], dict[str, float]]
+    every: int
+    early_stopping: EarlyStoppingConfig | None = None
+
+
 def run_online(algorithm: OnlineAlgorithm, stage_dir: Path, prompts: int, steps: int, seed: int, save_steps: int,
-               observers: list[StepObserver]) -> tuple[dict[str, float], Path | None]:
-    """Run `steps` steps over `prompts` prompts (resuming from the stage's last checkpoint); the last value of each
-    metric, and the checkpoint resumed from. Only the main process tells the `observers`."""
+               observers: list[StepObserver], evaluation: Evaluation | None = None
+               ) -> tuple[dict[str, float], Path | None, EarlyStopping | None, int]:
+    """Run `steps` steps over `prompts` prompts (resuming from the stage's last checkpoint): the last value of each
+    metric, the checkpoint resumed from, the early stopping (None without), and the last step taken. A stage that
+    stopped early ends with its best evaluation's policy. Only the main process tells the `observers`."""
     resumed = distributed.broadcast(checkpoints(stage_dir)[-1] if checkpoints(stage_dir) else None)
     start = load_checkpoint(resumed, algorithm) if resumed else 0
+    records = []
     if distributed.is_main():
         metrics_log = StageFolder(stage_dir).metrics
         metrics_log.keep_until(start)
+        records = metrics_log.records()
         observers = [metrics_log, *observers]
     else:
         observers = []
+    stopping = None
+    if evaluation and evaluation.early_stopping:  # every process decides alike, from the main process's log
+        stopping = EarlyStopping.from_log(evaluation.early_stopping, distributed.broadcast(records))
     per_epoch = prompts // algorithm.batch_size
     last: dict[str, float] = {}
     for observer in observers:
         observer.begin(start, steps)
+    done = start  # the steps taken
     try:
         for step in range(start, steps):
+            if stopping and stopping.should_stop:  # killed after it stopped, before the stage was recorded done
+                break
             # The prompt order depends only on the seed and the step, so a resumed run sees the same batches.
             order = torch.randperm(prompts, generator=torch.Generator().manual_seed(seed + step // per_epoch))
             batch = order[(step % per_epoch) * algorithm.batch_size :][: algorithm.batch_size].tolist()
             rollout, metrics = algorithm.experience(batch, step)
             metrics.update(algorithm.update(rollout, step))
+            evaluated = evaluation is not None and (step + 1) % evaluation.every == 0
+            if evaluated:
+                metrics.update({f"eval_{k}": v for k, v in evaluation.evaluate().items()})
             for observer in observers:
                 observer.logged(step + 1, metrics)
                 observer.stepped(step + 1)
             last.update(metrics)
-            if (step + 1) % save_steps == 0 or step + 1 == steps:
-                save_checkpoint(stage_dir, step + 1, algorithm)
+            done = step + 1
+            if stopping:
+                stopping.record(step + 1, metrics)
+            best = stopping.best() if stopping else None
+            if (step + 1) % save_steps == 0 or step + 1 == steps or (evaluated and stopping):
+                save_checkpoint(stage_dir, step + 1, algorithm, keep=best[0] if best else None)
+            if stopping and stopping.should_stop:
+                break
     finally:
         for observer in observers:
             observer.end()
-    return last, resumed
+    best = stopping.best() if stopping else None
+    if best and best[0] != done:  # the rest of the checkpoint (optimizer, RNGs) no longer matters: training is over
+        load_checkpoint(stage_dir / "checkpoints" / f"step-{best[0]}", algorithm)
+    return last, resumed, stopping, done
+
+
+def train_online(algorithm: OnlineAlgorithm, stage, ctx, prompts: int, steps: int, seed: int,
+                 evaluate: Callable[[], dict[str, float]] | None
+                 ) -> tuple[dict, Path | None, EarlyStopping | None, int]:
+    """An online stage's course: the starting policy's held-out evaluation (`eval_init_*`, the baseline to beat), the
+    loop (evaluating every `train.eval_steps` steps, stopping early where the recipe asks), and the final policy's
+    (`eval_*`: the best evaluation's policy where early stopping chose one). `run_online`'s results, the metrics
+    first."""
+    train, metrics = stage.train, {}
+    if evaluate:
+        metrics.update({f"eval_init_{k}": v for k, v in evaluate().items()})
+    evaluation = Evaluation(evaluate, train.eval_steps, train.early_stopping) if evaluate and train.eval_steps else None
+    trained, resumed, stopping, done = run_online(algorithm, ctx.stage_dir, prompts, steps, seed, train.save_steps,
+                                                  ctx.observers(stage.name), evaluation)
+    metrics.update(trained, global_step=done)
+    if evaluate:
+        metrics.update({f"eval_{k}": v for k, v in evaluate().items()})
+    if stopping and stopping.best():
+        metrics["best_step"] = stopping.best()[0]
+    return metrics, resumed, stopping, done
 
 
 def heldout_rewards(model, rewards: WeightedRewards, tokenizer, loaded, max_new_tokens: int, batch_size: int,

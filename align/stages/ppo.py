@@ -37,9 +37,8 @@ from align.models.tokens import encode_prompt
 from align.rewards.weighted import WeightedRewards, load_weighted, require_rules
 from align.stages.engine import StageContext, StageOutput
 from align.stages.kind import StageKind, register
-from align.stages.online import OnlineStageConfig, heldout_rewards, init_and_final, run_online
+from align.stages.online import OnlineStageConfig, heldout_rewards, init_and_final, train_online
 from align.stages.ppo_rollout import make_experience, response_logprobs, response_values
-from align.ui import StageProgress
 
 
 @dataclass(kw_only=True)
@@ -197,23 +196,14 @@ def train_ppo(model, stage, ctx: StageContext, data) -> StageOutput:
     steps = train.max_steps if train.max_steps > 0 else max(1, round(train.epochs * per_epoch))
     algorithm = PPO(model, roles, ctx.tokenizer, examples, prompts, stage, steps, ctx.replay)
 
-    metrics: dict[str, float] = {}
-    if data.get("eval"):  # the starting (SFT) policy's held-out reward, the baseline PPO must beat
-        start_scores = heldout_rewards(model, roles.rewards, ctx.tokenizer, data["eval"], cfg.max_new_tokens,
-                                 cfg.rollout_batch_size, ctx.quiet)
-        metrics.update({f"eval_init_{k}": v for k, v in start_scores.items()})
+    evaluate = data.get("eval") and (lambda: heldout_rewards(model, roles.rewards, ctx.tokenizer, data["eval"],
+                                                             cfg.max_new_tokens, cfg.rollout_batch_size, ctx.quiet))
     seed = train.seed if train.seed is not None else ctx.seed
-    trained, resumed = run_online(algorithm, ctx.stage_dir, len(examples), steps, seed, train.save_steps,
-                                  [StageProgress(stage.name, quiet=ctx.quiet)])
-    metrics.update(trained, global_step=steps)
-    if data.get("eval"):
-        final_scores = heldout_rewards(model, roles.rewards, ctx.tokenizer, data["eval"], cfg.max_new_tokens,
-                                 cfg.rollout_batch_size, ctx.quiet)
-        metrics.update({f"eval_{k}": v for k, v in final_scores.items()})
+    metrics, resumed, stopping, done = train_online(algorithm, stage, ctx, len(examples), steps, seed, evaluate)
     adapter = adapters.save(model, ctx.stage_dir / "adapter", adapters.POLICY)
     value_dir = adapters.save(model, ctx.stage_dir / "value_adapter", adapters.VALUE)
     heads.save_head(roles.value_head, value_dir)
-    return StageOutput(adapter, metrics, str(resumed) if resumed else None)
+    return StageOutput.stopped(adapter, metrics, str(resumed) if resumed else None, stopping, done)
 
 
 register(StageKind("ppo", PPOStageConfig, run, data="prompt", summary=partial(init_and_final, "ppo_scores"),
