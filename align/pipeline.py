@@ -18,10 +18,12 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import transformers
+from filelock import FileLock
 from rich.markup import escape
 
 from align import distributed, replay
@@ -37,9 +39,11 @@ from align.refs import parse_refs, resolve_all_refs, resolve_refs
 from align.run_folder import (
     FINISHED,
     INTERRUPTED,
+    LOCKS_DIR,
     RUNNING,
     SUMMARY_FILE,
     StageFolder,
+    find_finished,
     identity_hash,
     read_json,
     write_json,
@@ -121,8 +125,45 @@ class Pipeline:
         # The main process reads stage.json and the others take its word: no process skips a stage that another trains.
         state = distributed.broadcast(folder.state())
         if state.get("status") in FINISHED and state.get("config_hash") == config_hash:
+            if state.get("reused_from"):
+                self.outputs[stage.name] = StageFolder(Path(state["reused_from"])).outputs()
             console.print(f"[green]skip[/] {stage.name}: finished, config unchanged")
             return state
+        with self.building(config_hash):
+            reused = distributed.broadcast(find_finished(Path(self.recipe.output_dir), config_hash)
+                                           if distributed.is_main() else None)
+            if reused is not None and reused.dir != stage_dir:
+                return self.reuse(stage, folder, reused)
+            return self.train_stage(stage, folder, data, config_hash, parents, state)
+
+    @contextmanager
+    def building(self, config_hash: str):
+        """While a stage with this identity is built, no other align process building it too (several `align sweep`
+        processes, or runs of recipes that share a stage, under one output_dir) gets past this: it waits, then finds
+        the stage finished and reuses it."""
+        if not distributed.is_main():
+            yield
+            return
+        locks = Path(self.recipe.output_dir) / LOCKS_DIR
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(locks / f"{config_hash}.lock")):
+            yield
+
+    def reuse(self, stage, folder: StageFolder, finished: StageFolder) -> dict:
+        """A stage with this identity finished in another run folder: its adapter serves, and this run's stage.json
+        says where it came from."""
+        console.print(f"[green]reuse[/] {stage.name}: finished with the same config in {escape(str(finished.dir))}")
+        state = {**finished.state(), "reused_from": str(finished.dir)}
+        if distributed.is_main():
+            shutil.rmtree(folder.dir, ignore_errors=True)  # what an earlier, different config of it left
+            folder.dir.mkdir(parents=True)
+        folder.write(state)
+        self.outputs[stage.name] = finished.outputs()
+        return state
+
+    def train_stage(self, stage, folder: StageFolder, data: dict, config_hash: str, parents: list[str],
+                    state: dict) -> dict:
+        stage_dir = folder.dir
         main = distributed.is_main()
         if not main:
             distributed.barrier()  # until the main process has prepared the stage: `prepared` below is its side

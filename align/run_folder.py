@@ -27,6 +27,7 @@ RECIPE_FILE, SUMMARY_FILE, STAGE_FILE, METRICS_FILE = "recipe.yaml", "summary.js
 RUNNING, DONE, INTERRUPTED, STOPPED_EARLY, PRUNED = "running", "done", "interrupted", "stopped_early", "pruned"
 FINISHED = (DONE, STOPPED_EARLY)  # a stage that left an adapter later stages may start from
 TENSORBOARD_DIR, TRACKING_FILE = "tensorboard", "tracking.json"
+LOCKS_DIR = ".locks"  # <output_dir>/.locks/<config hash>.lock: held while a stage with that identity is built
 # <stage>/replay/buffer.jsonl: the stage's sample of its data, for later stages; mixed.jsonl: what it mixed in itself
 REPLAY_DIR, REPLAY_BUFFER, REPLAY_MIXED = "replay", "buffer", "mixed"
 

@@ -49,6 +49,11 @@ class Run:
         """Names of the stages that finished, in recipe order."""
         return [s.name for s in self.recipe.stages if self.state(s.name).get("status") in FINISHED]
 
+    def outputs(self, name: str) -> dict[str, str]:
+        """`${<name>.<key>}` of this run: its own folder's, or those of the run it reused the stage from."""
+        reused = self.state(name).get("reused_from")
+        return StageFolder(Path(reused) if reused else self.dir / name).outputs()
+
     def adapter(self, name: str) -> str | None:
         """The folder of a finished stage's adapter; None for `base`. AlignError for an unfinished stage."""
         if name == BASE:

@@ -108,3 +108,22 @@ def test_length_grouped_dpo_trains(tmp_path):
     assert "group_by_length" in text
     metrics = _run(text)["stages"]["dpo"]["metrics"]
     assert metrics["global_step"] == 2 and metrics["train_loss"] > 0
+
+
+def test_a_stage_finished_in_another_run_folder_is_reused_not_trained_again(tmp_path):
+    """Two recipes under one output_dir whose SFT stages are the same: the second takes the first's adapter (a sweep's
+    trials share their SFT so), its DPO stage starts from it and is evaluated against it as its reference."""
+    first = run_recipe(parse_recipe(tiny_recipe(tmp_path, dpo_steps=2)), quiet=True)
+    evaluation = ('eval: {tasks: {path: "synthetic:heldout", max_rows: 4}, max_new_tokens: 4,\n'
+                  '       preferences: {path: "synthetic:preference_heldout", max_rows: 8}}')
+    second_text = tiny_recipe(tmp_path, dpo_steps=2, extra_dpo=evaluation).replace("name: tiny", "name: tiny2", 1)
+    second = run_recipe(parse_recipe(second_text.replace("beta: 0.1", "beta: 0.2")), quiet=True)
+    sft = json.loads((tmp_path / "tiny2" / "sft" / "stage.json").read_text())
+    assert sft["reused_from"] == str(tmp_path / "tiny" / "sft")
+    assert not (tmp_path / "tiny2" / "sft" / "adapter").exists()
+    assert second["stages"]["sft"]["adapter"] == first["stages"]["sft"]["adapter"]
+    dpo = json.loads((tmp_path / "tiny2" / "dpo" / "stage.json").read_text())
+    assert dpo["status"] == "done" and "reused_from" not in dpo  # beta differs: trained
+    assert second["eval"]["stages"]["dpo"]["implicit_reward_accuracy"] is not None  # its reference: the reused SFT
+    rerun = run_recipe(parse_recipe(second_text.replace("beta: 0.1", "beta: 0.2")), quiet=True)
+    assert rerun["stages"]["sft"]["adapter"] == first["stages"]["sft"]["adapter"]  # skipped, still the first's

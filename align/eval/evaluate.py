@@ -123,8 +123,7 @@ class Evaluation:
 
     def _stage_reference(self, name: str) -> str | None:
         stage = self.run_.stage(name)
-        outputs = {s.name: {"adapter": str(self.run_.dir / s.name / "adapter"), "dir": str(self.run_.dir / s.name)}
-                   for s in self.run_.recipe.stages}
+        outputs = {s.name: self.run_.outputs(s.name) for s in self.run_.recipe.stages}
         ref = stage.reference or stage.init
         return resolve_refs(ref, outputs) if ref else None
 
