@@ -2,6 +2,10 @@
 SIGKILL: tests/test_resume_metrics.py)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +131,20 @@ def test_a_stage_finished_in_another_run_folder_is_reused_not_trained_again(tmp_
     assert second["eval"]["stages"]["dpo"]["implicit_reward_accuracy"] is not None  # its reference: the reused SFT
     rerun = run_recipe(parse_recipe(second_text.replace("beta: 0.1", "beta: 0.2")), quiet=True)
     assert rerun["stages"]["sft"]["adapter"] == first["stages"]["sft"]["adapter"]  # skipped, still the first's
+
+
+def test_two_processes_that_need_the_same_stage_at_once_build_it_once(tmp_path):
+    """Two `align run`s started together on recipes with the same SFT stage: one trains it under the lock, the other
+    waits and reuses it."""
+    commands = []
+    for name in ("left", "right"):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(tiny_recipe(tmp_path / "runs", dpo_steps=1).replace("name: tiny", f"name: {name}", 1))
+        commands.append([sys.executable, "-m", "align.cli", "run", str(recipe), "--quiet"])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    running = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for cmd in commands]
+    for proc in running:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    states = [json.loads((tmp_path / "runs" / name / "sft" / "stage.json").read_text()) for name in ("left", "right")]
+    trained = [s for s in states if "reused_from" not in s]
+    assert len(trained) == 1 and len({s["adapter"] for s in states}) == 1
