@@ -91,7 +91,8 @@ def recipe(args, mode: str, work: Path) -> str:
         })
     return yaml.safe_dump({
         "name": "bench_sft" if mode == "sft" else "bench_ppo",
-        "output_dir": str(work / "runs"),
+        # the sft measurement in a folder of its own: prep's sft, when its settings are the same, would be reused
+        "output_dir": str(work / ("runs_sft" if mode == "sft" else "runs")),
         "model": {"base": args.model, "quantization": args.quantization,
                   "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
         "stages": stages,
