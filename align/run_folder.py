@@ -64,19 +64,21 @@ class MetricsLog(StepObserver):
     def logged(self, step: int, metrics: dict) -> None:
         self.append({"step": step, **metrics})
 
+    def _whole_lines(self) -> list[str]:
+        """The records' lines; a kill mid-append leaves half a last line, which is not one."""
+        text = self.path.read_text() if self.path.is_file() else ""
+        lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+        return [line for line in lines if line]
+
     def keep_until(self, step: int) -> None:
-        """Keep the records up to `step`; a kill mid-append leaves half a last line, which goes too."""
+        """Keep the records up to `step` (a half-written last line goes too)."""
         if self.path.is_file():
-            text = self.path.read_text()
-            lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
-            kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+            kept = [line for line in self._whole_lines() if json.loads(line)["step"] <= step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def last_step(self) -> int:
         """The last step logged (0 for none), a half-written last line left by a kill not counted."""
-        text = self.path.read_text() if self.path.is_file() else ""
-        lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
-        return max((json.loads(line)["step"] for line in lines if line), default=0)
+        return max((json.loads(line)["step"] for line in self._whole_lines()), default=0)
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as f:
