@@ -1,4 +1,4 @@
-"""`align` command line: run, validate, data inspect, eval, report, chat, export, collect.
+"""`align` command line: run, sweep, validate, data inspect, eval, report, chat, export, collect.
 
 User mistakes (recipes, data, model paths) are `AlignError`s and print as one message naming the
 file, line/row and key/field; anything else is a bug and keeps its traceback.
@@ -34,6 +34,13 @@ def _cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     run_recipe(recipe, quiet=args.quiet)
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from align.sweep.study import sweep_command
+
+    sweep_command(args.space, args.recipe, args.overrides, args.trials, args.study, args.quiet)
     return 0
 
 
@@ -144,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. stages.dpo.loss.beta=0.05")
     p.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
     p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("sweep", help="search recipe settings on Optuna: trials in runs/<study>/, the best recipe, a "
+                                     "report; rerun to resume, or run several at once to share the trials")
+    p.add_argument("recipe", nargs="?", help="the recipe to sweep; default: the sweep file's `recipe`")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to the recipe before each trial's values")
+    p.add_argument("--space", required=True, metavar="SWEEP.yaml", help="the search space, objective, pruning "
+                   "(see recipes/sweep_quickstart_dpo.yaml)")
+    p.add_argument("--trials", type=int, metavar="N", help="complete plus pruned trials across every process on the "
+                   "study; default: the sweep file's `trials`")
+    p.add_argument("--study", metavar="NAME", help="the study, and its folder under the recipe's output_dir; "
+                   "default: the sweep file's name")
+    p.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
+    p.set_defaults(fn=_cmd_sweep)
 
     p = sub.add_parser("validate", help="check a recipe without running it")
     p.add_argument("recipe")

@@ -61,6 +61,7 @@ class EvalConfig:
     seed: int = 0
     samples: int = 12  # prompts shown side by side in the report
     bootstrap: int = 2000  # paired-bootstrap resamples for each stage's task-accuracy change against the reference
+    report: bool = True  # report.html beside eval.json (a sweep's trials skip it: their numbers go to its own report)
 
     def __post_init__(self):
         _require(self.tasks is not None or self.prompts is not None, "tasks", "give tasks, prompts or both")

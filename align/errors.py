@@ -38,3 +38,8 @@ def require(ok: bool, key: str, message: str) -> None:
     """A config check: raise `ConfigError(message, key=key)` unless `ok`."""
     if not ok:
         raise ConfigError(message, key=key)
+
+
+class StagePruned(Exception):
+    """Raised by whoever watches a stage train (an `align sweep` trial's pruner) to end it early: the stage is recorded
+    `pruned`, never `done`, and the run stops there. Not a user mistake, so not an AlignError."""

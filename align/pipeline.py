@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +30,7 @@ from rich.markup import escape
 from align import distributed, replay
 from align.config import Recipe
 from align.data.formats import load_examples
-from align.errors import AlignError
+from align.errors import AlignError, StagePruned
 from align.eval.forgetting import load_sets, stage_forgetting
 from align.eval.report import summary_table
 from align.models.host import ModelHost
@@ -37,9 +38,11 @@ from align.models.identity import base_identity, identity_key, machine
 from align.models.load import compute_dtype, load_base, resolve_base
 from align.refs import parse_refs, resolve_all_refs, resolve_refs
 from align.run_folder import (
+    CACHE_DIR,
     FINISHED,
     INTERRUPTED,
     LOCKS_DIR,
+    PRUNED,
     RUNNING,
     SUMMARY_FILE,
     StageFolder,
@@ -49,10 +52,11 @@ from align.run_folder import (
     write_json,
 )
 from align.runs import Run, save_recipe
+from align.settings import StageConfig
 from align.stages.engine import StageContext, device_batch_size
 from align.stages.kind import KINDS, kind_of
 from align.tracking import numbers, report_summary, stage_trackers
-from align.ui import console, forgetting_table, stages_table
+from align.ui import StepObserver, console, forgetting_table, stages_table
 
 SUMMARY_EVAL_KEYS = ("win_rate", "lc_win_rate", "mean_reward", "mean_length", "kl_to_reference", "task_accuracy",
                      "task_accuracy_change", "implicit_reward_accuracy")
@@ -73,9 +77,14 @@ def _data_summary(loaded) -> dict:
     }
 
 
+# the observers that someone running the pipeline adds to a stage's own (align.sweep: a trial's pruner)
+Watchers = Callable[[StageConfig], list[StepObserver]]
+
+
 class Pipeline:
-    def __init__(self, recipe: Recipe, quiet: bool = False, host: ModelHost | None = None):
-        self.recipe, self.quiet = recipe, quiet
+    def __init__(self, recipe: Recipe, quiet: bool = False, host: ModelHost | None = None,
+                 watchers: Watchers = lambda stage: []):
+        self.recipe, self.quiet, self.watchers = recipe, quiet, watchers
         distributed.init()
         if not distributed.is_main():
             console.quiet = True  # the main process speaks for the run; the others would repeat every line
@@ -193,15 +202,16 @@ class Pipeline:
         self.host.load()  # before the seed is set: loading the tiny fallback model draws its random weights
         ctx = StageContext(self.host, stage_dir, self.recipe.seed, self.dtype, self.quiet,
                            prepared=distributed.barrier if main else lambda: None,
-                           trackers=self.trackers(stage, folder) if main else [])
+                           trackers=[*self.trackers(stage, folder), *self.watchers(stage)] if main else [],
+                           shared_cache=Path(self.recipe.output_dir) / CACHE_DIR / identity_key(self.identity))
         if "replay" in data:
             ctx.replay = replay.stage_mixer(stage, stage_dir, self.host.tokenizer, data["replay"])
         transformers.set_seed(stage.train.seed if stage.train.seed is not None else self.recipe.seed)
         start = time.time()
         try:
             out = kind_of(stage).run(resolve_all_refs(stage, self.outputs), ctx, data)
-        except BaseException:
-            state["status"] = INTERRUPTED
+        except BaseException as stopped:
+            state["status"] = PRUNED if isinstance(stopped, StagePruned) else INTERRUPTED
             folder.write(state)
             raise
         state.update(
@@ -301,7 +311,8 @@ class Pipeline:
                                         if st["task_accuracy"] is not None}
             heldout["per_family"] = {n: st["task_per_family"] for n, st in evaluation["stages"].items()
                                      if st["task_per_family"]}
-            summary["eval"] = {"report": str(self.run_dir / "eval" / "report.html"),
+            report = self.run_dir / "eval" / "report.html"
+            summary["eval"] = {"report": str(report) if self.recipe.eval.report else None,
                                "reference": evaluation["settings"]["reference"],
                                "stages": {n: {k: st[k] for k in SUMMARY_EVAL_KEYS}
                                           for n, st in evaluation["stages"].items()}}
@@ -317,7 +328,8 @@ class Pipeline:
             console.print(forgetting_table(summary["forgetting"]))
         if evaluation:
             console.print(summary_table([evaluation]))
-            console.print(f"report: {summary['eval']['report']}")
+            if summary["eval"]["report"]:
+                console.print(f"report: {summary['eval']['report']}")
         return summary
 
 
@@ -340,6 +352,8 @@ def _strings(obj):
             yield from _strings(v)
 
 
-def run_recipe(recipe: Recipe, quiet: bool = False, host: ModelHost | None = None) -> dict:
-    """Run `recipe`'s stages and its eval; `host` lends the base (default: one that loads `recipe.model` once)."""
-    return Pipeline(recipe, quiet, host).run()
+def run_recipe(recipe: Recipe, quiet: bool = False, host: ModelHost | None = None,
+               watchers: Watchers = lambda stage: []) -> dict:
+    """Run `recipe`'s stages and its eval; `host` lends the base (default: one that loads `recipe.model` once);
+    `watchers` gives each stage observers of its steps besides its own."""
+    return Pipeline(recipe, quiet, host, watchers).run()

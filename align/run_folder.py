@@ -28,6 +28,8 @@ RUNNING, DONE, INTERRUPTED, STOPPED_EARLY, PRUNED = "running", "done", "interrup
 FINISHED = (DONE, STOPPED_EARLY)  # a stage that left an adapter later stages may start from
 TENSORBOARD_DIR, TRACKING_FILE = "tensorboard", "tracking.json"
 LOCKS_DIR = ".locks"  # <output_dir>/.locks/<config hash>.lock: held while a stage with that identity is built
+# <output_dir>/.cache/<base identity key>/: what stages of every run on that base may share (reference log-probs)
+CACHE_DIR = ".cache"
 # <stage>/replay/buffer.jsonl: the stage's sample of its data, for later stages; mixed.jsonl: what it mixed in itself
 REPLAY_DIR, REPLAY_BUFFER, REPLAY_MIXED = "replay", "buffer", "mixed"
 

@@ -29,7 +29,7 @@ from align.errors import ConfigError
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a list item whose `name` looks like this is keyed by it
 _NULL, _MAP = "tag:yaml.org,2002:null", "tag:yaml.org,2002:map"
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # PyYAML reads `2e-4` as a string
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # PyYAML reads `2e-4` as a string
 
 
 class Variants(typing.NamedTuple):
@@ -252,7 +252,7 @@ def _convert(tp, node: Node, key: str, variants: dict[type, Variants]):
             return value
         if tp is str and value is not None and not isinstance(value, bool):
             return node.value  # `name: 2024` is a name, not a number
-        if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value):
+        if tp is float and isinstance(value, str) and NUMBER.fullmatch(value):
             value = float(value)
         if tp is float and type(value) in (int, float) and math.isfinite(value):  # a bool is no number
             return float(value)

@@ -16,7 +16,8 @@ from align.stages.dpo import DPOStageConfig
 from align.stages.kind import KINDS
 from align.stages.sft import SFTStageConfig
 
-RECIPES = sorted((pathlib.Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted(p for p in (pathlib.Path(__file__).parents[1] / "recipes").glob("*.yaml")
+                 if not p.name.startswith("sweep_"))  # sweep files: tests/test_sweep.py
 
 # Line numbers matter: tests below point at lines of this text (line 1 is `name: quickstart`).
 RECIPE = """\

@@ -12,6 +12,9 @@ content (off by one, the wrong item, one repetition too many) or the right conte
 - `prompts`: training prompts with their checking rule, for PPO to sample responses for;
 - `heldout`: prompts with their checking rule (`align.data.rules`), for task accuracy;
 - `preference_heldout`: pairs on held-out prompts, for reward accuracy and margin;
+- `validation`, `preference_validation`: the same 84 prompts (12 per family) as tasks and as pairs, for choosing
+  settings (`align sweep`) without looking at the reported held-out prompts: they occur in no other split, neither
+  in the first `HELDOUT_RESERVED` prompts of `heldout` nor in any training split;
 - `ranked`, `ranked_heldout`: each prompt with four answers in shuffled order, scored 3 (the good answer),
   2 (the right content in the wrong form: a chatty sentence around the good answer), 1 (a near miss in
   the content) and 0 (the good answer to another prompt of the family), for listwise preference training.
@@ -33,6 +36,7 @@ its text, so the split is the same on every machine and every run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -160,11 +164,19 @@ FAMILIES: dict[str, Callable[[random.Random], Instance]] = {
 }
 SPLIT_SIZES = {"sft": 448, "preference": 448, "preference_all": 448, "prompts": 448, "heldout": 70,
                "preference_heldout": 70, "ranked": 448, "ranked_heldout": 70,
-               "chatty_preference": 448, "chatty_heldout": 70}  # in prompts
+               "chatty_preference": 448, "chatty_heldout": 70, "validation": 84,
+               "preference_validation": 84}  # in prompts
 SPLIT_KINDS = {"sft": "sft", "preference": "preference", "preference_all": "preference", "prompts": "task",
                "heldout": "task", "preference_heldout": "preference", "ranked": "ranked", "ranked_heldout": "ranked",
-               "chatty_preference": "preference", "chatty_heldout": "task"}
+               "chatty_preference": "preference", "chatty_heldout": "task", "validation": "task",
+               "preference_validation": "preference"}
 HELDOUT_SPLITS = ("heldout", "preference_heldout", "ranked_heldout", "chatty_heldout")
+TRAINING_SPLITS = ("sft", "preference", "prompts", "ranked", "chatty_preference")
+VALIDATION_SPLITS = ("validation", "preference_validation")
+# The held-out prompts the README reports accuracy on are `heldout`'s first 336; reserved: all that it can hold
+# (the repeat family has 49 prompts on the held-out side)
+HELDOUT_RESERVED = 343
+STREAMS = {"preference_all": "preference", "preference_validation": "validation"}  # splits that share prompts
 # The kinds a split's examples also load as, besides "prompt"; task splits load as SFT with their right answer
 ALSO_LOADS_AS = {"preference": ("ranked", "unpaired"), "ranked": ("preference", "unpaired"), "task": ("sft",)}
 
@@ -173,15 +185,30 @@ def _is_heldout(prompt: str) -> bool:
     return hashlib.sha256(prompt.encode()).digest()[0] < 52  # about one prompt in five
 
 
+@functools.cache
+def _reserved(seed: int) -> frozenset[str]:
+    """Every prompt a training split or the reported held-out prompts may hold: the validation splits avoid them."""
+    prompts = {inst.prompt for split in TRAINING_SPLITS for _, inst in instances(split, seed=seed)}
+    return frozenset(prompts | {inst.prompt for _, inst in instances("heldout", HELDOUT_RESERVED, seed)})
+
+
+def _on_side(split: str, prompt: str, seed: int) -> bool:
+    """Whether `prompt` may be in `split`: training and held-out splits keep to their side of the hash line; the
+    validation splits take what no other split can hold, from either side (the repeat family has too few prompts
+    for one side alone)."""
+    if split in VALIDATION_SPLITS:
+        return prompt not in _reserved(seed)
+    return _is_heldout(prompt) == (split in HELDOUT_SPLITS)
+
+
 def instances(split: str, n: int | None = None, seed: int = 0,
               families: tuple[str, ...] = ()) -> list[tuple[str, Instance]]:
     """`n` distinct (family, instance) on the split's side of the held-out line, families (all, or the
     named ones) in turn."""
     n = SPLIT_SIZES[split] if n is None else n
-    heldout = split in HELDOUT_SPLITS
     # Each split draws from its own stream, so SFT, DPO and PPO see different prompts; so does each choice
     # of families (the whole split's stream stays as it was).
-    stream = "preference" if split == "preference_all" else split
+    stream = STREAMS.get(split, split)
     rng = random.Random(f"{stream}:{seed}" + (f":{','.join(families)}" if families else ""))
     names = list(families or FAMILIES)
     seen: set[str] = set()
@@ -190,7 +217,7 @@ def instances(split: str, n: int | None = None, seed: int = 0,
         family = names[len(out) % len(names)]
         for _ in range(1000):
             inst = FAMILIES[family](rng)
-            if inst.prompt not in seen and _is_heldout(inst.prompt) == heldout:
+            if inst.prompt not in seen and _on_side(split, inst.prompt, seed):
                 break
         else:
             raise ValueError(f"synthetic split {split}: family {family} has too few distinct prompts for n={n}")

@@ -342,5 +342,6 @@ def evaluate_run(run: Run, cfg: EvalConfig, out_dir: Path | None = None, host: M
 
     evaluation = Evaluation(run, cfg, out_dir or run.dir / "eval", host, quiet, identity)
     result = evaluation.run()
-    render_html([result], evaluation.out_dir / "report.html")
+    if cfg.report:
+        render_html([result], evaluation.out_dir / "report.html")
     return result

@@ -49,6 +49,9 @@ class StageContext:
     # prepares first and the others only then, so that they read what it wrote (align.pipeline supplies it)
     prepared: Callable[[], None] = lambda: None
     trackers: list[StepObserver] = field(default_factory=list)  # the recipe's experiment trackers (align.tracking)
+    # a folder the stages of every run on this base (and dtype) share, for what is costly to compute and depends only
+    # on content it is keyed by; None = none
+    shared_cache: Path | None = None
 
     @property
     def tokenizer(self):

@@ -8,14 +8,18 @@ and one forward gives every response's summed log-prob, laid out as [B, K] with 
 than K.
 
 The trainable `policy` starts from `init` (the SFT adapter) and the frozen reference is `reference` (default:
-`init`), whose log-probs are computed once before training and cached in the stage folder; no reference is loaded
-for a loss that needs none (align.losses.preference: `needs_reference`).
+`init`), whose log-probs are computed once before training and cached in the stage folder and in the run's shared
+cache (a sweep's trials score the same rows under the same SFT adapter once); no reference is loaded for a loss that
+needs none (align.losses.preference: `needs_reference`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -98,18 +102,40 @@ def reference_logps(model, rows: list[dict], ref: str | None, pad_id: int, batch
     return out
 
 
-def attach_reference_logps(model, rows, ref, ctx: StageContext, batch_size: int, name: str) -> None:
+def attach_reference_logps(model, rows, ref, ctx: StageContext, batch_size: int, name: str,
+                           reference: str | None) -> None:
+    """The reference's log-probs on every row, from the stage folder's cache (a resumed stage), else the run's shared
+    cache (another run, such as a sweep's other trial, scored the same rows under the same reference adapter on
+    the same base), else computed and kept in both."""
     cache = ctx.stage_dir / f"ref_logps_{name}.pt"
+    shared = ctx.shared_cache / f"ref_logps_{_reference_key(rows, reference, batch_size)}.pt" \
+        if ctx.shared_cache and reference else None
     if cache.is_file():
         logps = torch.load(cache)
+    elif shared and shared.is_file():
+        logps = torch.load(shared)
     else:
         quiet = ctx.quiet or not distributed.is_main()  # one process shows the progress for all
         with work_progress(f"{ctx.stage_dir.name} reference log-probs ({name})", len(rows), quiet) as advance:
             logps = reference_logps(model, rows, ref, ctx.tokenizer.pad_token_id, batch_size, advance)
-        torch.save(logps, cache.with_suffix(".tmp"))
-        cache.with_suffix(".tmp").replace(cache)  # a kill mid-write must not leave a cache that looks valid
+    for path in (cache, shared):
+        if path and not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(logps, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)  # a kill mid-write must not leave a cache that looks valid
     for row, values in zip(rows, logps):
         row["ref_logps"] = values
+
+
+def _reference_key(rows: list[dict], reference: str, batch_size: int) -> str:
+    """What reference log-probs depend on besides the base: the reference adapter's weights, the encoded rows, and the
+    batch size (padding changes the last bits)."""
+    digest = hashlib.sha256()
+    for weights in sorted(Path(reference).glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    digest.update(json.dumps([[r["prompt_ids"], r["responses"]] for r in rows]).encode())
+    digest.update(str(batch_size).encode())
+    return digest.hexdigest()[:24]
 
 
 class GroupTrainer(AlignTrainer):
@@ -149,7 +175,7 @@ def prepare(model, stage, ctx: StageContext, train_rows, eval_rows, needs_ref: b
     if stage.precompute_ref:
         for name, rows in (("train", train_rows), ("eval", eval_rows)):
             if rows:
-                attach_reference_logps(model, rows, ref, ctx, device_batch_size(stage), name)
+                attach_reference_logps(model, rows, ref, ctx, device_batch_size(stage), name, reference)
         if ref:
             model.delete_adapter(ref)  # every log-prob it can give is cached; free its memory
             ref = None
