@@ -11,10 +11,9 @@ import importlib
 import sys
 
 import torch
-from transformers.generation.streamers import BaseStreamer
 
 from align.errors import AlignError
-from align.models.generation import Decoding
+from align.models.generation import Decoding, TextStream
 from align.models.tokens import encode_prompt
 from align.runs import load_stage_model, open_stage
 from align.ui import console
@@ -27,35 +26,6 @@ HELP = """\
 /system TEXT   set the system prompt and start over (/system alone removes it)
 /help          this list
 /exit, /quit   leave (so do Ctrl-D and Ctrl-C)"""
-
-
-class _TextStream(BaseStreamer):
-    """Hands each newly decoded piece of the reply to `on_text` as generate produces tokens."""
-
-    def __init__(self, tokenizer, on_text):
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self.ids: list[int] = []
-        self.text = ""
-        self.prompt_seen = False
-
-    def put(self, value):
-        if not self.prompt_seen:  # generate's first put is the prompt
-            self.prompt_seen = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        self._emit(final=False)
-
-    def end(self):
-        self._emit(final=True)
-
-    def _emit(self, final: bool):
-        # Decoding the whole reply, not token by token, keeps multi-byte characters split across tokens intact.
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:  # half a character so far; wait for the rest
-            return
-        piece, self.text = text[len(self.text) :], text
-        if piece:
-            self.on_text(piece)
 
 
 class ChatSession:
@@ -99,7 +69,7 @@ class ChatSession:
         try:
             ids = self._fit()
             decoding = Decoding(self.max_new_tokens, self.temperature > 0, self.temperature or 1.0, self.top_p)
-            stream = _TextStream(self.tokenizer, on_token or (lambda piece: None))
+            stream = TextStream(self.tokenizer, on_token or (lambda piece: None))
             input_ids = torch.tensor([ids], device=self.model.device)
             self.model.generate(
                 input_ids=input_ids,

@@ -1,4 +1,4 @@
-"""`align` command line: run, sweep, validate, data inspect, eval, report, chat, export, collect.
+"""`align` command line: run, sweep, validate, data inspect, eval, report, chat, export, serve, collect.
 
 User mistakes (recipes, data, model paths) are `AlignError`s and print as one message naming the
 file, line/row and key/field; anything else is a bug and keeps its traceback.
@@ -16,6 +16,8 @@ from align.collect import commands as collect_commands
 from align.data.formats import KINDS
 from align.errors import AlignError
 from align.rewards import cards
+
+DEFAULT_INSPECT_MODEL = "builtin:smollm2-135m-instruct"
 
 
 def _cmd_validate(args) -> int:
@@ -128,15 +130,49 @@ def _cmd_chat(args) -> int:
 def _cmd_export(args) -> int:
     from align.export import export_stage
 
-    export_stage(args.stage, args.merge or args.adapter_only, merge=bool(args.merge))
+    export_stage(args.stage, args.merge or args.adapter_only, merge=bool(args.merge), format=args.format,
+                 gguf_type=args.type, pre=args.pre)
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from align.serve import serve
+
+    serve(args.run, args.stages, args.host, args.port, args.max_tokens)
     return 0
 
 
 def _cmd_data_inspect(args) -> int:
     from align.data.inspect import inspect_file
 
-    inspect_file(args.file, model=args.model, kind=args.kind, format=args.format,
+    if args.stage:
+        return _inspect_stage(args)
+    inspect_file(args.file, model=args.model or DEFAULT_INSPECT_MODEL, kind=args.kind, format=args.format,
                  skip_bad_rows=args.skip_bad_rows, row=args.row, max_length=args.max_length)
+    return 0
+
+
+def _inspect_stage(args) -> int:
+    """A recipe stage's training data as the stage would load it: each source, and a mixture's composition."""
+    from align.config import load_recipe
+    from align.data.formats import load_examples
+    from align.data.inspect import inspect_loaded
+    from align.data.mixture import load_mixture
+    from align.refs import parse_refs
+    from align.stages.kind import kind_of
+
+    recipe = load_recipe(args.file)
+    stage = recipe.stage(args.stage)
+    sources = stage.data if isinstance(stage.data, list) else [stage.data]
+    for source in sources:
+        if list(parse_refs(source.path)):
+            raise AlignError(f"{args.file}: stage '{stage.name}' reads {source.path}, which a run makes; inspect it in "
+                             "the run folder after `align run`")
+    kind = kind_of(stage).data
+    seed = stage.train.seed if stage.train.seed is not None else recipe.seed
+    loaded = load_mixture(sources, lambda s: load_examples(s.path, kind, s.format, s.skip_bad_rows, s.max_rows), seed)
+    inspect_loaded(f"{args.file}: stage {stage.name}", kind, loaded, args.model or recipe.model.base, (), args.row,
+                   args.max_length)
     return 0
 
 
@@ -222,14 +258,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "AutoModelForCausalLM alone")
     what.add_argument("--adapter-only", metavar="OUT", help="the PEFT adapter and tokenizer; load it onto the base "
                                                             "quantized as in training (nf4) to get the same outputs")
+    p.add_argument("--format", choices=["transformers", "gguf"], default="transformers",
+                   help="with --merge: a transformers folder, or a GGUF file (llama.cpp, Ollama) with a Modelfile")
+    p.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="the GGUF's weight type")
+    p.add_argument("--pre", metavar="NAME", help="the GGUF's llama.cpp pre-tokenizer name, for a tokenizer align does "
+                   "not know (it knows SmolLM2's)")
     p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions, /v1/models) for a run's "
+                                     "stages, each by its name as the model")
+    p.add_argument("run", metavar="RUN[/STAGE]", help="a run folder (its finished policy stages), or one stage")
+    p.add_argument("--stages", nargs="+", metavar="STAGE", help="the stages to serve ('base' for the untrained model)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-tokens", type=int, default=512, help="the most new tokens a request may ask for")
+    p.set_defaults(fn=_cmd_serve)
 
     collect_commands.add_parser(sub)
 
     data = sub.add_parser("data", help="look at data files").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("inspect", help="format, rows, lengths, and one row through the chat template")
-    p.add_argument("file")
-    p.add_argument("--model", default="builtin:smollm2-135m-instruct", help="whose tokenizer and chat template to use")
+    p.add_argument("file", help="a data file, or a recipe with --stage")
+    p.add_argument("--stage", metavar="NAME", help="FILE is a recipe: its stage's training data, a mixture's "
+                   "composition included")
+    p.add_argument("--model", help="whose tokenizer and chat template to use; default: the recipe's base with --stage, "
+                   f"else {DEFAULT_INSPECT_MODEL}")
     p.add_argument("--kind", default="auto", choices=["auto", *KINDS])
     p.add_argument("--format", default="auto", help="override format detection")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and list them")

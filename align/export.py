@@ -5,6 +5,8 @@
   `AutoModelForCausalLM.from_pretrained(OUT)`: no peft, no bitsandbytes, no align.
 - `--adapter-only OUT`: the PEFT adapter (plus the reward head of an `rm` stage) and the tokenizer, with
   `base_model_name_or_path` pointing at a base that loads outside align. Small; needs the base beside it.
+Both come with a model card, README.md (align.model_card): the Hub's front matter, a `model-index` with the run's
+eval.json values, and how the stage was trained.
 
 Why a merge goes into the dequantized nf4 weights: a QLoRA adapter was trained on top of the 4-bit base,
 so the function it learned is `dequant(W_nf4) + BA`, not `W_original + BA`. Merging into the original
@@ -25,6 +27,7 @@ from pathlib import Path
 from rich.markup import escape
 
 import align
+from align import model_card
 from align.errors import AlignError
 from align.models.heads import HEAD_FILE
 from align.models.load import cache_dir, compute_dtype, load_base, load_tokenizer, resolve_base
@@ -33,12 +36,14 @@ from align.stages.kind import kind_of
 from align.ui import console
 
 EXPORT_FILE = "align_export.json"
+CARD_FILE = "README.md"  # the model card (align.model_card), where the Hub and people look first
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", HEAD_FILE)
 
 
-def export_stage(spec: str, out: str, merge: bool) -> Path:
-    """Export RUN/STAGE: merge=True writes a merged model folder, merge=False the PEFT adapter (adapter-only).
-    Returns OUT."""
+def export_stage(spec: str, out: str, merge: bool, format: str = "transformers", gguf_type: str = "f16",
+                 pre: str | None = None) -> Path:
+    """Export RUN/STAGE: merge=True writes a merged model folder (`format` transformers, or gguf: a GGUF file of
+    `gguf_type` and an Ollama Modelfile), merge=False the PEFT adapter (adapter-only). Returns OUT."""
     out = Path(out)
     run, stage = open_stage(spec)
     adapter = run.adapter(stage)
@@ -50,6 +55,8 @@ def export_stage(spec: str, out: str, merge: bool) -> Path:
                          "causal LM, so it cannot be merged; use --adapter-only")
     if not merge and adapter is None:
         raise AlignError(f"{spec}: the base has no adapter to export; use --merge to export the (dequantized) base")
+    if format == "gguf" and not merge:
+        raise AlignError("a GGUF file holds a whole model: use --merge OUT --format gguf")
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +67,8 @@ def export_stage(spec: str, out: str, merge: bool) -> Path:
     try:
         model_cfg = run.recipe.model
         resolved = resolve_base(model_cfg.base)
-        params = (_merged(model_cfg, resolved, adapter, tmp) if merge
+        gguf = {"type": gguf_type, "pre": pre, "name": f"{run.recipe.name}-{stage}"} if format == "gguf" else None
+        params = (_merged(model_cfg, resolved, adapter, tmp, gguf) if merge
                   else _adapter_only(model_cfg, resolved, adapter, tmp))
         info = {
             "run": str(run.dir),
@@ -68,11 +76,12 @@ def export_stage(spec: str, out: str, merge: bool) -> Path:
             "kind": kind,
             "base": {"recipe": model_cfg.base, "resolved": resolved.description},
             "trained_on_quantization": model_cfg.quantization,
-            "export": "merged" if merge else "adapter",
+            "export": ("gguf" if format == "gguf" else "merged") if merge else "adapter",
             "align_version": align.__version__,
             "config_hash": run.state(stage).get("config_hash"),
         }
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2))
+        (tmp / CARD_FILE).write_text(model_card.render(run, stage, resolved, info["export"]), encoding="utf-8")
         if out.exists():
             out.rmdir()  # checked empty above
         tmp.rename(out)  # all or nothing: a failed export leaves no folder that looks finished
@@ -85,7 +94,7 @@ def export_stage(spec: str, out: str, merge: bool) -> Path:
     return out
 
 
-def _merged(model_cfg, resolved, adapter: str | None, tmp: Path) -> int:
+def _merged(model_cfg, resolved, adapter: str | None, tmp: Path, gguf: dict | None = None) -> int:
     with console.status(f"loading the base ({escape(resolved.description)}, {model_cfg.quantization})"):
         model, tokenizer = load_base(model_cfg, resolved)
     dtype = compute_dtype(model_cfg.precision)
@@ -98,6 +107,17 @@ def _merged(model_cfg, resolved, adapter: str | None, tmp: Path) -> int:
 
         with console.status("merging the adapter"):
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if gguf:
+        from align.models.to_gguf import ollama_modelfile, write_gguf
+
+        file = f"{gguf['name']}-{gguf['type']}.gguf"
+        with console.status(f"writing {escape(file)}"):
+            write_gguf(model, tokenizer, tmp / file, gguf["type"], gguf["name"], gguf["pre"])
+        try:
+            (tmp / "Modelfile").write_text(ollama_modelfile(file, tokenizer.chat_template, tokenizer.eos_token))
+        except AlignError as err:
+            console.print(f"[yellow]no Ollama Modelfile:[/] {escape(str(err))}")
+        return model.num_parameters()
     with console.status(f"saving to {escape(str(tmp))}"):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -30,6 +30,7 @@ from rich.markup import escape
 from align import distributed, replay
 from align.config import Recipe
 from align.data.formats import load_examples
+from align.data.mixture import load_mixture
 from align.errors import AlignError, StagePruned
 from align.eval.forgetting import load_sets, stage_forgetting
 from align.eval.report import summary_table
@@ -68,13 +69,14 @@ def library_versions() -> dict[str, str]:
 
 
 def _data_summary(loaded) -> dict:
-    return {
+    summary = {
         "source": loaded.source,
         "format": loaded.format,
         "rows": len(loaded.examples),
         "skipped": [str(e) for e in loaded.skipped],
         "fingerprint": loaded.fingerprint,
     }
+    return {**summary, "mixture": loaded.composition} if loaded.composition else summary
 
 
 # the observers that someone running the pipeline adds to a stage's own (align.sweep: a trial's pruner)
@@ -104,7 +106,11 @@ class Pipeline:
         return load_base(model_cfg, resolved)
 
     def load_data(self, stage) -> dict:
+        seed = stage.train.seed if stage.train.seed is not None else self.recipe.seed
+
         def load(section, kind):
+            if isinstance(section, list):
+                return load_mixture(section, lambda source: load(source, kind), seed)
             path = resolve_refs(section.path, self.outputs)
             return load_examples(path, kind, section.format, section.skip_bad_rows, section.max_rows)
 

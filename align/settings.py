@@ -45,15 +45,41 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """A dataset: a file, folder, hub id or `synthetic:<name>`."""
+    """A dataset: a file, folder or `synthetic:<name>` (`path`), or what `datasets.load_dataset` loads (`dataset`)."""
 
-    path: str  # required
+    path: str | None = None  # this or `dataset`; with `dataset`, the spec it stands for (dataset:NAME?config=&split=)
+    dataset: str | None = None  # a Hub name in the local cache, or a folder of JSONL/Parquet/CSV files or save_to_disk
+    config: str | None = None  # the dataset's configuration (load_dataset's `name`)
+    split: str | None = None  # None = train, else its only split
     format: str = "auto"  # auto-detected unless named (see align.data.formats)
     skip_bad_rows: bool = False  # False: the first bad row is an error naming file, row and field
     max_rows: int | None = None  # None = all rows
+    # in a stage's list of sources (a mixture, align.data.mixture): this source's share of the stage's rows; weights
+    # are relative (0.7 and 0.3, or 7 and 3); None in every source = the sources one after another
+    weight: float | None = None
 
     def __post_init__(self):
         _require(self.max_rows is None or self.max_rows >= 1, "max_rows", f"must be >= 1, got {self.max_rows}")
+        _require(self.weight is None or self.weight > 0, "weight", f"must be > 0, got {self.weight}")
+        if self.dataset is None:
+            _require(self.path is not None, "path", "give the data's path (or a `dataset` for datasets.load_dataset)")
+            _require(self.config is None and self.split is None, "config" if self.config else "split",
+                     "config and split belong to a `dataset` source")
+            return
+        spec = dataset_path(self.dataset, self.config, self.split)
+        _require(self.path in (None, spec), "path", "give a path or a dataset, not both")
+        self.path = spec  # what every reader takes: align.data.sources reads it through align.data.hub
+
+
+DATASET_PREFIX = "dataset:"
+
+
+def dataset_path(name: str, config: str | None, split: str | None) -> str:
+    """The path that stands for a `datasets` source: dataset:NAME?config=C&split=S."""
+    from urllib.parse import urlencode
+
+    query = urlencode({k: v for k, v in (("config", config), ("split", split)) if v is not None})
+    return DATASET_PREFIX + name + (f"?{query}" if query else "")
 
 
 @dataclass(kw_only=True)
@@ -112,7 +138,7 @@ class StageConfig:
 
     name: str  # required; unique, identifier-like, not "base" (eval's name for the untrained model)
     kind: str  # required; a registered stage kind (align.stages.kind)
-    data: DataConfig  # required
+    data: DataConfig | list[DataConfig]  # required; a list: a mixture of sources (align.data.mixture)
     eval_data: DataConfig | None = None
     init: str | None = None  # adapter to start from, e.g. ${sft.adapter}; None = a fresh adapter
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -122,5 +148,11 @@ class StageConfig:
         _require(_IDENTIFIER.fullmatch(self.name) is not None, "name",
                  f"stage names must look like identifiers ([A-Za-z_][A-Za-z0-9_]*), got '{self.name}'")
         _require(self.name != "base", "name", "'base' is reserved for the untrained model in eval")
+        _require(isinstance(self.data, DataConfig) or len(self.data) >= 1, "data", "give at least one source")
+        _require(not isinstance(self.data, DataConfig) or self.data.weight is None, "data.weight",
+                 "a weight is a share of a mixture: give data as a list of sources")
+        for i, source in enumerate(self.data if isinstance(self.data, list) else []):
+            _require((source.weight is None) == (self.data[0].weight is None), f"data[{i}].weight",
+                     "in a mixture either every source has a weight or none does")
         _require(self.train.early_stopping is None or self.eval_data is not None, "train.early_stopping",
                  "needs eval_data: the held-out data its metric is measured on")

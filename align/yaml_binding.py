@@ -231,12 +231,14 @@ def _convert(tp, node: Node, key: str, variants: dict[type, Variants]):
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:
             return _convert(options[0], node, key, variants)
-        # str | list[str]: the node's shape picks the type
+        # str | list[str], DataConfig | list[DataConfig]: the node's shape picks the type
         shape = {ScalarNode: str, SequenceNode: list, MappingNode: dict}[type(node)]
         for option in options:
-            if (typing.get_origin(option) or option) is shape:
+            if (typing.get_origin(option) or option) is shape or (shape is dict and dataclasses.is_dataclass(option)):
                 return _convert(option, node, key, variants)
-        raise _error(node, key, f"expected a string or a list of strings, got {_describe(node)}")
+        expected = " or ".join("a mapping" if dataclasses.is_dataclass(o) else _expected(o) if o in (str, int, float,
+                               bool) else "a list" for o in options)
+        raise _error(node, key, f"expected {expected}, got {_describe(node)}")
     if dataclasses.is_dataclass(tp):
         return build(tp, node, variants, key)
     if origin is list:

@@ -106,6 +106,8 @@ def test_a_sweep_prunes_trials_behind_the_median_and_writes_the_best_recipe(tmp_
         assert (row["state"] == "PRUNED") == behind, rows
         stage = json.loads((study_dir / row["run"] / "dpo" / "stage.json").read_text())
         assert stage["status"] == (PRUNED if behind else "done")
+        objective = row["stages.dpo.metrics.eval_rewards/accuracies"]
+        assert (objective == "") == behind and (row["pruned_value"] != "") == behind  # no objective when pruned
         if not behind:
             finished.append(value)
     assert any(r["state"] == "PRUNED" for r in rows)
@@ -180,3 +182,21 @@ def test_two_sweep_processes_share_the_trials_and_build_the_sft_stage_once(tmp_p
     assert 4 <= states.count("COMPLETE") <= 5 and set(states) == {"COMPLETE"}, states  # one may start as the 4th ends
     sft = [json.loads(p.read_text()) for p in study_dir.glob("trial_*/sft/stage.json")]
     assert len(sft) == len(states) and sum("reused_from" not in s for s in sft) == 1
+
+
+def test_a_multi_objective_study_writes_a_recipe_per_pareto_trial(tmp_path):
+    path = _files(tmp_path, "space: {stages.dpo.loss.beta: {uniform: [0.05, 0.5]}}\nobjective:\n"
+                  "  - {metric: stages.dpo.metrics.eval_rewards/margins, direction: maximize}\n"
+                  "  - {metric: stages.dpo.metrics.eval_logps/chosen, direction: minimize}\n"
+                  + TRIAL + "sampler: {type: random}\ntrials: 3\n")
+    result = Sweep(load_sweep(path), str(tmp_path / "tiny.yaml"), []).run()
+    rows = list(csvrows(tmp_path / "runs" / "space" / "trials.csv"))
+    points = {int(r["trial"]): (float(r["stages.dpo.metrics.eval_rewards/margins"]),
+                                float(r["stages.dpo.metrics.eval_logps/chosen"])) for r in rows}
+
+    def dominated(p):
+        return any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in points.values())
+
+    front = {n for n, p in points.items() if not dominated(p)}
+    assert {t["trial"] for t in result["best_trials"]} == front
+    assert sorted(Path(p).name for p in result["best"]) == [f"pareto_trial_{n:03d}.yaml" for n in sorted(front)]

@@ -120,6 +120,19 @@ def test_heldout_prompts_never_appear_in_training_splits():
                 assert synthetic._is_heldout(inst.prompt) == (split in HELDOUT_SPLITS)
 
 
+def test_validation_prompts_are_in_no_training_split_and_not_among_the_reported_heldout_prompts():
+    validation = [inst.prompt for _, inst in synthetic.instances("validation")]
+    assert validation == [prompt_text(e) for e in synthetic.load("preference_validation", "preference")]
+    assert len(set(validation)) == 84
+    families = [family for family, _ in synthetic.instances("validation")]
+    assert all(families.count(f) == 12 for f in synthetic.FAMILIES)
+    train = {prompt_text(e) for s in TRAIN_SPLITS for e in synthetic.load(s, synthetic.SPLIT_KINDS[s])}
+    heldout = {inst.prompt for _, inst in synthetic.instances("heldout", synthetic.HELDOUT_RESERVED)}
+    assert not set(validation) & train and not set(validation) & heldout
+    reported = load_examples("synthetic:heldout", "task", max_rows=336).examples
+    assert {e.prompt[0]["content"] for e in reported} <= heldout
+
+
 @pytest.mark.parametrize("split", list(synthetic.SPLIT_KINDS))
 def test_good_answers_pass_and_bad_answers_fail(split):
     for family, inst in synthetic.instances(split):

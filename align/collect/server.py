@@ -32,10 +32,10 @@ import uvicorn
 from jinja2 import Environment, FileSystemLoader
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from align.collect.agreement import summarize
 from align.collect.store import Annotator, Collection
 from align.errors import AlignError
+from align.web import AllowedHosts
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 64 * 1024  # a verdict is a few hundred bytes; the store keeps 2,000 characters of rationale
@@ -53,7 +54,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 PRIVATE_PATHS = ("/api/", "/admin/")  # what they answer names tokens, verdicts or tasks: never cached
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 UNKNOWN_LINK = "This annotation link is not valid (any more). Ask the person who sent it for a new one."
 NOT_YOURS = "This pair is not (or no longer) yours to judge. Reload the page to get your next one."
 SERVER_FAILED = "The server failed to answer; the page tries again. If it keeps failing, tell the organiser."
@@ -80,38 +80,6 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
-
-
-class AllowedHosts:
-    """Answers 400 to a request whose Host header is not this server's own name and port (against DNS
-    rebinding): a loopback name, the address it was asked to bind (`host`), or the address the connection
-    came in on (an address, never a name an attacker controls: serving on 0.0.0.0, each network's own
-    address works)."""
-
-    def __init__(self, app: ASGIApp, host: str):
-        self.app, self.names = app, {*LOOPBACK_NAMES, host.lower()}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self.allowed(scope):
-            response = PlainTextResponse("This server answers only to its own address: open the link that "
-                                         "`align collect serve` printed.", 400)
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def allowed(self, scope: Scope) -> bool:
-        local, port = scope.get("server") or ("", None)
-        local = str(local).lower().removeprefix("::ffff:")  # an IPv4 address, as a dual-stack socket gives it
-        names = [_bracketed(name) for name in self.names | {local}]
-        accepted = {f"{name}:{port}" for name in names}
-        if port == 80:  # browsers leave the default port out
-            accepted.update(names)
-        return Headers(scope=scope).get("host", "").lower() in accepted
-
-
-def _bracketed(address: str) -> str:
-    """An address as a Host header writes it: an IPv6 one in brackets."""
-    return f"[{address}]" if ":" in address else address
 
 
 def create_app(collection_path: str | Path, host: str = "127.0.0.1") -> ASGIApp:
@@ -173,7 +141,7 @@ def create_app(collection_path: str | Path, host: str = "127.0.0.1") -> ASGIApp:
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
-    return SecurityHeaders(AllowedHosts(app, host))
+    return SecurityHeaders(AllowedHosts(app, host, "open the link that `align collect serve` printed"))
 
 
 def serve(collection_path: str | Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False) -> None:

@@ -173,6 +173,7 @@ class LoadedData:
     rows_read: int  # rows seen, good and bad (blank JSONL lines are not rows)
     skipped: list[DataError]  # with skip_bad_rows=True, every skipped row's error, in row order
     fingerprint: str
+    composition: list[dict] | None = None  # a mixture's sources and what each gave (align.data.mixture)
 
 
 def load_examples(

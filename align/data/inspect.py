@@ -104,6 +104,11 @@ def _stats(values: list[int]) -> str:
 
 def inspect_file(path, model, kind="auto", format="auto", skip_bad_rows=False, row=1, max_length=512):
     kind, loaded, other_kinds = _load_any_kind(path, kind, format, skip_bad_rows)
+    inspect_loaded(path, kind, loaded, model, other_kinds, row, max_length)
+
+
+def inspect_loaded(path, kind, loaded, model, other_kinds=(), row=1, max_length=512):
+    """The pre-flight report of data already loaded as `kind`: a file, or a recipe stage's mixture of sources."""
     if not 1 <= row <= len(loaded.examples):
         raise AlignError(f"--row {row}: {path} has {len(loaded.examples)} usable rows")
     tokenizer, model_desc = _tokenizer_for(model)
@@ -132,6 +137,8 @@ def inspect_file(path, model, kind="auto", format="auto", skip_bad_rows=False, r
     summary.add_row("completion tokens min/mean/max", _stats(completion_lens))
     summary.add_row(f"longer than {max_length} tokens", str(truncated))
     console.print(summary)
+    if loaded.composition:
+        console.print(mixture_table(loaded.composition))
     for err in loaded.skipped:
         console.print(f"[yellow]skipped[/] {escape(str(err))}", highlight=False, soft_wrap=True)
 
@@ -161,3 +168,14 @@ def _show_row(tokenizer, prompt, completion, name, row):
         console.print("[bold red]warning:[/] the sequence starts with two BOS tokens")
     if completion and enc.eos_appended:
         console.print("[yellow]note:[/] the chat template does not end the answer with EOS; align appends it")
+
+
+def mixture_table(composition: list[dict]) -> Table:
+    table = Table(title="mixture", title_justify="left")
+    for column in ("source", "format", "weight", "rows available", "rows in the mixture", "share"):
+        table.add_column(column, justify="left" if column in ("source", "format") else "right")
+    total = sum(c["rows"] for c in composition)
+    for c in composition:
+        table.add_row(escape(c["source"]), c["format"], "-" if c["weight"] is None else f"{c['weight']:g}",
+                      str(c["available"]), str(c["rows"]), f"{c['rows'] / total:.1%}")
+    return table

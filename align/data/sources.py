@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterator
 
 from align.errors import DataError
+from align.settings import DATASET_PREFIX as DATASET  # dataset:NAME?config=&split=, read by align.data.hub
 
 SUPPORTED = (
     ".txt (one prompt per line), .jsonl, .json (a top-level array, or an object with one list value such as "
@@ -48,6 +49,10 @@ def read_records(path: str) -> Iterator[tuple[int, dict | DataError]]:
 
 
 def _reader(path: str) -> Callable[[str], Iterator[tuple[int, object]]]:
+    if path.startswith(DATASET):
+        from align.data import hub
+
+        return hub.read_dataset
     if os.path.isdir(path):
         return _read_datasets_folder
     if not os.path.isfile(path):
@@ -75,6 +80,10 @@ def fingerprint(path: str) -> str:
 
     Stages record it so that a rerun can tell whether their input data changed.
     """
+    if path.startswith(DATASET):
+        from align.data import hub
+
+        return hub.fingerprint(path)
     digest = hashlib.sha256()
     if os.path.isdir(path):
         for root, dirs, files in os.walk(path):
@@ -167,26 +176,9 @@ def _read_parquet(path: str) -> Iterator[tuple[int, object]]:
 
 
 def _read_datasets_folder(path: str) -> Iterator[tuple[int, object]]:
-    import datasets  # imported here: it is slow to import and only folders need it
+    from align.data import hub  # datasets is slow to import, and only folders and dataset: sources need it
 
-    try:
-        loaded = datasets.load_from_disk(path)
-    except FileNotFoundError as e:
-        raise DataError(f"folder is not a dataset saved with save_to_disk ({e}); supported: {SUPPORTED}",
-                        file=path) from e
-    except IndexError as e:  # datasets saves a split of no rows without data files, then cannot load it
-        raise DataError("no rows in the dataset, or in one of its splits (datasets cannot load a split saved empty); "
-                        "save the split to use on its own", file=path) from e
-    if isinstance(loaded, datasets.DatasetDict):
-        splits = list(loaded)
-        if "train" in loaded:
-            loaded = loaded["train"]
-        elif len(splits) == 1:
-            loaded = loaded[splits[0]]
-        else:
-            raise DataError(f"dataset has splits {splits} and none is 'train'; save the one to use on its own",
-                            file=path)
-    yield from enumerate(loaded, start=1)
+    yield from enumerate(hub.saved_dataset(path, None, path), start=1)
 
 
 def _json_type(value: object) -> str:

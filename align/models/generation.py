@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from align.models.decoding import decode
 from align.models.tokens import encode_prompt, left_pad
@@ -68,3 +69,33 @@ def generate(model, tokenizer, prompts: list[list[dict]], decoding: Decoding, ba
             if on_batch:
                 on_batch(len(idx))
     return [replies[i] for i in range(len(prompts))]
+
+
+class TextStream(BaseStreamer):
+    """Hands each newly decoded piece of the reply to `on_text` as generate produces tokens (`align chat`, the
+    streamed replies of `align serve`); `ids` are the reply's tokens, its EOS included."""
+
+    def __init__(self, tokenizer, on_text):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.text = ""
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate's first put is the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        self._emit(final=False)
+
+    def end(self):
+        self._emit(final=True)
+
+    def _emit(self, final: bool):
+        # Decoding the whole reply, not token by token, keeps multi-byte characters split across tokens intact.
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:  # half a character so far; wait for the rest
+            return
+        piece, self.text = text[len(self.text) :], text
+        if piece:
+            self.on_text(piece)

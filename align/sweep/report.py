@@ -25,7 +25,7 @@ STATE_COLORS = {"COMPLETE": PALETTE[0], "PRUNED": REF_GREY, "FAIL": PALETTE[3], 
 
 def _value(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.3g}"
     return "" if v is None else str(v)
 
 
@@ -33,10 +33,14 @@ def trial_rows(sweep, study) -> list[dict]:
     keys = [p.key for p in sweep.sweep.space]
     rows = []
     for t in study.get_trials(deepcopy=False):
-        values = t.values or [None] * len(sweep.sweep.objective)
+        # Optuna gives a pruned trial its last reported value as its value: that is the pruning metric, not the
+        # objective, so it goes in a column of its own
+        values = t.values if t.state.name == "COMPLETE" else [None] * len(sweep.sweep.objective)
+        pruned = t.state.name == "PRUNED"
         rows.append({"trial": t.number, "run": t.user_attrs.get("run", ""), "state": t.state.name,
                      **{o.metric: v for o, v in zip(sweep.sweep.objective, values)},
-                     "pruned_at_step": t.last_step if t.state.name == "PRUNED" else None,
+                     "pruned_at_step": t.last_step if pruned else None,
+                     "pruned_value": t.intermediate_values.get(t.last_step) if pruned else None,
                      **{k: t.params.get(k) for k in keys},
                      "seconds": round(t.duration.total_seconds()) if t.duration else None})
     return rows
@@ -44,12 +48,15 @@ def trial_rows(sweep, study) -> list[dict]:
 
 def trials_table(sweep, rows: list[dict], best: set[int]) -> Table:
     table = Table(title=f"sweep {sweep.name}: {len(rows)} trials", title_justify="left")
-    columns = [c for c in (rows[0] if rows else []) if c != "run"]  # trial N runs in trial_NNN (or the one it retries)
-    for c in columns:
-        table.add_column(c.split(".")[-1] if "." in c else c, justify="right" if c != "state" else "left")
+    # the run folder (trial_NNN, or the one a retry resumes) and the seconds are in trials.csv
+    columns = [c for c in (rows[0] if rows else []) if c not in ("run", "seconds")]
+    headers = {"pruned_at_step": "pruned\nat step", "pruned_value": "its\nvalue"}
+    for c in columns:  # headers over two lines, so that an 80-column terminal shows every number whole
+        table.add_column(headers.get(c, c.split(".")[-1].replace("_", "\n", 1)),
+                         justify="left" if c == "state" else "right", no_wrap=True)
     for row in rows:
         style = "bold green" if row["trial"] in best else ("dim" if row["state"] != "COMPLETE" else None)
-        table.add_row(*(_value(row[c]) for c in columns), style=style)
+        table.add_row(*(row[c].lower() if c == "state" else _value(row[c]) for c in columns), style=style)
     return table
 
 
