@@ -95,3 +95,14 @@ def test_a_stage_trains_on_the_mixture_it_was_given_and_a_weight_change_reruns_i
     assert not yielded  # unchanged: skipped
     run_recipe(parse_recipe(_recipe(tmp_path, (0.5, 0.5))), quiet=True)
     assert len(yielded) >= 240 and abs(sum(yielded) / len(yielded) - 0.5) <= 0.05  # a new weight: trained again
+
+
+def test_data_inspect_shows_a_recipe_stages_mixture(tmp_path, capsys):
+    from align.cli import main
+
+    (tmp_path / "mix.yaml").write_text(_recipe(tmp_path, (0.7, 0.3)))
+    assert main(["data", "inspect", str(tmp_path / "mix.yaml"), "--stage", "sft", "--model", "builtin:tiny"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "mixture" in out and "synthetic:s" in out and "prompt_comp" in out  # both sources; paths fold
+    assert "210" in out and "90" in out and "70.0%" in out and "30.0%" in out  # rows in the mixture, their share

@@ -173,7 +173,8 @@ def _show_row(tokenizer, prompt, completion, name, row):
 def mixture_table(composition: list[dict]) -> Table:
     table = Table(title="mixture", title_justify="left")
     for column in ("source", "format", "weight", "rows available", "rows in the mixture", "share"):
-        table.add_column(column, justify="left" if column in ("source", "format") else "right")
+        table.add_column(column, justify="left" if column in ("source", "format") else "right",
+                         overflow="fold")  # a path folds onto more lines rather than losing its end
     total = sum(c["rows"] for c in composition)
     for c in composition:
         table.add_row(escape(c["source"]), c["format"], "-" if c["weight"] is None else f"{c['weight']:g}",
