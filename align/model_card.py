@@ -125,8 +125,18 @@ def render(run, stage: str, resolved, export: str) -> str:
         body += [f"On {settings['n_prompts']} held-out prompts (`{settings.get('tasks') or settings.get('prompts')}`), "
                  f"{'greedy' if not settings['do_sample'] else 'sampled'} replies of at most "
                  f"{settings['max_new_tokens']} tokens, against `{settings['reference']}`:", "",
-                 "| metric | value |", "|---|---|"]
-        body += [f"| {m['name']} | {m['value']:.4g} |" for m in index[0]["results"][0]["metrics"]]
+                 "| metric | value | 95% interval |", "|---|---|---|"]
+        scores = evaluation["stages"][stage]
+        for key, _, name in METRICS:
+            value = scores.get(key)
+            if isinstance(_number(value), (int, float)):
+                interval = f"[{value['low']:.4g}, {value['high']:.4g}]" if isinstance(value, dict) and \
+                    value.get("low") is not None else ""
+                body.append(f"| {name.format(ref=settings['reference'])} | {_number(value):.4g} | {interval} |")
+        change = scores.get("task_accuracy_change")
+        if isinstance(change, dict) and change.get("value") is not None:
+            body.append(f"| Task accuracy change vs {settings['reference']} (paired bootstrap) | "
+                        f"{change['value']:+.4g} | [{change['low']:+.4g}, {change['high']:+.4g}] |")
     else:
         body.append("Not evaluated: `align eval` on the run before exporting puts the numbers here.")
     forgetting = (states.get(stage) or {}).get("forgetting") or {}
