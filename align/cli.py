@@ -31,11 +31,13 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    from align import distributed
     from align.config import load_recipe
     from align.pipeline import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     run_recipe(recipe, quiet=args.quiet)
+    distributed.finish()
     return 0
 
 

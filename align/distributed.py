@@ -49,6 +49,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def finish() -> None:
+    """Leave the process group together: a process that exits while another still talks to it (a rerun whose stages
+    were all skipped ends in one process long before the main one has written the summary) can abort in gloo's
+    threads."""
+    if _active():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 @contextmanager
 def main_first() -> Iterator[None]:
     """The main process runs the block (writing what the others read), then the others run it."""

@@ -82,10 +82,11 @@ class Sweep:
 
         self.dir.mkdir(parents=True, exist_ok=True)
         beat = self.sweep.heartbeat
-        storage = RDBStorage(f"sqlite:///{(self.dir / STUDY_FILE).resolve()}", heartbeat_interval=beat.interval,
-                             grace_period=beat.grace, failed_trial_callback=RetryFailedTrialCallback(max_retry=3),
-                             engine_kwargs={"connect_args": {"timeout": 60}})
-        with FileLock(str(self.dir / "study.lock")):  # two processes creating one study's tables race otherwise
+        # Two processes opening a new study file race to create its tables and stamp its schema version: one at a time
+        with FileLock(str(self.dir / "study.lock")):
+            storage = RDBStorage(f"sqlite:///{(self.dir / STUDY_FILE).resolve()}", heartbeat_interval=beat.interval,
+                                 grace_period=beat.grace, failed_trial_callback=RetryFailedTrialCallback(max_retry=3),
+                                 engine_kwargs={"connect_args": {"timeout": 60}})
             study = optuna.create_study(study_name=self.name, storage=storage, load_if_exists=True,
                                         directions=self.sweep.directions, pruner=self.pruner())
         # A second process or a restart draws new random settings, not the first process's again.
