@@ -157,22 +157,19 @@ def _cmd_data_inspect(args) -> int:
 def _inspect_stage(args) -> int:
     """A recipe stage's training data as the stage would load it: each source, and a mixture's composition."""
     from align.config import load_recipe
-    from align.data.formats import load_examples
     from align.data.inspect import inspect_loaded
-    from align.data.mixture import load_mixture
+    from align.data.mixture import load_section
     from align.refs import parse_refs
     from align.stages.kind import kind_of
 
     recipe = load_recipe(args.file)
     stage = recipe.stage(args.stage)
-    sources = stage.data if isinstance(stage.data, list) else [stage.data]
-    for source in sources:
+    for source in stage.data if isinstance(stage.data, list) else [stage.data]:
         if list(parse_refs(source.path)):
             raise AlignError(f"{args.file}: stage '{stage.name}' reads {source.path}, which a run makes; inspect it in "
                              "the run folder after `align run`")
     kind = kind_of(stage).data
-    seed = stage.train.seed if stage.train.seed is not None else recipe.seed
-    loaded = load_mixture(sources, lambda s: load_examples(s.path, kind, s.format, s.skip_bad_rows, s.max_rows), seed)
+    loaded = load_section(stage.data, kind, stage.train.seed)
     inspect_loaded(f"{args.file}: stage {stage.name}", kind, loaded, args.model or recipe.model.base, (), args.row,
                    args.max_length)
     return 0

@@ -43,13 +43,19 @@ def base_model_id(run, resolved) -> str | None:
     return base if resolved.path == base and not Path(base).exists() else None
 
 
+def _measured(scores: dict, reference: str) -> list[tuple[str, str, str]]:
+    """(eval.json key, model-index type, name) of each metric eval.json has a number for."""
+    return [(key, kind, name.format(ref=reference)) for key, kind, name in METRICS
+            if isinstance(_number(scores.get(key)), (int, float))]
+
+
 def model_index(run, stage: str, evaluation: dict | None) -> list[dict]:
     """The Hub's model-index: one result per metric eval.json has for the stage, with its very value."""
     if not evaluation or stage not in evaluation.get("stages", {}):
         return []
     scores, settings = evaluation["stages"][stage], evaluation["settings"]
-    metrics = [{"type": kind, "name": name.format(ref=settings["reference"]), "value": _number(scores.get(key))}
-               for key, kind, name in METRICS if isinstance(_number(scores.get(key)), (int, float))]
+    metrics = [{"type": kind, "name": name, "value": _number(scores[key])}
+               for key, kind, name in _measured(scores, settings["reference"])]
     dataset = settings.get("tasks") or settings.get("prompts")
     return [{"name": f"{run.recipe.name}/{stage}", "results": [{
         "task": {"type": "text-generation", "name": "Text generation"},
@@ -127,12 +133,11 @@ def render(run, stage: str, resolved, export: str) -> str:
                  f"{settings['max_new_tokens']} tokens, against `{settings['reference']}`:", "",
                  "| metric | value | 95% interval |", "|---|---|---|"]
         scores = evaluation["stages"][stage]
-        for key, _, name in METRICS:
-            value = scores.get(key)
-            if isinstance(_number(value), (int, float)):
-                interval = f"[{value['low']:.4g}, {value['high']:.4g}]" if isinstance(value, dict) and \
-                    value.get("low") is not None else ""
-                body.append(f"| {name.format(ref=settings['reference'])} | {_number(value):.4g} | {interval} |")
+        for key, _, name in _measured(scores, settings["reference"]):
+            value = scores[key]
+            interval = f"[{value['low']:.4g}, {value['high']:.4g}]" if isinstance(value, dict) and \
+                value.get("low") is not None else ""
+            body.append(f"| {name} | {_number(value):.4g} | {interval} |")
         change = scores.get("task_accuracy_change")
         if isinstance(change, dict) and change.get("value") is not None:
             body.append(f"| Task accuracy change vs {settings['reference']} (paired bootstrap) | "

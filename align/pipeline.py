@@ -30,7 +30,7 @@ from rich.markup import escape
 from align import distributed, replay
 from align.config import Recipe
 from align.data.formats import load_examples
-from align.data.mixture import load_mixture
+from align.data.mixture import load_section
 from align.errors import AlignError, StagePruned
 from align.eval.forgetting import load_sets, stage_forgetting
 from align.eval.report import summary_table
@@ -106,13 +106,8 @@ class Pipeline:
         return load_base(model_cfg, resolved)
 
     def load_data(self, stage) -> dict:
-        seed = stage.train.seed if stage.train.seed is not None else self.recipe.seed
-
         def load(section, kind):
-            if isinstance(section, list):
-                return load_mixture(section, lambda source: load(source, kind), seed)
-            path = resolve_refs(section.path, self.outputs)
-            return load_examples(path, kind, section.format, section.skip_bad_rows, section.max_rows)
+            return load_section(section, kind, stage.train.seed, lambda path: resolve_refs(path, self.outputs))
 
         kind = kind_of(stage)
         data = {"train": load(stage.data, kind.data),

@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -68,15 +69,15 @@ class Served:
         from align.models.host import ModelHost
 
         self.host = ModelHost(run.recipe.model)
-        self.lending = self.host.adapters(folders)
-        self.model = self.lending.__enter__().eval()  # held for the server's life; given back by close()
+        self.held = ExitStack()  # the base is lent for the server's life; close() gives it back
+        self.model = self.held.enter_context(self.host.adapters(folders)).eval()
         self.tokenizer = self.host.tokenizer
         self.context = getattr(self.model.config, "max_position_embeddings", None)
         self.lock = threading.Lock()
         self.created = int(time.time())
 
     def close(self) -> None:
-        self.lending.__exit__(None, None, None)
+        self.held.close()
 
     def check(self, body) -> dict:
         """The request's settings, or a RequestError saying what is wrong with it."""

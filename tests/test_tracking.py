@@ -113,5 +113,6 @@ def test_trackio_gets_the_metrics_locally(tmp_path, monkeypatch):
     from trackio.sqlite_storage import SQLiteStorage
 
     rows = SQLiteStorage.get_logs("align-tests", "tracked/sft")
+    assert [r["step"] for r in rows] == sorted(logged["loss"]), rows  # a row per logged step, once each
     _same_as_the_log(logged, {key: [(r["step"], r[key]) for r in rows if key in r]
                               for key in {k for r in rows for k in r if k not in ("step", "timestamp")}})

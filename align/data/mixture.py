@@ -14,7 +14,7 @@ import json
 import random
 from collections.abc import Callable
 
-from align.data.formats import LoadedData
+from align.data.formats import LoadedData, load_examples
 from align.settings import DataConfig
 
 Loader = Callable[[DataConfig], LoadedData]  # one source's rows as `kind` (align.data.formats.load_examples)
@@ -59,3 +59,12 @@ def load_mixture(sources: list[DataConfig], load: Loader, seed: int) -> LoadedDa
     fingerprint = hashlib.sha256(json.dumps({"seed": seed, "sources": composition}, sort_keys=True).encode())
     return LoadedData(examples, "mixture", " + ".join(d.source for d in loaded), sum(d.rows_read for d in loaded),
                       [e for d in loaded for e in d.skipped], fingerprint.hexdigest(), composition)
+
+
+def load_section(section: DataConfig | list[DataConfig], kind: str, seed: int,
+                 resolve: Callable[[str], str] = lambda path: path) -> LoadedData:
+    """A stage's `data` (one source, or a list of them) as `kind`; `resolve` turns a path's ${stage.output} references
+    into the folders a run made."""
+    if isinstance(section, list):
+        return load_mixture(section, lambda source: load_section(source, kind, seed, resolve), seed)
+    return load_examples(resolve(section.path), kind, section.format, section.skip_bad_rows, section.max_rows)

@@ -132,11 +132,12 @@ def write_gguf(model, tokenizer, path: Path, type: str, name: str, pre: str | No
     writer.add_token_list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
     writer.add_token_types(_token_types(tokenizer))
     writer.add_token_merges(_merges(tokenizer))
-    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                          ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+    for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                          (writer.add_eos_token_id, tokenizer.eos_token_id),
+                          (writer.add_unk_token_id, tokenizer.unk_token_id),
+                          (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if token_id is not None:
-            getattr(writer, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "unk": "add_unk_token_id",
-                             "pad": "add_pad_token_id"}[key])(token_id)
+            add(token_id)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
