@@ -1,6 +1,6 @@
 """Experiment trackers: every stage's logged metrics, under the names and at the steps of its `metrics.jsonl`, in the
-trackers a recipe's `tracking.report_to` names (TensorBoard, W&B, MLflow, Trackio), one tracker run per stage,
-grouped by the recipe (or a sweep's study), and the evaluation's summary in a run of its own.
+trackers a recipe's `tracking.report_to` names (TensorBoard, W&B, MLflow), one tracker run per stage, grouped
+by the recipe (or a sweep's study), and the evaluation's summary in a run of its own.
 
 One observer class per tracker (`Tracker`, an align.ui.StepObserver), so Trainer stages and the RL loop report alike.
 A resumed stage logs each step once: TensorBoard purges the killed run's events after the checkpoint (`purge_step`,
@@ -9,7 +9,7 @@ which its readers honour), and the other trackers reopen the stage's run (its id
 Each tracker's package is imported when a stage starts, so none is needed unless a recipe names it
 (`pip install align[track]` installs them all). Nothing leaves the machine unless the tracker is set up to send it:
 TensorBoard writes event files into the stage folder, W&B honours `WANDB_MODE=offline`, MLflow writes where
-`MLFLOW_TRACKING_URI` points, Trackio to its local database (`TRACKIO_DIR`).
+`MLFLOW_TRACKING_URI` points.
 """
 
 from __future__ import annotations
@@ -148,24 +148,7 @@ class MLflow(Tracker):
         self.client.set_terminated(self.run_id)
 
 
-class Trackio(Tracker):
-    package = "trackio"
-
-    def open(self, step: int) -> None:
-        import trackio
-
-        self.handle = trackio.init(project=self.project, name=self.run, group=self.group, config=self.config,
-                                   resume="allow", auto_log_cpu=False, auto_log_gpu=False)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.handle.log(metrics, step=step)
-
-    def close(self) -> None:
-        self.handle.finish()
-
-
-TRACKERS: dict[str, type[Tracker]] = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow,
-                                      "trackio": Trackio}
+TRACKERS: dict[str, type[Tracker]] = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:

@@ -103,16 +103,3 @@ def test_mlflow_and_wandb_get_the_metrics_locally(tmp_path, monkeypatch):
 
     assert len(list((stage_dir / "wandb").glob(f"offline-run-*-{ids['wandb']}/run-{ids['wandb']}.wandb"))) == 1
     assert not (tmp_path / "runs" / "tracked" / "sft" / "tensorboard").exists()  # only what the recipe names
-
-
-def test_trackio_gets_the_metrics_locally(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
-    run_recipe(parse_recipe(_recipe(tmp_path / "runs", "[trackio]", sft_steps=3)), quiet=True)
-    logged = _numeric(_jsonl(tmp_path / "runs" / "tracked" / "sft"))
-
-    from trackio.sqlite_storage import SQLiteStorage
-
-    rows = SQLiteStorage.get_logs("align-tests", "tracked/sft")
-    assert [r["step"] for r in rows] == sorted(logged["loss"]), rows  # a row per logged step, once each
-    _same_as_the_log(logged, {key: [(r["step"], r[key]) for r in rows if key in r]
-                              for key in {k for r in rows for k in r if k not in ("step", "timestamp")}})
