@@ -116,7 +116,7 @@ class ForgettingConfig:
 class TrackingConfig:
     """The experiment trackers every stage's metrics go to (align.tracking), beside each stage's metrics.jsonl."""
 
-    # tensorboard | wandb | mlflow; None = tensorboard where it is installed; [] = none
+    # tensorboard | wandb | mlflow | trackio; None = tensorboard where it is installed; [] = none
     report_to: list[str] | None = None
     project: str = "align"  # the tracker's project (W&B) or experiment (MLflow)
     group: str | None = None  # what groups the stages' runs; None = the recipe's name (a sweep: its study's)

@@ -1,6 +1,6 @@
 """Experiment trackers: every stage's logged metrics, under the names and at the steps of its `metrics.jsonl`, in the
-trackers a recipe's `tracking.report_to` names (TensorBoard, W&B, MLflow), one tracker run per stage, grouped
-by the recipe (or a sweep's study), and the evaluation's summary in a run of its own.
+trackers a recipe's `tracking.report_to` names (TensorBoard, W&B, MLflow, Trackio), one tracker run per stage,
+grouped by the recipe (or a sweep's study), and the evaluation's summary in a run of its own.
 
 One observer class per tracker (`Tracker`, an align.ui.StepObserver), so Trainer stages and the RL loop report alike.
 A resumed stage logs each step once: TensorBoard purges the killed run's events after the checkpoint (`purge_step`,
@@ -9,19 +9,21 @@ which its readers honour), and the other trackers reopen the stage's run (its id
 Each tracker's package is imported when a stage starts, so none is needed unless a recipe names it
 (`pip install align[track]` installs them all). Nothing leaves the machine unless the tracker is set up to send it:
 TensorBoard writes event files into the stage folder, W&B honours `WANDB_MODE=offline`, MLflow writes where
-`MLFLOW_TRACKING_URI` points.
+`MLFLOW_TRACKING_URI` points, Trackio into its local database under `TRACKIO_DIR` (read when trackio is first imported).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import secrets
 import time
 from pathlib import Path
 
 from align.errors import AlignError
-from align.run_folder import TENSORBOARD_DIR, TRACKING_FILE, read_json, write_json
+from align.run_folder import TENSORBOARD_DIR, TRACKING_FILE, StageFolder, read_json, write_json
 from align.ui import StepObserver
 
 
@@ -148,7 +150,45 @@ class MLflow(Tracker):
         self.client.set_terminated(self.run_id)
 
 
-TRACKERS: dict[str, type[Tracker]] = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
+class Trackio(Tracker):
+    """Trackio's local database (`trackio show` opens it; `trackio sync` sends a project to a Space). Its logging
+    thread writes a batch at a time, so a SIGKILL loses the last steps sent: a resumed stage asks the database
+    what the run holds and sends it the rest of the steps before its checkpoint from metrics.jsonl."""
+
+    package = "trackio"
+
+    def open(self, step: int) -> None:
+        import trackio
+        from trackio.sqlite_storage import SQLiteStorage
+
+        saved = self.saved_id()
+        stored = SQLiteStorage.get_max_step_for_run(self.project, run_id=saved) if saved else None
+        # Trackio resumes a run by name; a new stage starts a new run even where an earlier run folder used the name
+        with contextlib.redirect_stdout(io.StringIO()):  # its notes would break the progress bars' lines
+            self.handle = trackio.init(project=self.project, name=self.run, group=self.group, config=self.config,
+                                       resume="never" if stored is None else "must", auto_log_cpu=False,
+                                       auto_log_gpu=False)
+        if stored is not None and self.handle.id != saved:
+            self.close()
+            raise AlignError(f"Trackio's latest run named '{self.run}' in project '{self.project}' is not this "
+                             f"stage's run ({saved}, in {self.folder / TRACKING_FILE}): a later run took the name. "
+                             "Give the recipe another name or tracking.project to resume it.")
+        self.save_id(self.handle.id)
+        self.sent_through = stored or 0
+        for record in StageFolder(self.folder).metrics.records():
+            if self.sent_through < record["step"] <= step:
+                self.log(record["step"], numbers({k: v for k, v in record.items() if k != "step"}))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.handle.log(metrics, step=step)
+
+    def close(self) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.handle.finish()
+
+
+TRACKERS: dict[str, type[Tracker]] = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow,
+                                      "trackio": Trackio}
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:

@@ -2,12 +2,17 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# Trackio reads TRACKIO_DIR once, when it is first imported: set before any test can import it, it keeps every test's
+# runs (and their subprocesses') off the user's ~/.cache/huggingface/trackio
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="align-tests-trackio-")
 
 
 @pytest.fixture(autouse=True)

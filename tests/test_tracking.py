@@ -23,10 +23,10 @@ GRPO = """\
 """
 
 
-def _recipe(output_dir, report_to: str, sft_steps: int = 4, grpo_steps: int = 0) -> str:
+def _recipe(output_dir, report_to: str, sft_steps: int = 4, grpo_steps: int = 0, project: str = "align-tests") -> str:
     text = _tiny_head("tracked", output_dir, "none", sft_steps=sft_steps)
     text = text.replace("max_prompt_length: 64}", "max_prompt_length: 64, save_steps: 2}", 1)
-    return (f"tracking: {{report_to: {report_to}, project: align-tests}}\n" + text
+    return (f"tracking: {{report_to: {report_to}, project: {project}}}\n" + text
             + (GRPO.format(steps=grpo_steps) if grpo_steps else ""))
 
 
@@ -59,9 +59,19 @@ def _same_as_the_log(logged: dict[str, dict[int, float]], tracked: dict[str, lis
             assert value == pytest.approx(by_step[step], rel=1e-6, abs=1e-7), (key, step)
 
 
-def test_tensorboard_has_every_stages_metrics_at_their_steps_once_also_after_a_sigkill(tmp_path):
+def _trackio(stage_dir: Path, project: str) -> dict[str, list[tuple[int, float]]]:
+    from trackio.sqlite_storage import SQLiteStorage
+
+    run_id = json.loads((stage_dir / "tracking.json").read_text())["trackio"]
+    rows = SQLiteStorage.get_logs(project, run_id=run_id)
+    return {key: [(r["step"], r[key]) for r in rows if key in r]
+            for key in {k for r in rows for k in r if k not in ("step", "timestamp")}}
+
+
+def test_tensorboard_and_trackio_have_every_stages_metrics_at_their_steps_once_also_after_a_sigkill(tmp_path):
     recipe = tmp_path / "tracked.yaml"
-    recipe.write_text(_recipe(tmp_path / "runs", "[tensorboard]", grpo_steps=8))
+    project = f"align-tests-{tmp_path.name}"
+    recipe.write_text(_recipe(tmp_path / "runs", "[tensorboard, trackio]", grpo_steps=8, project=project))
     run = tmp_path / "runs" / "tracked"
 
     def grpo_logged_past_a_checkpoint() -> bool:  # killed with a step to redo, after SFT finished
@@ -78,6 +88,7 @@ def test_tensorboard_has_every_stages_metrics_at_their_steps_once_also_after_a_s
         records = _jsonl(run / stage)
         assert [r["step"] for r in records] == list(range(1, len(records) + 1))
         _same_as_the_log(_numeric(records), _tensorboard(run / stage))
+        _same_as_the_log(_numeric(records), _trackio(run / stage, project))
 
 
 def test_unknown_tracker_is_a_config_error_naming_the_key(tmp_path):
@@ -103,3 +114,40 @@ def test_mlflow_and_wandb_get_the_metrics_locally(tmp_path, monkeypatch):
 
     assert len(list((stage_dir / "wandb").glob(f"offline-run-*-{ids['wandb']}/run-{ids['wandb']}.wandb"))) == 1
     assert not (tmp_path / "runs" / "tracked" / "sft" / "tensorboard").exists()  # only what the recipe names
+
+
+def test_a_new_run_folder_starts_new_trackio_runs_where_an_earlier_one_used_the_names(tmp_path):
+    project = f"align-tests-{tmp_path.name}"
+    for attempt in ("first", "second"):  # the same recipe name, so the same run names, in one Trackio project
+        run_recipe(parse_recipe(_recipe(tmp_path / attempt, "[trackio]", sft_steps=3, project=project)), quiet=True)
+    stages = [tmp_path / attempt / "tracked" / "sft" for attempt in ("first", "second")]
+    assert len({json.loads((stage / "tracking.json").read_text())["trackio"] for stage in stages}) == 2
+    for stage in stages:
+        _same_as_the_log(_numeric(_jsonl(stage)), _trackio(stage, project))
+
+
+def test_a_resumed_stage_sends_trackio_the_steps_its_database_lacks_once(tmp_path):
+    """The killed run's logging thread wrote steps 1-2 before the kill; it logged 3 and 4 too (metrics.jsonl), and the
+    resume starts from the checkpoint at step 4: Trackio gets 3-4 from the log, 5 from the loop, 1-2 not again."""
+    from align.run_folder import StageFolder
+    from align.tracking import Trackio
+
+    project, stage_dir = f"align-tests-{tmp_path.name}", tmp_path / "sft"
+    stage_dir.mkdir()
+    log = StageFolder(stage_dir).metrics
+    killed = Trackio(stage_dir, "tracked/sft", "tracked", project, {"lr": 1e-3})
+    killed.begin(0, 5)
+    for step in (1, 2):
+        log.logged(step, {"loss": 1.0 / step})
+        killed.logged(step, {"loss": 1.0 / step})
+    killed.end()
+    for step in (3, 4):
+        log.logged(step, {"loss": 1.0 / step})
+
+    resumed = Trackio(stage_dir, "tracked/sft", "tracked", project, {"lr": 1e-3}, sent_through=4)
+    resumed.begin(4, 5)
+    log.logged(5, {"loss": 0.2})
+    resumed.logged(5, {"loss": 0.2})
+    resumed.end()
+    assert resumed.handle.id == killed.handle.id  # one run, reopened
+    _same_as_the_log(_numeric(_jsonl(stage_dir)), _trackio(stage_dir, project))
