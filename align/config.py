@@ -29,7 +29,7 @@ from align.stages.kind import KINDS, kind_of
 from align.tracking import TRACKERS, default_trackers
 
 # what `${stage.output}` may name: runs/<recipe>/<stage>/{adapter/, , replay/buffer.jsonl}
-STAGE_OUTPUTS = {"adapter", "dir", "replay"}
+STAGE_OUTPUTS = {"adapter", "dir", "replay", "labels"}
 _IDENTIFIER = yaml_binding.IDENTIFIER  # so that `${<name>.output}` can name a stage
 _RECIPE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -196,6 +196,9 @@ class Recipe:
                         problem = f"unknown output '{ref.output}' (outputs: {', '.join(sorted(STAGE_OUTPUTS))})"
                     elif ref.output == "replay" and self.stage(ref.stage).replay_out is None:
                         problem = f"stage '{ref.stage}' keeps no replay buffer (its replay_out is off)"
+                    elif (ref.output == "labels") != (kind_of(self.stage(ref.stage)).produces == "data"):
+                        problem = (f"stage '{ref.stage}' writes no labels (a label stage does)" if ref.output == "labels"
+                                   else f"stage '{ref.stage}' labels pairs and trains no adapter: use its labels")
                     else:
                         continue
                     raise ConfigError(f"'{ref}': {problem}", key=key)

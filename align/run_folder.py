@@ -3,7 +3,7 @@
     runs/<recipe>/recipe.yaml        the recipe as run (align.runs reads it back)
     runs/<recipe>/summary.json       the run's summary
     runs/<recipe>/<stage>/stage.json the stage's life cycle, identity, data, machine and final metrics
-    runs/<recipe>/<stage>/metrics.jsonl, adapter/, checkpoints/, replay/buffer.jsonl
+    runs/<recipe>/<stage>/metrics.jsonl, adapter/, checkpoints/, replay/buffer.jsonl, labels.jsonl (label stages)
     runs/<recipe>/<stage>/tensorboard/, tracking.json   what align.tracking writes: event files, trackers' run ids
 
 `stage.json` goes `running` (from the start of a stage) to `done`, or `interrupted` when it raises; a SIGKILL leaves
@@ -32,6 +32,7 @@ LOCKS_DIR = ".locks"  # <output_dir>/.locks/<config hash>.lock: held while a sta
 CACHE_DIR = ".cache"
 # <stage>/replay/buffer.jsonl: the stage's sample of its data, for later stages; mixed.jsonl: what it mixed in itself
 REPLAY_DIR, REPLAY_BUFFER, REPLAY_MIXED = "replay", "buffer", "mixed"
+LABELS_FILE = "labels.jsonl"  # <stage>/labels.jsonl: the preference rows a label stage's annotators gave
 
 
 def identity_hash(obj) -> str:
@@ -48,6 +49,12 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """`rows`, a JSON line each, written atomically by the main process."""
+    if distributed.is_main():
+        write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -105,7 +112,7 @@ class StageFolder:
     def outputs(self) -> dict[str, str]:
         """What later stages may reference as `${<stage>.<key>}`."""
         return {"adapter": str(self.dir / "adapter"), "dir": str(self.dir),
-                "replay": str(self.dir / REPLAY_DIR / f"{REPLAY_BUFFER}.jsonl")}
+                "replay": str(self.dir / REPLAY_DIR / f"{REPLAY_BUFFER}.jsonl"), "labels": str(self.dir / LABELS_FILE)}
 
     def state(self) -> dict:
         return read_json(self.dir / STAGE_FILE)

@@ -205,6 +205,7 @@ class Evaluation:
                 "kl_to_reference": kls.get(name),
                 "task_accuracy": graded[name].get("accuracy"),
                 "task_accuracy_change": self._accuracy_change(graded, name),
+                "task_correct": graded[name].get("correct"),  # per task prompt, for paired comparisons of any two
                 "task_per_family": graded[name].get("per_family") or None,
                 "implicit_reward_accuracy": implicit.get(name),
                 "forgetting": {k: v for k, v in forgetting.items() if k != "key"} if forgetting else None,

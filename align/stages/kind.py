@@ -26,7 +26,8 @@ class StageKind:
     run: Callable  # run(stage config, StageContext, {"train": LoadedData, "eval": LoadedData | None}) -> StageOutput
     data: str  # the data kind it trains on (align.data.formats.KINDS)
     eval_data: str | None = None  # the data kind of its held-out set; None = `data`
-    produces: Literal["policy", "reward"] = "policy"  # a policy answers prompts; a reward model scores answers
+    # a policy answers prompts; a reward model scores answers; data: preference rows (align.stages.label)
+    produces: Literal["policy", "reward", "data"] = "policy"
     # Trains on demonstrations (SFT): the default reference of eval, the default retention set of forgetting
     # measurements (its held-out data) and the default replay source of later stages.
     demonstrations: bool = False

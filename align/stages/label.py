@@ -1,0 +1,282 @@
+"""The `label` stage: one round of the closed loop's annotation. Iterative (online) DPO samples new pairs from the
+improved policy every round (Xiong et al. 2024, "Iterative Preference Learning from Human Feedback"; Xu et al. 2023,
+"Some things are more CRINGE than others"); a round is a `label` stage and the `dpo` (or `rank`) stage that trains on
+what it labelled, the next round's `label` stage sampling from that stage's adapter.
+
+The stage takes its round's share of the prompt pool (`pool: new`: prompts the earlier rounds did not use; `all`: the
+same prompts every round), samples `candidates` responses to each from the policy `init`, and makes every two distinct
+responses to a prompt a candidate pair. Of those, `budget` go to the annotators, chosen by `select`
+(align.stages.selection): `uncertainty` fits its ensemble on the `labelled` rows of the earlier rounds, `margin` asks
+the policy against its `reference`; round 1, with nothing labelled, is random in every arm. The annotators here are a
+judge standing in for people: a reward card, rule file or rm stage scores both responses and prefers the higher
+(`annotator.judge`), seen by `annotator.people` simulated annotators who each flip a verdict with probability
+`annotator.flip` (seeded): what a study of selection under annotator noise needs.
+
+Agreement-aware labels: a pair's label is its annotators' majority (a tie of votes, or a tie of the judge's scores,
+labels nothing); a pair whose majority is smaller than `annotator.min_agreement` is dropped. Where two or more people
+judged, the stage measures how often two of them agree (p) and records the flip rate that would explain it: with
+each person flipping independently with probability ε, p = ε² + (1 − ε)², so ε = (1 − √(2p − 1)) / 2, the
+label smoothing of conservative DPO (cDPO, Mitchell 2023) that fits these labels (`flip_rate` in stage.json).
+
+The stage folder keeps the round: `candidates.jsonl` (every sampled response), `selection.jsonl` (every pair and its
+selection score, `selected` in the order chosen), `verdicts.jsonl` (each annotator's verdict on each selected pair)
+and `labels.jsonl` (`${<stage>.labels}`: preference rows the next stage trains on). Each is written once, whole; a
+rerun of an interrupted stage reads back what it finds and does only the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.data.collate import encode
+from align.data.formats import load_examples
+from align.errors import AlignError, require
+from align.models import adapters
+from align.models.features import completion_features
+from align.models.generation import Decoding, generate
+from align.models.logprobs import encoded_logprobs
+from align.rewards.sources import load_reward
+from align.run_folder import LABELS_FILE, write_jsonl
+from align.settings import StageConfig
+from align.stages.engine import StageContext, StageOutput
+from align.stages.kind import StageKind, register
+from align.stages.selection import STRATEGIES, BootstrapEnsemble, select
+from align.ui import console
+
+POLICY, REFERENCE = "policy", "ref"
+
+
+@dataclass(kw_only=True)
+class AnnotatorConfig:
+    """Who labels a round's pairs: a judge that stands in for `people` annotators."""
+
+    judge: str = "synthetic_tasks"  # a reward card, a rule file, or an rm stage's folder (${rm.adapter})
+    people: int = 1  # simulated annotators per pair
+    flip: float = 0.0  # the probability that a simulated annotator reverses the judge's verdict
+    min_agreement: float = 0.0  # drop pairs whose majority is a smaller share of their annotators than this
+
+    def __post_init__(self):
+        require(self.people >= 1, "people", f"must be >= 1, got {self.people}")
+        require(0 <= self.flip < 0.5, "flip", f"must be in [0, 0.5), got {self.flip}")
+        require(0 <= self.min_agreement <= 1, "min_agreement", f"must be in [0, 1], got {self.min_agreement}")
+
+
+@dataclass(kw_only=True)
+class LabelStageConfig(StageConfig):
+    """One round of the closed loop: sample candidates from `init`, choose `budget` pairs, have them judged."""
+
+    kind: str = "label"
+    round: int = 1  # which round: its share of the prompt pool; round 1 selects at random
+    prompts: int = 64  # prompts a round samples candidates for
+    pool: str = "new"  # new: each round the next `prompts` prompts of `data`; all: the first `prompts` every round
+    candidates: int = 4  # responses sampled per prompt
+    budget: int = 64  # pairs labelled this round
+    select: str = "random"  # random | uncertainty | margin | diverse (align.stages.selection)
+    labelled: list[str] = field(default_factory=list)  # the earlier rounds' labels (${r1_labels.labels}, ...)
+    reference: str | None = None  # margin: the implicit reward's reference adapter; None = the bare base
+    beta: float = 0.1  # margin: the implicit reward's β
+    members: int = 8  # uncertainty: bootstrap heads in the ensemble
+    temperature: float = 1.0
+    max_new_tokens: int = 32
+    annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.init is not None, "init", "a label stage samples from a policy: give its adapter (${sft.adapter})")
+        require(self.round >= 1, "round", f"must be >= 1, got {self.round}")
+        require(self.prompts >= 1 and self.budget >= 1, "budget", "prompts and budget must be >= 1")
+        require(self.candidates >= 2, "candidates", f"a pair needs two responses: got {self.candidates}")
+        require(self.pool in ("new", "all"), "pool", f"must be 'new' or 'all', got {self.pool!r}")
+        require(self.select in STRATEGIES, "select", f"must be one of {', '.join(STRATEGIES)}, got {self.select!r}")
+
+
+def _read_jsonl(path: Path) -> list[dict] | None:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else None
+
+
+def round_prompts(stage, examples: list) -> list:
+    """The round's share of the prompt pool."""
+    start = (stage.round - 1) * stage.prompts if stage.pool == "new" else 0
+    if len(examples) < start + stage.prompts:
+        raise AlignError(f"stage '{stage.name}': round {stage.round} takes prompts {start + 1}-{start + stage.prompts}"
+                         f" of its data, which has {len(examples)}: give more prompts, or fewer per round")
+    return examples[start : start + stage.prompts]
+
+
+def sample_candidates(model, ctx: StageContext, stage, prompts: list, seed: int) -> list[dict]:
+    """[{prompt, rule, responses}]: each prompt's distinct, non-empty sampled responses."""
+    decoding = Decoding(max_new_tokens=stage.max_new_tokens, do_sample=True, temperature=stage.temperature, seed=seed)
+    repeated = [ex.prompt for ex in prompts for _ in range(stage.candidates)]
+    with adapters.using(model, POLICY):
+        replies = generate(model, ctx.tokenizer, repeated, decoding, stage.train.batch_size)
+    out = []
+    for i, ex in enumerate(prompts):
+        texts = [r.text for r in replies[i * stage.candidates : (i + 1) * stage.candidates] if r.text.strip()]
+        out.append({"prompt": ex.prompt, "rule": ex.rule, "responses": list(dict.fromkeys(texts))})
+    return out
+
+
+def candidate_pairs(candidates: list[dict]) -> list[dict]:
+    return [{"prompt": p, "a": i, "b": j} for p, c in enumerate(candidates)
+            for i in range(len(c["responses"])) for j in range(i + 1, len(c["responses"]))]
+
+
+def _encoded(ctx: StageContext, stage, prompt: list[dict], text: str):
+    e = encode(ctx.tokenizer, prompt, [{"role": "assistant", "content": text}], stage.train.max_length,
+               stage.train.max_prompt_length)
+    return e.prompt_ids, e.completion_ids
+
+
+def _encoded_responses(ctx: StageContext, stage, candidates: list[dict]) -> tuple[list, dict]:
+    """Every candidate response encoded, and where (prompt, response) is in that list."""
+    encoded, index = [], {}
+    for p, c in enumerate(candidates):
+        for i, text in enumerate(c["responses"]):
+            index[p, i] = len(encoded)
+            encoded.append(_encoded(ctx, stage, c["prompt"], text))
+    return encoded, index
+
+
+def preference_ensemble(model, ctx: StageContext, stage, candidates: list[dict], pairs: list[dict],
+                        labelled: list) -> tuple[BootstrapEnsemble, torch.Tensor]:
+    """The ensemble fitted on the `labelled` preference examples, and the feature differences f_a − f_b [P, H] of
+    `pairs`, all under the policy."""
+    encoded, index = _encoded_responses(ctx, stage, candidates)
+    known = [(_encoded(ctx, stage, ex.prompt, ex.chosen[-1]["content"]),
+              _encoded(ctx, stage, ex.prompt, ex.rejected[-1]["content"])) for ex in labelled]
+    pad, batch = ctx.tokenizer.pad_token_id, stage.train.batch_size
+    with adapters.using(model, POLICY):
+        features = completion_features(model, encoded, pad, batch)  # [N, H]
+        chosen = completion_features(model, [c for c, _ in known], pad, batch)  # [L, H]
+        rejected = completion_features(model, [r for _, r in known], pad, batch)  # [L, H]
+    ensemble = BootstrapEnsemble(chosen - rejected, torch.ones(len(known)), members=stage.members, seed=stage.round)
+    a = [index[q["prompt"], q["a"]] for q in pairs]
+    b = [index[q["prompt"], q["b"]] for q in pairs]
+    return ensemble, features[a] - features[b]
+
+
+def selection_scores(model, ctx: StageContext, stage, candidates: list[dict], pairs: list[dict],
+                     labelled: list) -> list[float]:
+    """Each pair's worth of a label under the stage's strategy (higher: more), or zeros where it needs none."""
+    if stage.select == "uncertainty":
+        ensemble, differences = preference_ensemble(model, ctx, stage, candidates, pairs, labelled)
+        return ensemble.disagreement(differences).tolist()
+    if stage.select != "margin":
+        return [0.0] * len(pairs)
+    encoded, index = _encoded_responses(ctx, stage, candidates)
+    pad, batch = ctx.tokenizer.pad_token_id, stage.train.batch_size
+    with adapters.using(model, POLICY):
+        policy = encoded_logprobs(model, encoded, pad, batch)[0]  # [N]
+    with adapters.using(model, REFERENCE if stage.reference else None):
+        reference = encoded_logprobs(model, encoded, pad, batch)[0]  # [N]
+    reward = stage.beta * (policy - reference)  # [N] the implicit reward of every response
+    a = torch.tensor([index[q["prompt"], q["a"]] for q in pairs])
+    b = torch.tensor([index[q["prompt"], q["b"]] for q in pairs])
+    return (-(reward[a] - reward[b]).abs()).tolist()
+
+
+def judge_pairs(model, ctx: StageContext, stage, candidates: list[dict], chosen: list[dict], seed: int) -> list[dict]:
+    """Each selected pair's verdicts: the judge's, as each simulated annotator gives it ('a', 'b' or 'tie')."""
+    reward = load_reward(stage.annotator.judge, model, ctx.tokenizer,
+                         lengths=(stage.train.max_length, stage.train.max_prompt_length))
+    prompts, texts, rules = [], [], []
+    for pair in chosen:
+        c = candidates[pair["prompt"]]
+        for side in ("a", "b"):
+            prompts.append(c["prompt"]), texts.append(c["responses"][pair[side]]), rules.append(c["rule"])
+    scores = reward.score(prompts, texts, rules).tolist()
+    rng = random.Random(seed)
+    out = []
+    for n, pair in enumerate(chosen):
+        s_a, s_b = scores[2 * n], scores[2 * n + 1]
+        truth = "tie" if s_a == s_b else ("a" if s_a > s_b else "b")
+        people = [truth if truth == "tie" or rng.random() >= stage.annotator.flip else {"a": "b", "b": "a"}[truth]
+                  for _ in range(stage.annotator.people)]
+        out.append({**pair, "scores": [s_a, s_b], "verdicts": people})
+    return out
+
+
+def flip_rate(agreement: float) -> float:
+    """The flip rate ε of two independent annotators who agree with probability `agreement` (= ε² + (1 − ε)²)."""
+    return (1 - math.sqrt(max(2 * agreement - 1, 0.0))) / 2
+
+
+def pairwise_agreement(verdicts: list[dict]) -> float | None:
+    """How often two annotators of one pair agree, over every two annotators of every pair judged by two or more,
+    pairs the judge scored alike left out; None where no pair had two annotators."""
+    agree = total = 0
+    for v in verdicts:
+        votes = v["verdicts"]
+        if "tie" in votes:
+            continue
+        for i in range(len(votes)):
+            for j in range(i + 1, len(votes)):
+                agree, total = agree + (votes[i] == votes[j]), total + 1
+    return agree / total if total else None
+
+
+def labels_from(verdicts: list[dict], candidates: list[dict], stage) -> tuple[list[dict], dict]:
+    """Preference rows of the pairs with a clear enough majority, and what became of the others."""
+    rows, counts = [], {"ties": 0, "split": 0, "low_agreement": 0}
+    for v in verdicts:
+        votes = [x for x in v["verdicts"] if x != "tie"]
+        n_a, n_b = votes.count("a"), votes.count("b")
+        if not votes:
+            counts["ties"] += 1
+        elif n_a == n_b:
+            counts["split"] += 1
+        elif max(n_a, n_b) / len(v["verdicts"]) < stage.annotator.min_agreement:
+            counts["low_agreement"] += 1
+        else:
+            c = candidates[v["prompt"]]
+            win, lose = (v["a"], v["b"]) if n_a > n_b else (v["b"], v["a"])
+            rows.append({"prompt": c["prompt"], "chosen": [{"role": "assistant", "content": c["responses"][win]}],
+                         "rejected": [{"role": "assistant", "content": c["responses"][lose]}],
+                         "round": stage.round, "agreement": max(n_a, n_b) / len(v["verdicts"])})
+    return rows, counts
+
+
+def run(stage, ctx: StageContext, data) -> StageOutput:
+    seed = (stage.train.seed if stage.train.seed is not None else ctx.seed) * 1000 + stage.round
+    prompts = round_prompts(stage, data["train"].examples)
+    labelled = [ex for path in stage.labelled for ex in load_examples(path, "preference").examples]
+    strategy = stage.select if labelled else "random"  # nothing labelled yet: every strategy's first round
+    folders = {POLICY: stage.init, **({REFERENCE: stage.reference} if strategy == "margin" and stage.reference else {})}
+    files = {name: ctx.stage_dir / f"{name}.jsonl" for name in ("candidates", "selection", "verdicts")}
+    with ctx.host.adapters(folders) as model:
+        candidates = _read_jsonl(files["candidates"])
+        if candidates is None:
+            console.print(f"round {stage.round}: sampling {stage.candidates} responses to {len(prompts)} prompts")
+            candidates = sample_candidates(model, ctx, stage, prompts, seed)
+            write_jsonl(files["candidates"], candidates)
+        pairs = _read_jsonl(files["selection"])
+        if pairs is None:
+            pairs = candidate_pairs(candidates)
+            scores = selection_scores(model, ctx, stage, candidates, pairs, labelled)
+            order = select(scores, [p["prompt"] for p in pairs], stage.budget, strategy, seed)
+            rank = {i: n for n, i in enumerate(order)}
+            pairs = [{**p, "score": s, "selected": rank.get(i)} for i, (p, s) in enumerate(zip(pairs, scores))]
+            write_jsonl(files["selection"], pairs)
+        verdicts = _read_jsonl(files["verdicts"])
+        if verdicts is None:
+            chosen = sorted((p for p in pairs if p["selected"] is not None), key=lambda p: p["selected"])
+            verdicts = judge_pairs(model, ctx, stage, candidates, chosen, seed)
+            write_jsonl(files["verdicts"], verdicts)
+    rows, dropped = labels_from(verdicts, candidates, stage)
+    write_jsonl(ctx.stage_dir / LABELS_FILE, rows)
+    agreement = pairwise_agreement(verdicts)
+    metrics = {"pairs": len(pairs), "selected": len(verdicts), "labels": len(rows), **dropped}
+    extra = {"round": stage.round, "selection": strategy,
+             "agreement": None if agreement is None else {"pairwise": agreement, "flip_rate": flip_rate(agreement)}}
+    console.print(f"round {stage.round}: {len(rows)} labels from {len(verdicts)} pairs chosen ({strategy}) of "
+                  f"{len(pairs)}")
+    return StageOutput(Path(stage.init), metrics, extra=extra)
+
+
+register(StageKind("label", LabelStageConfig, run, data="prompt", produces="data", multi_process=False))
