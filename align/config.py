@@ -196,9 +196,10 @@ class Recipe:
                         problem = f"unknown output '{ref.output}' (outputs: {', '.join(sorted(STAGE_OUTPUTS))})"
                     elif ref.output == "replay" and self.stage(ref.stage).replay_out is None:
                         problem = f"stage '{ref.stage}' keeps no replay buffer (its replay_out is off)"
-                    elif (ref.output == "labels") != (kind_of(self.stage(ref.stage)).produces == "data"):
-                        problem = (f"stage '{ref.stage}' writes no labels (a label stage does)" if ref.output == "labels"
-                                   else f"stage '{ref.stage}' labels pairs and trains no adapter: use its labels")
+                    elif ref.output == "labels" and kind_of(self.stage(ref.stage)).produces != "data":
+                        problem = f"stage '{ref.stage}' writes no labels (a label stage does)"
+                    elif ref.output != "labels" and kind_of(self.stage(ref.stage)).produces == "data":
+                        problem = f"stage '{ref.stage}' labels pairs and trains no adapter: use its labels"
                     else:
                         continue
                     raise ConfigError(f"'{ref}': {problem}", key=key)

@@ -1,8 +1,10 @@
-"""Smoke tests of scripts/bench_ppo_memory.py on the tiny model: every mode measured, ratios finite, and
-the random Llama it builds loads through align's loader."""
+"""Smoke tests of the benchmark scripts: bench_ppo_memory.py on the tiny model (every mode measured, ratios finite, and
+the random Llama it builds loads through align's loader), bench_rollout.py, and bench_collect.py at a small size."""
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +61,26 @@ def test_bench_rollout_compares_align_decoding_with_generate(tmp_path):
     quantized = sum(m.in_features * m.out_features for m in load_base(ModelConfig(
         base="builtin:tiny", quantization="nf4"))[0].modules() if type(m).__name__ == "Linear4bit")
     assert report["dequantized_bytes"] == quantized * torch.tensor([], dtype=compute_dtype("auto")).element_size()
+
+
+def _in_history(rev: str) -> bool:
+    return subprocess.run(["git", "-C", str(Path(__file__).parents[1]), "cat-file", "-e", f"{rev}^{{commit}}"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _in_history("1d16108"), reason="the store it compares with (git commit 1d16108) is not in "
+                    "this clone's history (a shallow clone)")
+def test_bench_collect_runs_both_stores_at_a_small_size(tmp_path):
+    out = tmp_path / "collect.json"
+    report = load_script("bench_collect").main(["--pairs", "600", "--annotators", "4", "--seconds", "1.5",
+                                                "--pause", "0.05", "0.2", "--saturation-seconds", "0.5",
+                                                "--baseline-seconds", "0.5", "--dir", str(tmp_path), "--json",
+                                                str(out)])
+    assert json.loads(out.read_text())["saturation_ratio"] == report["saturation_ratio"] > 0
+    for name in ("new", "before"):
+        result = report["results"][name]
+        assert result["pairs"] == 600
+        for run in ("paced", "saturation"):
+            assert result[run]["done"] > 0 and result[run]["errors"] == 0, (name, run)
+            assert result[run]["next"]["p95"] > 0 and result[run]["submit"]["max"] > 0, (name, run)
+    assert math.isfinite(report["upgrade_s"])

@@ -1,11 +1,14 @@
-"""The collection file's tables, and what makes an older file current: created private to its owner, and given
-assignment handles where it was made before assignments had them (align.collect.store uses it)."""
+"""The collection file's tables, and what makes an older file current: created private to its owner, given
+assignment handles where it was made before assignments had them, and the counts that assignment keeps
+(align.collect.assign) where it was made before they were kept (align.collect.store uses it)."""
 
 from __future__ import annotations
 
 import os
 import secrets
 from pathlib import Path
+
+from align.collect.assign import recount
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,6 +52,42 @@ def create_private(path: Path) -> None:
 
 def new_handle() -> str:
     return secrets.token_urlsafe(16)
+
+
+# Columns added since SCHEMA, which keeps the tables as files had them before: the counts of align.collect.assign.
+COUNTED = {
+    "pairs": ("judged INTEGER NOT NULL DEFAULT 0", "judges TEXT NOT NULL DEFAULT ''",
+              "load INTEGER NOT NULL DEFAULT 0"),
+    "assignments": ("state TEXT NOT NULL DEFAULT 'held' CHECK (state IN ('held', 'lapsed', 'judged'))",),
+    "annotators": ("done INTEGER NOT NULL DEFAULT 0", "done_short INTEGER NOT NULL DEFAULT 0"),
+}
+COUNTED_INDEXES = """
+CREATE INDEX IF NOT EXISTS pairs_by_load ON pairs (load, judges, shuffle);
+CREATE INDEX IF NOT EXISTS assignments_open ON assignments (annotator_id, issued) WHERE state != 'judged';
+CREATE INDEX IF NOT EXISTS assignments_held ON assignments (issued) WHERE state = 'held';
+"""
+
+
+def is_current(db) -> bool:
+    return has_handles(db) and _counted(db)
+
+
+def make_current(db, k: int, cutoff: float) -> None:
+    """Bring a file made by an earlier version up to date, inside the caller's transaction: handles, then the
+    counts, computed once from the rows (at overlap `k`, holds issued before `cutoff` lapsed) and kept from then on.
+    A file that is current already is left as it is."""
+    add_handles(db)
+    if not _counted(db):
+        for table, columns in COUNTED.items():
+            for column in columns:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        recount(db, k, cutoff)
+    for statement in filter(str.strip, COUNTED_INDEXES.split(";")):
+        db.execute(statement)
+
+
+def _counted(db) -> bool:
+    return db.execute("SELECT 1 FROM meta WHERE key = 'short_pairs'").fetchone() is not None
 
 
 def has_handles(db) -> bool:

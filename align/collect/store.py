@@ -17,6 +17,10 @@ the left, so nobody can vote on pairs they were not given, nor twice on one. Eac
 `handle`: the page names its task by it and never sees an id (ids follow the order responses were added
 in, and so tell the models apart). AI annotators (`align collect judge`) judge every pair and take no
 part in assignment.
+
+Scale: assigning a pair, recording a verdict and the progress they return read a few index entries whatever
+the size of the collection, from counts kept in the same transactions (align.collect.assign); changing the
+overlap recounts what depends on it. A file made before the counts were kept gets them when it is opened.
 """
 
 from __future__ import annotations
@@ -25,20 +29,21 @@ import json
 import random
 import secrets
 import sqlite3
+import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from align.collect.schema import SCHEMA, add_handles, create_private, has_handles, new_handle
+from align.collect import assign
+from align.collect.schema import SCHEMA, create_private, is_current, make_current, new_handle
 from align.errors import AlignError
 
 CHOICES = ("a", "b", "tie", "both_bad")  # stored relative to the pair's (a, b), whatever side showed it
 SHOWN_CHOICES = ("left", "right", "tie", "both_bad")  # what the page sends
 HOLD_SECONDS = 15 * 60  # an assigned, unjudged pair stops counting towards its overlap after this
-
-
 
 @dataclass(frozen=True)
 class Annotator:
@@ -61,11 +66,19 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _hold_cutoff() -> float:
+    """Holds issued before this have lapsed."""
+    return time.time() - HOLD_SECONDS
+
+
 class Collection:
-    """A collection file. Each method opens its own connection, so one object serves many threads."""
+    """A collection file. Each method opens its own connection, so one object serves many threads; a process that
+    serves annotators uses one object, whose writers take turns and which keeps the file open between calls."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._attached: sqlite3.Connection | None = None
+        self._attaching, self._writing = threading.Lock(), threading.Lock()
 
     @classmethod
     def create(cls, path: str | Path) -> Collection:
@@ -78,7 +91,7 @@ class Collection:
         with collection.transaction() as db:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('admin_token', ?), ('overlap', '1'), ('created', ?)",
                        (secrets.token_urlsafe(16), _now()))
-            add_handles(db)
+            make_current(db, collection.overlap_in(db), _hold_cutoff())
         return collection
 
     @classmethod
@@ -92,12 +105,12 @@ class Collection:
         try:
             with collection.reading() as db:
                 db.execute("SELECT value FROM meta WHERE key = 'admin_token'").fetchone()
-                outdated = not has_handles(db)
+                outdated = not is_current(db)
         except sqlite3.DatabaseError as err:
             raise AlignError(f"{path}: not a collection file ({err})") from None
         if outdated:  # write only where needed: reading a collection must not need write access
             with collection.transaction() as db:
-                add_handles(db)
+                make_current(db, collection.overlap_in(db), _hold_cutoff())
         return collection
 
     def _connect(self) -> sqlite3.Connection:
@@ -106,22 +119,39 @@ class Collection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only a killed process
         db.execute("PRAGMA foreign_keys=ON")
+        self._stay_attached()
         return db
+
+    def _stay_attached(self) -> None:
+        """Keep a connection open while this object lives. The last connection to a WAL file to close copies the
+        whole log into the file, with fsyncs of its own, and each call's connection would be the last one: a write
+        would cost several fsyncs instead of one. Checkpoints then come as SQLite schedules them (every 1000 pages of
+        log) and when this object goes; a commit is as durable either way."""
+        with self._attaching:
+            if self._attached is None:
+                attached = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                attached.execute("PRAGMA schema_version").fetchall()  # a read, done: maps the log's index and ends
+                weakref.finalize(self, attached.close)
+                self._attached = attached
 
     @contextmanager
     def transaction(self):
-        """A write transaction (BEGIN IMMEDIATE: writers queue instead of failing midway), committed on exit."""
+        """A write transaction (BEGIN IMMEDIATE: writers queue instead of failing midway), committed on exit. The
+        writers of this object take turns at a lock before that: SQLite lets one write at a time anyway, and one that
+        finds the file locked sleeps in growing steps (up to 100 ms) before it looks again, so under load the waits
+        would be the sleeps, not the writes. Writers in other processes queue with SQLite's busy timeout."""
         db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
+        with self._writing:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            finally:
+                db.close()
 
     @contextmanager
     def reading(self):
@@ -138,11 +168,6 @@ class Collection:
             row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row["value"] if row else None
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self.transaction() as db:
-            db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                       (key, value))
-
     @property
     def admin_token(self) -> str:
         return self.meta("admin_token")
@@ -154,7 +179,9 @@ class Collection:
     def set_overlap(self, k: int) -> None:
         if k < 1:
             raise AlignError(f"overlap must be >= 1 (annotators per pair), got {k}")
-        self.set_meta("overlap", str(k))
+        with self.transaction() as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'overlap'", (str(k),))
+            assign.recount_short(db, k)
 
     # --- content ----------------------------------------------------------------------------------------
 
@@ -190,6 +217,7 @@ class Collection:
                         cur = db.execute("INSERT OR IGNORE INTO pairs (prompt_id, a, b, shuffle) VALUES (?, ?, ?, ?)",
                                          (prompt_id, first["id"], second["id"], rng.randrange(1 << 30)))
                         new["pairs"] += cur.rowcount
+            assign.add_pairs(db, new["pairs"])
         return new
 
     # --- annotators -------------------------------------------------------------------------------------
@@ -222,29 +250,23 @@ class Collection:
     def next_pair(self, who: Annotator) -> dict | None:
         """The pair `who` should judge now, shown in the order recorded for them, or None when nothing is
         left for them: `{handle, pair_id, prompt, left: {id, text}, right: {id, text}, progress}`."""
+        if who.kind != "human":
+            raise AlignError(f"{who.name} is an AI annotator: AI annotators take no part in assignment, "
+                             "they judge every pair through `align collect judge`")
         with self.transaction() as db:
-            k, cutoff = self.overlap_in(db), time.time() - HOLD_SECONDS
-            held = db.execute(
-                "SELECT s.pair_id, s.left_id, s.handle FROM assignments s WHERE s.annotator_id = :me "
-                "AND NOT EXISTS (SELECT 1 FROM verdicts v WHERE v.pair_id = s.pair_id AND v.annotator_id = :me) "
-                "ORDER BY s.issued DESC LIMIT 1", {"me": who.id}).fetchone()
-            if held and _load(db, held["pair_id"], who.id, cutoff) < k:
+            k = self.overlap_in(db)
+            assign.expire_holds(db, _hold_cutoff())
+            held = assign.in_hand(db, who.id)
+            if held is not None and assign.others_on(db, held) < k:
                 pair_id, left_id, handle = held["pair_id"], held["left_id"], held["handle"]
             else:
-                if held:  # others filled it meanwhile: let it go
-                    db.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator_id = ?",
-                               (held["pair_id"], who.id))
-                row = db.execute(
-                    f"SELECT p.id, p.a, p.b, {_LOAD_SQL} AS load FROM pairs p "
-                    "WHERE load < :k AND NOT EXISTS (SELECT 1 FROM verdicts v WHERE v.pair_id = p.id "
-                    "  AND v.annotator_id = :me) "
-                    "ORDER BY load DESC, p.shuffle LIMIT 1", {"me": who.id, "cutoff": cutoff, "k": k}).fetchone()
-                if row is None:
+                assign.release(db, who.id)  # where others filled it meanwhile: let it go
+                pair = assign.pick(db, who.id, k)
+                if pair is None:
                     return None
-                pair_id, left_id, handle = row["id"], random.choice((row["a"], row["b"])), new_handle()
-                db.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?)",
-                           (pair_id, who.id, left_id, time.time(), handle))
-            return {"handle": handle} | self._shown(db, pair_id, left_id) | {"progress": self._progress(db, who, k)}
+                pair_id, left_id, handle = pair["id"], random.choice((pair["a"], pair["b"])), new_handle()
+                assign.hold(db, pair_id, who.id, left_id, handle, time.time())
+            return {"handle": handle} | self._shown(db, pair_id, left_id) | {"progress": assign.progress(db, who.id)}
 
     @staticmethod
     def overlap_in(db) -> int:
@@ -261,20 +283,9 @@ class Collection:
                 "left": {"id": left_id, "text": text[left_id]}, "right": {"id": right_id, "text": text[right_id]}}
 
     def progress(self, who: Annotator) -> dict:
-        with self.reading() as db:
-            return self._progress(db, who, self.overlap_in(db))
-
-    @staticmethod
-    def _progress(db, who: Annotator, k: int) -> dict:
         """{done, total}: pairs `who` judged, and those plus the ones still open to them."""
-        done = db.execute("SELECT COUNT(DISTINCT pair_id) FROM verdicts WHERE annotator_id = ?",
-                          (who.id,)).fetchone()[0]
-        open_ = db.execute(
-            "SELECT COUNT(*) FROM pairs p WHERE NOT EXISTS (SELECT 1 FROM verdicts v WHERE v.pair_id = p.id "
-            "  AND v.annotator_id = :me) AND (SELECT COUNT(DISTINCT v.annotator_id) FROM verdicts v "
-            "  JOIN annotators n ON n.id = v.annotator_id WHERE v.pair_id = p.id AND n.kind = 'human') < :k",
-            {"me": who.id, "k": k}).fetchone()[0]
-        return {"done": done, "total": done + open_}
+        with self.reading() as db:
+            return assign.progress(db, who.id)
 
     def assigned(self, who: Annotator, handle: str) -> tuple[int, int] | None:
         """(pair_id, left_id) of `who`'s assignment called `handle`, judged or not; None where `who` has none."""
@@ -298,17 +309,20 @@ class Collection:
             if seen is not None:
                 if (seen["pair_id"], seen["annotator_id"]) != (pair_id, who.id):
                     raise AlignError(f"submission {submission!r} was used for another pair or annotator")
-                return {"verdict_id": seen["id"], "repeated": True, "progress": self._progress(db, who, k)}
+                return {"verdict_id": seen["id"], "repeated": True, "progress": assign.progress(db, who.id)}
             pair = _open_assignment(db, who, pair_id, left_id)
             cur = db.execute(
                 "INSERT INTO verdicts (pair_id, annotator_id, choice, left_id, rationale, seconds, submission, "
                 "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (pair_id, who.id, _stored_choice(choice, left_id, pair), left_id, rationale.strip()[:2000],
                  seconds, submission, _now()))
-            return {"verdict_id": cur.lastrowid, "repeated": False, "progress": self._progress(db, who, k)}
+            assign.count_verdict(db, who.id, pair_id, k)
+            return {"verdict_id": cur.lastrowid, "repeated": False, "progress": assign.progress(db, who.id)}
 
     def record_ai_verdicts(self, who: Annotator, verdicts: list[tuple[int, str, str]]) -> int:
         """(pair_id, choice in CHOICES, rationale) from an AI annotator, replacing its earlier ones."""
+        if who.kind != "ai":
+            raise AlignError(f"{who.name} is a human annotator: only an AI annotator's verdicts are replaced at once")
         with self.transaction() as db:
             db.execute("DELETE FROM verdicts WHERE annotator_id = ?", (who.id,))
             for pair_id, choice, rationale in verdicts:
@@ -316,6 +330,7 @@ class Collection:
                 db.execute("INSERT INTO verdicts (pair_id, annotator_id, choice, left_id, rationale, submission, "
                            "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (pair_id, who.id, choice, a, rationale, f"ai:{who.id}:{pair_id}", _now()))
+            assign.recount_annotator(db, who.id, self.overlap_in(db))
         return len(verdicts)
 
     # --- reading ----------------------------------------------------------------------------------------
@@ -357,18 +372,6 @@ class Collection:
         with self.reading() as db:
             return {table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
                     for table in ("prompts", "responses", "pairs", "annotators", "current_verdicts")}
-
-
-# Human annotators who judged a pair, or hold it (assigned since `cutoff`, not judged), other than `me`.
-_LOAD_SQL = """(SELECT COUNT(*) FROM annotators n WHERE n.kind = 'human' AND n.id != :me AND (
-    EXISTS (SELECT 1 FROM verdicts v WHERE v.pair_id = p.id AND v.annotator_id = n.id)
-    OR EXISTS (SELECT 1 FROM assignments s WHERE s.pair_id = p.id AND s.annotator_id = n.id
-               AND s.issued >= :cutoff)))"""
-
-
-def _load(db, pair_id: int, me: int, cutoff: float) -> int:
-    return db.execute(f"SELECT {_LOAD_SQL} FROM pairs p WHERE p.id = :pair",
-                      {"me": me, "cutoff": cutoff, "pair": pair_id}).fetchone()[0]
 
 
 def _open_assignment(db, who: Annotator, pair_id: int, left_id: int):

@@ -144,7 +144,7 @@ def _encoded_responses(ctx: StageContext, stage, candidates: list[dict]) -> tupl
 
 
 def preference_ensemble(model, ctx: StageContext, stage, candidates: list[dict], pairs: list[dict],
-                        labelled: list) -> tuple[BootstrapEnsemble, torch.Tensor]:
+                        labelled: list, seed: int = 0) -> tuple[BootstrapEnsemble, torch.Tensor]:
     """The ensemble fitted on the `labelled` preference examples, and the feature differences f_a − f_b [P, H] of
     `pairs`, all under the policy."""
     encoded, index = _encoded_responses(ctx, stage, candidates)
@@ -155,17 +155,17 @@ def preference_ensemble(model, ctx: StageContext, stage, candidates: list[dict],
         features = completion_features(model, encoded, pad, batch)  # [N, H]
         chosen = completion_features(model, [c for c, _ in known], pad, batch)  # [L, H]
         rejected = completion_features(model, [r for _, r in known], pad, batch)  # [L, H]
-    ensemble = BootstrapEnsemble(chosen - rejected, torch.ones(len(known)), members=stage.members, seed=stage.round)
+    ensemble = BootstrapEnsemble(chosen - rejected, torch.ones(len(known)), members=stage.members, seed=seed)
     a = [index[q["prompt"], q["a"]] for q in pairs]
     b = [index[q["prompt"], q["b"]] for q in pairs]
     return ensemble, features[a] - features[b]
 
 
 def selection_scores(model, ctx: StageContext, stage, candidates: list[dict], pairs: list[dict],
-                     labelled: list) -> list[float]:
+                     labelled: list, seed: int = 0) -> list[float]:
     """Each pair's worth of a label under the stage's strategy (higher: more), or zeros where it needs none."""
     if stage.select == "uncertainty":
-        ensemble, differences = preference_ensemble(model, ctx, stage, candidates, pairs, labelled)
+        ensemble, differences = preference_ensemble(model, ctx, stage, candidates, pairs, labelled, seed)
         return ensemble.disagreement(differences).tolist()
     if stage.select != "margin":
         return [0.0] * len(pairs)
@@ -258,7 +258,7 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
         pairs = _read_jsonl(files["selection"])
         if pairs is None:
             pairs = candidate_pairs(candidates)
-            scores = selection_scores(model, ctx, stage, candidates, pairs, labelled)
+            scores = selection_scores(model, ctx, stage, candidates, pairs, labelled, seed)
             order = select(scores, [p["prompt"] for p in pairs], stage.budget, strategy, seed)
             rank = {i: n for n, i in enumerate(order)}
             pairs = [{**p, "score": s, "selected": rank.get(i)} for i, (p, s) in enumerate(zip(pairs, scores))]
