@@ -39,7 +39,7 @@ import time
 import uuid
 from pathlib import Path
 
-from align.collect import store as current
+from align.annotation import store as current
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the a model answer because therefore which however result value step first then so it is not "

@@ -10,9 +10,9 @@ import uuid
 
 import pytest
 
+from align.annotation.store import Candidates, Collection
 from align.cli import main
 from align.collect.export import export_collection
-from align.collect.store import Candidates, Collection
 from align.config import parse_recipe
 from align.data.formats import load_examples
 from align.errors import AlignError, DataError

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import uvicorn
 
+from align.annotation.store import Candidates, Collection
 from align.collect.export import export_collection
 from align.collect.server import create_app
-from align.collect.store import Candidates, Collection
 
 pytest.importorskip("selenium", reason="selenium is not installed")
 from selenium import webdriver

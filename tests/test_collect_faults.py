@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from align.collect.store import Candidates, Collection
+from align.annotation.store import Candidates, Collection
 
 CLIENTS, OVERLAP, KILLS = 20, 4, 3
 PROMPTS, RESPONSES = 25, 5  # 10 pairs a prompt: 250 pairs, 1,000 verdicts at overlap 4

@@ -1,4 +1,4 @@
-"""The counts that make assignment and verdicts an index seek (align.collect.assign): after random annotation they
+"""The counts that make assignment and verdicts an index seek (align.annotation.assign): after random annotation they
 agree with the rules computed from scratch, an older file gets them once, and no statement on the annotation path
 scans a table of the collection."""
 
@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from align.collect import assign, store
-from align.collect.schema import SCHEMA
-from align.collect.store import HOLD_SECONDS, Candidates, Collection
+from align.annotation import assign, store
+from align.annotation.schema import SCHEMA
+from align.annotation.store import HOLD_SECONDS, Candidates, Collection
 from align.errors import AlignError
 
 # The rules as the store computed them before it kept counts: the humans other than `me` who judged a pair or hold it

@@ -11,8 +11,8 @@ import pytest
 import uvicorn
 from starlette.testclient import TestClient
 
+from align.annotation.store import Candidates, Collection
 from align.collect.server import SECURITY_HEADERS, create_app
-from align.collect.store import Candidates, Collection
 
 PROMPTS = [[{"role": "user", "content": f"Question {i}?"}] for i in range(2)]
 

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from align.annotation.store import Collection
 from align.cli import main
 from align.collect.export import export_collection
-from align.collect.store import Collection
 from align.data.formats import load_examples
 from align.data.rules import check
 from align.eval import evaluate, metrics

@@ -3,10 +3,17 @@ a label budget, have them judged and train on them."""
 
 import json
 import random
+import subprocess
+import time
+import uuid
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+from starlette.testclient import TestClient
 
+from align.annotation.store import Collection
+from align.collect.server import create_app
 from align.config import parse_recipe
 from align.data import synthetic
 from align.data.formats import load_examples
@@ -26,10 +33,11 @@ from align.stages.label import (
     selection_scores,
 )
 from align.stages.selection import select
-from tests.conftest import _tiny_head
+from tests.conftest import _repository_first, _tiny_head, kill_run_after
 
 
 def _stage(**fields) -> LabelStageConfig:
+    fields.setdefault("annotator", AnnotatorConfig(judge="synthetic_tasks"))
     return LabelStageConfig(name="r2_labels", data=DataConfig(path="synthetic:prompts"), init="unused", **fields)
 
 
@@ -63,10 +71,11 @@ def test_labels_keep_clear_majorities_and_drop_ties_splits_and_low_agreement():
     candidates = [{"prompt": [{"role": "user", "content": "q"}], "rule": {}, "responses": ["x", "y"]}]
     verdicts = [{"prompt": 0, "a": 0, "b": 1, "verdicts": votes}
                 for votes in (["a", "a", "b"], ["b", "b", "b"], ["a", "b", "tie"], ["tie"] * 3, ["a", "a", "b"])]
-    rows, dropped = labels_from(verdicts[:4], candidates, _stage(annotator=AnnotatorConfig(people=3)))
+    three = AnnotatorConfig(judge="synthetic_tasks", people=3)
+    rows, dropped = labels_from(verdicts[:4], candidates, _stage(annotator=three))
     assert [(r["chosen"][0]["content"], r["agreement"]) for r in rows] == [("x", 2 / 3), ("y", 1.0)]
     assert dropped == {"ties": 1, "split": 1, "low_agreement": 0}
-    rows, dropped = labels_from(verdicts, candidates, _stage(annotator=AnnotatorConfig(people=3, min_agreement=0.9)))
+    rows, dropped = labels_from(verdicts, candidates, _stage(annotator=replace(three, min_agreement=0.9)))
     assert len(rows) == 1 and dropped["low_agreement"] == 2
 
 
@@ -175,3 +184,81 @@ def test_two_rounds_sample_select_judge_and_train_on_all_labels_so_far(tmp_path)
     r2 = json.loads((run / "r2" / "stage.json").read_text())
     assert r2["data"]["train"]["rows"] == first["metrics"]["labels"] + second["metrics"]["labels"]
     assert r2["status"] == "done"
+
+
+WEB_ROUND = """\
+  - name: r{n}_labels
+    kind: label
+    init: ${{{init}.adapter}}
+    data: {{path: "synthetic:prompts", max_rows: 8}}
+    round: {n}
+    prompts: 4
+    candidates: 3
+    budget: 4
+    select: {select}
+    labelled: {labelled}
+    max_new_tokens: 8
+    annotator: {{collection: "{collection}", poll_seconds: 0.2}}
+    train: {{batch_size: 8, max_length: 96, max_prompt_length: 64}}
+  - name: r{n}
+    kind: dpo
+    init: ${{{init}.adapter}}
+    reference: ${{sft.adapter}}
+    data: {data}
+    train: {{max_steps: 2, lr: 3.0e-3, batch_size: 4, max_length: 96, max_prompt_length: 64}}
+"""
+
+
+def test_rounds_wait_for_people_in_the_web_app_and_a_sigkill_loses_or_repeats_no_verdict(tmp_path):
+    """Two rounds whose annotator is a person behind `align collect serve`'s HTTP API (scripted, in-process): the
+    loop waits for the verdicts, is SIGKILLed after two of round 1's four, a third arrives while it is down, and the
+    rerun takes up the wait; every pair reaches the person once, and every verdict is in the labels once."""
+    path = tmp_path / "prefs.sqlite"
+    person = Collection.create(path).add_annotator("alice")
+    client = TestClient(create_app(path))
+    stages = WEB_ROUND.format(n=1, init="sft", select="random", labelled="[]", collection=path,
+                              data='{path: "${r1_labels.labels}"}')
+    stages += WEB_ROUND.format(n=2, init="r1", select="uncertainty", labelled='["${r1_labels.labels}"]',
+                               collection=path, data='[{path: "${r1_labels.labels}"}, {path: "${r2_labels.labels}"}]')
+    recipe = tmp_path / "webloop.yaml"
+    recipe.write_text(_tiny_head("webloop", tmp_path / "runs", "none", sft_steps=2) + stages)
+    run = tmp_path / "runs" / "webloop"
+    given = []  # (prompt, left, right) of every pair the person was given, in order
+
+    def judge_one() -> bool:
+        task = client.get(f"/api/{person.token}/next").json()
+        if task.get("done"):
+            return False
+        given.append((json.dumps(task["prompt"]), task["left"], task["right"]))
+        answer = client.post(f"/api/{person.token}/verdict",
+                             json={"handle": task["handle"], "choice": "left", "submission": uuid.uuid4().hex})
+        assert answer.status_code == 200 and not answer.json()["repeated"], answer.text
+        return True
+
+    def two_verdicts_into_round_one() -> bool:
+        while len(given) < 2 and (run / "r1_labels" / "selection.jsonl").is_file():
+            judge_one()
+        return len(given) == 2
+
+    cmd = kill_run_after(recipe, two_verdicts_into_round_one)
+    sampled = (run / "r1_labels" / "candidates.jsonl").read_text()
+    assert json.loads((run / "r1_labels" / "stage.json").read_text())["status"] == "running"
+    assert judge_one()  # while the loop is down
+    loop = subprocess.Popen(cmd, env=_repository_first(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while loop.poll() is None and time.time() < deadline:
+        if not judge_one():
+            time.sleep(0.05)
+    assert loop.wait(timeout=5) == 0
+    assert (run / "r1_labels" / "candidates.jsonl").read_text() == sampled  # the rerun sampled nothing again
+
+    assert len(set(given)) == len(given)  # no pair asked for twice
+    collection = Collection.open(path)
+    assert len(collection.verdicts()) == len(given) == len(collection.pairs())  # each verdict kept, once
+    labels = [(json.dumps(row["prompt"]), row["chosen"][0]["content"], row["rejected"][0]["content"])
+              for stage in ("r1_labels", "r2_labels")
+              for row in map(json.loads, (run / stage / "labels.jsonl").read_text().splitlines())]
+    assert sorted(labels) == sorted(given)  # the person chose left every time: each verdict, as given, once
+    for stage in ("r1_labels", "r2_labels"):
+        verdicts = [json.loads(line) for line in (run / stage / "verdicts.jsonl").read_text().splitlines()]
+        assert len(verdicts) == 4 and all(v["annotators"] == ["alice"] for v in verdicts)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 
-from align.collect.store import Collection
+from align.annotation.store import Collection
 from align.rewards import cards
 
 

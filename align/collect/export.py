@@ -22,7 +22,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from align.collect.store import CHOICES, Collection
+from align.annotation.store import CHOICES, Collection
 from align.errors import AlignError
 
 WHO = ("humans", "ai", "all")

@@ -14,7 +14,7 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.collect.store import Candidates
+from align.annotation.store import Candidates
 from align.data import converters, sources
 from align.data.formats import load_examples
 from align.errors import AlignError, DataError

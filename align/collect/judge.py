@@ -11,7 +11,7 @@ judge's earlier verdicts.
 
 from __future__ import annotations
 
-from align.collect.store import Collection
+from align.annotation.store import Collection
 from align.errors import AlignError
 from align.stages.kind import kind_of
 

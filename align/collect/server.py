@@ -40,8 +40,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from align.annotation.store import Annotator, Collection
 from align.collect.agreement import summarize
-from align.collect.store import Annotator, Collection
 from align.errors import AlignError
 from align.web import AllowedHosts
 

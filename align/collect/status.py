@@ -7,8 +7,8 @@ from statistics import median
 
 from rich.table import Table
 
+from align.annotation.store import Collection
 from align.collect.agreement import summarize
-from align.collect.store import Collection
 
 
 def _share(value: float | None) -> str:

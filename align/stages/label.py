@@ -29,11 +29,13 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from align.annotation.store import Candidates, Collection
 from align.data.collate import encode
 from align.data.formats import load_examples
 from align.errors import AlignError, require
@@ -47,22 +49,31 @@ from align.settings import StageConfig
 from align.stages.engine import StageContext, StageOutput
 from align.stages.kind import StageKind, register
 from align.stages.selection import STRATEGIES, BootstrapEnsemble, select
-from align.ui import console
+from align.ui import console, work_progress
 
 POLICY, REFERENCE = "policy", "ref"
 
 
 @dataclass(kw_only=True)
 class AnnotatorConfig:
-    """Who labels a round's pairs: a judge that stands in for `people` annotators."""
+    """Who labels a round's pairs: people, through a collection file that `align collect serve` serves them from, or
+    a judge that stands in for `people` annotators."""
 
-    judge: str = "synthetic_tasks"  # a reward card, a rule file, or an rm stage's folder (${rm.adapter})
-    people: int = 1  # simulated annotators per pair
-    flip: float = 0.0  # the probability that a simulated annotator reverses the judge's verdict
+    collection: str | None = None  # a collection file (made where there is none): the round waits for its verdicts
+    overlap: int = 1  # collection: people per pair
+    poll_seconds: float = 2.0  # collection: how often the waiting round looks for new verdicts
+    judge: str | None = None  # a reward card, a rule file, or an rm stage's folder (${rm.adapter})
+    people: int = 1  # judge: simulated annotators per pair
+    flip: float = 0.0  # judge: the probability that a simulated annotator reverses the judge's verdict
     min_agreement: float = 0.0  # drop pairs whose majority is a smaller share of their annotators than this
 
     def __post_init__(self):
+        require((self.collection is None) != (self.judge is None), "judge",
+                "give a collection (people annotate) or a judge (it stands in for them), one of the two")
+        require(self.overlap >= 1 and self.poll_seconds > 0, "overlap", "overlap must be >= 1, poll_seconds > 0")
         require(self.people >= 1, "people", f"must be >= 1, got {self.people}")
+        require(self.judge is not None or (self.people, self.flip) == (1, 0.0), "people",
+                "people and flip simulate annotators around a judge; a collection's people are real")
         require(0 <= self.flip < 0.5, "flip", f"must be in [0, 0.5), got {self.flip}")
         require(0 <= self.min_agreement <= 1, "min_agreement", f"must be in [0, 1], got {self.min_agreement}")
 
@@ -84,7 +95,7 @@ class LabelStageConfig(StageConfig):
     members: int = 8  # uncertainty: bootstrap heads in the ensemble
     temperature: float = 1.0
     max_new_tokens: int = 32
-    annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    annotator: AnnotatorConfig  # required
 
     def __post_init__(self):
         super().__post_init__()
@@ -202,6 +213,47 @@ def judge_pairs(model, ctx: StageContext, stage, candidates: list[dict], chosen:
     return out
 
 
+def collect_verdicts(stage, candidates: list[dict], chosen: list[dict], quiet: bool) -> list[dict]:
+    """Each selected pair's verdicts from people: the pairs go into the collection file (those in it already keep their
+    verdicts), and the round waits until each has `overlap` of them. A run killed meanwhile loses nothing: the
+    verdicts are the collection's, and the rerun adds nothing new and waits for the rest."""
+    annotator, key = stage.annotator, lambda prompt: json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+    collection = Collection.create(annotator.collection)
+    if collection.overlap != annotator.overlap:
+        collection.set_overlap(annotator.overlap)
+    texts = [(candidates[p["prompt"]], p["a"], p["b"]) for p in chosen]
+    collection.add([Candidates(c["prompt"], [(c["responses"][a], stage.name), (c["responses"][b], stage.name)],
+                               c["rule"] or None) for c, a, b in texts], pairs="within")
+    stored = {(key(q["prompt"]), q["a"]["text"], q["b"]["text"]): q["pair_id"] for q in collection.pairs()}
+    ids = []  # each chosen pair's id in the collection, and whether the collection's `a` is its `a`
+    for c, a, b in texts:
+        first, second = c["responses"][a], c["responses"][b]
+        same = (key(c["prompt"]), first, second) in stored
+        ids.append((stored[(key(c["prompt"]), first, second) if same else (key(c["prompt"]), second, first)], same))
+    wanted = {pair_id for pair_id, _ in ids}
+    console.print(f"round {stage.round}: {len(wanted)} pairs wait for {annotator.overlap} verdict(s) each in "
+                  f"{annotator.collection} (`align collect serve {annotator.collection} --annotator NAME`)",
+                  soft_wrap=True)
+    with work_progress(f"round {stage.round}: pairs judged", len(wanted), quiet) as advance:
+        done = 0
+        while done < len(wanted):
+            complete = len(collection.complete_pairs() & wanted)
+            advance(complete - done)
+            if complete == len(wanted):
+                break
+            done = complete
+            time.sleep(annotator.poll_seconds)
+    given: dict[int, list[dict]] = {}
+    for v in collection.verdicts():
+        if v["kind"] == "human" and v["pair_id"] in wanted:
+            given.setdefault(v["pair_id"], []).append(v)
+    flipped = {"a": "b", "b": "a"}
+    return [{**pair, "scores": None, "annotators": [v["annotator"] for v in given[pair_id]],
+             "verdicts": [(v["choice"] if same else flipped[v["choice"]]) if v["choice"] in flipped else "tie"
+                          for v in given[pair_id]]}
+            for pair, (pair_id, same) in zip(chosen, ids)]
+
+
 def flip_rate(agreement: float) -> float:
     """The flip rate ε of two independent annotators who agree with probability `agreement` (= ε² + (1 − ε)²)."""
     return (1 - math.sqrt(max(2 * agreement - 1, 0.0))) / 2
@@ -266,7 +318,8 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
         verdicts = _read_jsonl(files["verdicts"])
         if verdicts is None:
             chosen = sorted((p for p in pairs if p["selected"] is not None), key=lambda p: p["selected"])
-            verdicts = judge_pairs(model, ctx, stage, candidates, chosen, seed)
+            verdicts = (judge_pairs(model, ctx, stage, candidates, chosen, seed) if stage.annotator.judge
+                        else collect_verdicts(stage, candidates, chosen, ctx.quiet))
             write_jsonl(files["verdicts"], verdicts)
     rows, dropped = labels_from(verdicts, candidates, stage)
     write_jsonl(ctx.stage_dir / LABELS_FILE, rows)

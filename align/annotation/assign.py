@@ -1,5 +1,5 @@
 """Assignment: the pair an annotator gets next, and the counts kept so that choosing it, recording a verdict and
-telling an annotator their progress read a few index entries, however large the collection (align.collect.store
+telling an annotator their progress read a few index entries, however large the collection (align.annotation.store
 calls these inside its transactions; the rules are in its docstring).
 
 The counts, each changed in the transaction that changes what it counts:

@@ -19,7 +19,7 @@ in, and so tell the models apart). AI annotators (`align collect judge`) judge e
 part in assignment.
 
 Scale: assigning a pair, recording a verdict and the progress they return read a few index entries whatever
-the size of the collection, from counts kept in the same transactions (align.collect.assign); changing the
+the size of the collection, from counts kept in the same transactions (align.annotation.assign); changing the
 overlap recounts what depends on it. A file made before the counts were kept gets them when it is opened.
 """
 
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from align.collect import assign
-from align.collect.schema import SCHEMA, create_private, is_current, make_current, new_handle
+from align.annotation import assign
+from align.annotation.schema import SCHEMA, create_private, is_current, make_current, new_handle
 from align.errors import AlignError
 
 CHOICES = ("a", "b", "tie", "both_bad")  # stored relative to the pair's (a, b), whatever side showed it

@@ -1,6 +1,6 @@
 """The collection file's tables, and what makes an older file current: created private to its owner, given
 assignment handles where it was made before assignments had them, and the counts that assignment keeps
-(align.collect.assign) where it was made before they were kept (align.collect.store uses it)."""
+(align.annotation.assign) where it was made before they were kept (align.annotation.store uses it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import secrets
 from pathlib import Path
 
-from align.collect.assign import recount
+from align.annotation.assign import recount
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -54,7 +54,7 @@ def new_handle() -> str:
     return secrets.token_urlsafe(16)
 
 
-# Columns added since SCHEMA, which keeps the tables as files had them before: the counts of align.collect.assign.
+# Columns added since SCHEMA, which keeps the tables as files had them before: the counts of align.annotation.assign.
 COUNTED = {
     "pairs": ("judged INTEGER NOT NULL DEFAULT 0", "judges TEXT NOT NULL DEFAULT ''",
               "load INTEGER NOT NULL DEFAULT 0"),
