@@ -28,6 +28,9 @@ class DPOLossConfig:
     type: str = "sigmoid"  # a registered pairwise loss: sigmoid, ipo, hinge, simpo, orpo, and any registered since
     beta: float = 0.1  # strength of the pull towards the reference; simpo: reward scale; orpo: odds-ratio weight
     label_smoothing: float = 0.0  # assumed fraction of flipped preference labels (cDPO; sigmoid and simpo)
+    # label_smoothing = the flip rate that the agreement of the label stages' annotators implies (align.stages.label),
+    # for a stage whose data are their labels
+    smooth_by_agreement: bool = False
     # Weight of an NLL term on the chosen answer (RPO, Pang et al. 2024, arXiv 2404.19733; TRL's
     # rpo_alpha). It keeps DPO from lowering the chosen answer's likelihood along with the rejected one.
     rpo_alpha: float = 0.0
@@ -42,6 +45,9 @@ class DPOLossConfig:
         _require(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         _require(not self.label_smoothing or self.type in ("sigmoid", "simpo"), "label_smoothing",
                  f"applies to types sigmoid and simpo only, not {self.type}")
+        _require(not self.smooth_by_agreement or (self.type in ("sigmoid", "simpo") and not self.label_smoothing),
+                 "smooth_by_agreement", "sets label_smoothing (types sigmoid and simpo) from measured agreement: "
+                 "give one or the other")
         _require(self.gamma_beta_ratio >= 0, "gamma_beta_ratio", f"must be >= 0, got {self.gamma_beta_ratio}")
 
     def build(self) -> preference.PreferenceLoss:

@@ -120,6 +120,8 @@ def _heldout_cell(metrics: dict) -> str:
         return f"rank acc {metrics['eval_rank/accuracy']:.2f}{tau}"
     if "eval_accuracy" in metrics:  # rm
         return f"reward acc {metrics['eval_accuracy']:.2f}, margin {metrics['eval_margin']:+.2f}"
+    if "labels" in metrics:  # label: what the round's budget bought
+        return f"{metrics['labels']} labels from {metrics['selected']} pairs judged"
     if "eval_objective/scores" in metrics:  # ppo: the starting policy's held-out score, then the trained one's
         return f"score {metrics['eval_init_objective/scores']:+.3f} -> {metrics['eval_objective/scores']:+.3f}"
     return f"loss {metrics['eval_loss']:.3f}" if "eval_loss" in metrics else "-"

@@ -346,6 +346,8 @@ def test_shipped_recipe_is_valid(path):
     ("kto", "undesirable_weight: 0", "stages.dpo.loss.undesirable_weight", ["must be > 0"]),
     ("dpo", "type: ipo, label_smoothing: 0.1", "stages.dpo.loss.label_smoothing", ["sigmoid and simpo only"]),
     ("dpo", "type: simpo, gamma_beta_ratio: -0.5", "stages.dpo.loss.gamma_beta_ratio", ["must be >= 0"]),
+    ("dpo", "smooth_by_agreement: true, label_smoothing: 0.1", "stages.dpo.loss.smooth_by_agreement",
+     ["one or the other"]),
 ])
 def test_ranking_and_dpo_family_losses_are_checked(tmp_path, kind, loss, key, words):
     text = RECIPE.replace("kind: dpo", f"kind: {kind}").replace("    loss:\n      beta: 0.1", f"    loss: {{{loss}}}")

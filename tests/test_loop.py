@@ -132,7 +132,7 @@ LOOP = """\
     candidates: 3
     budget: 12
     max_new_tokens: 8
-    annotator: {judge: "${rm.adapter}"}
+    annotator: {judge: "${rm.adapter}", people: 2, flip: 0.2}
     train: {batch_size: 8, max_length: 96, max_prompt_length: 64}
   - name: r1
     kind: dpo
@@ -150,13 +150,14 @@ LOOP = """\
     select: uncertainty
     labelled: ["${r1_labels.labels}"]
     max_new_tokens: 8
-    annotator: {judge: "${rm.adapter}"}
+    annotator: {judge: "${rm.adapter}", people: 2, flip: 0.2}
     train: {batch_size: 8, max_length: 96, max_prompt_length: 64}
   - name: r2
     kind: dpo
     init: ${r1.adapter}
     reference: ${sft.adapter}
     data: [{path: "${r1_labels.labels}"}, {path: "${r2_labels.labels}"}]
+    loss: {smooth_by_agreement: true}
     train: {max_steps: 2, lr: 3.0e-3, batch_size: 4, max_length: 96, max_prompt_length: 64}
 """
 
@@ -173,7 +174,9 @@ def test_two_rounds_sample_select_judge_and_train_on_all_labels_so_far(tmp_path)
         assert len(chosen) == 12 and len(selection) > 12
         labels = load_examples(str(run / stage / "labels.jsonl"), "preference").examples
         verdicts = [json.loads(line) for line in (run / stage / "verdicts.jsonl").read_text().splitlines()]
-        assert len(labels) == sum(v["scores"][0] != v["scores"][1] for v in verdicts) > 0
+        # two simulated people per pair: a pair labels something where the judge's scores differ and both agree
+        assert len(labels) == sum(v["scores"][0] != v["scores"][1] and len(set(v["verdicts"])) == 1
+                                  for v in verdicts) > 0
     scores = [p["score"] for p in selection]
     ranked = [p["score"] for p in chosen]
     assert ranked == sorted(ranked, reverse=True) and min(ranked) >= max(
@@ -184,6 +187,11 @@ def test_two_rounds_sample_select_judge_and_train_on_all_labels_so_far(tmp_path)
     r2 = json.loads((run / "r2" / "stage.json").read_text())
     assert r2["data"]["train"]["rows"] == first["metrics"]["labels"] + second["metrics"]["labels"]
     assert r2["status"] == "done"
+    # cDPO's ε from the two rounds' agreement, pooled
+    agree, comparisons = (sum(s["agreement"][k] for s in (first, second)) for k in ("agreeing", "comparisons"))
+    assert r2["smoothing"]["agreement"] == agree / comparisons < 1
+    assert r2["smoothing"]["label_smoothing"] == pytest.approx(flip_rate(agree / comparisons))
+    assert r2["smoothing"]["label_smoothing"] > 0
 
 
 WEB_ROUND = """\

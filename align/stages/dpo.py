@@ -14,12 +14,13 @@ and orpo (odds ratio plus the NLL of the chosen answer)).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from align.method_configs import DPOLossConfig
 from align.stages.engine import StageContext, StageOutput
 from align.stages.groups import PreferenceStageConfig, encode_groups, loss_reward, ranking_summary, run_groups
 from align.stages.kind import StageKind, register
+from align.stages.label import smoothing_from_agreement
 
 
 @dataclass(kw_only=True)
@@ -35,7 +36,15 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     train = [ex.as_ranked() for ex in data["train"].examples]  # pairs
     train_rows = encode_groups(train, ctx.tokenizer, stage.train)
     eval_rows = encode_groups(data["eval"].examples, ctx.tokenizer, stage.train) if data.get("eval") else None
-    return run_groups(stage, ctx, train_rows, eval_rows, stage.loss.build())
+    loss, smoothing = stage.loss, None
+    if loss.smooth_by_agreement:
+        smoothing = smoothing_from_agreement([s.path for s in (stage.data if isinstance(stage.data, list)
+                                                                else [stage.data])])
+        loss = replace(loss, smooth_by_agreement=False, label_smoothing=smoothing["label_smoothing"])
+    out = run_groups(stage, ctx, train_rows, eval_rows, loss.build())
+    if smoothing:
+        out.extra["smoothing"] = smoothing
+    return out
 
 
 def heldout_summary(metrics: dict) -> dict:

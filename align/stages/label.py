@@ -16,7 +16,8 @@ Agreement-aware labels: a pair's label is its annotators' majority (a tie of vot
 labels nothing); a pair whose majority is smaller than `annotator.min_agreement` is dropped. Where two or more people
 judged, the stage measures how often two of them agree (p) and records the flip rate that would explain it: with
 each person flipping independently with probability ε, p = ε² + (1 − ε)², so ε = (1 − √(2p − 1)) / 2, the
-label smoothing of conservative DPO (cDPO, Mitchell 2023) that fits these labels (`flip_rate` in stage.json).
+label smoothing of conservative DPO (cDPO, Mitchell 2023) that fits these labels (`flip_rate` in stage.json; a dpo
+stage with `loss.smooth_by_agreement` trains with it).
 
 The stage folder keeps the round: `candidates.jsonl` (every sampled response), `selection.jsonl` (every pair and its
 selection score, `selected` in the order chosen), `verdicts.jsonl` (each annotator's verdict on each selected pair)
@@ -44,7 +45,7 @@ from align.models.features import completion_features
 from align.models.generation import Decoding, generate
 from align.models.logprobs import encoded_logprobs
 from align.rewards.sources import load_reward
-from align.run_folder import LABELS_FILE, write_jsonl
+from align.run_folder import LABELS_FILE, STAGE_FILE, read_json, write_jsonl
 from align.settings import StageConfig
 from align.stages.engine import StageContext, StageOutput
 from align.stages.kind import StageKind, register
@@ -259,9 +260,9 @@ def flip_rate(agreement: float) -> float:
     return (1 - math.sqrt(max(2 * agreement - 1, 0.0))) / 2
 
 
-def pairwise_agreement(verdicts: list[dict]) -> float | None:
-    """How often two annotators of one pair agree, over every two annotators of every pair judged by two or more,
-    pairs the judge scored alike left out; None where no pair had two annotators."""
+def agreement_counts(verdicts: list[dict]) -> tuple[int, int]:
+    """(agreeing, all) of every two annotators of one pair, over the pairs judged by two or more, pairs the judge
+    scored alike left out."""
     agree = total = 0
     for v in verdicts:
         votes = v["verdicts"]
@@ -270,7 +271,29 @@ def pairwise_agreement(verdicts: list[dict]) -> float | None:
         for i in range(len(votes)):
             for j in range(i + 1, len(votes)):
                 agree, total = agree + (votes[i] == votes[j]), total + 1
+    return agree, total
+
+
+def pairwise_agreement(verdicts: list[dict]) -> float | None:
+    """How often two annotators of one pair agree; None where no pair had two annotators."""
+    agree, total = agreement_counts(verdicts)
     return agree / total if total else None
+
+
+def smoothing_from_agreement(sources: list[str]) -> dict:
+    """cDPO's label smoothing for a stage that trains on label stages' `labels.jsonl` files: the flip rate of their
+    annotators' agreement, pooled over the label stages ({"label_smoothing", "agreement", "comparisons", "from"})."""
+    agree = total = 0
+    for source in sources:
+        state = read_json(Path(source).parent / STAGE_FILE)
+        measured = (state.get("agreement") or {}) if state.get("kind") == "label" else {}
+        if not measured.get("comparisons"):
+            raise AlignError(f"{source}: loss.smooth_by_agreement takes the flip rate from the agreement of a label "
+                             "stage's annotators, and these labels come from "
+                             + ("one annotator per pair" if state.get("kind") == "label" else "no label stage"))
+        agree, total = agree + measured["agreeing"], total + measured["comparisons"]
+    return {"label_smoothing": flip_rate(agree / total), "agreement": agree / total, "comparisons": total,
+            "from": sources}
 
 
 def labels_from(verdicts: list[dict], candidates: list[dict], stage) -> tuple[list[dict], dict]:
@@ -323,10 +346,11 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
             write_jsonl(files["verdicts"], verdicts)
     rows, dropped = labels_from(verdicts, candidates, stage)
     write_jsonl(ctx.stage_dir / LABELS_FILE, rows)
-    agreement = pairwise_agreement(verdicts)
+    agree, comparisons = agreement_counts(verdicts)
     metrics = {"pairs": len(pairs), "selected": len(verdicts), "labels": len(rows), **dropped}
-    extra = {"round": stage.round, "selection": strategy,
-             "agreement": None if agreement is None else {"pairwise": agreement, "flip_rate": flip_rate(agreement)}}
+    extra = {"round": stage.round, "selection": strategy, "agreement": {
+        "agreeing": agree, "comparisons": comparisons, "pairwise": agree / comparisons,
+        "flip_rate": flip_rate(agree / comparisons)} if comparisons else None}
     console.print(f"round {stage.round}: {len(rows)} labels from {len(verdicts)} pairs chosen ({strategy}) of "
                   f"{len(pairs)}")
     return StageOutput(Path(stage.init), metrics, extra=extra)
