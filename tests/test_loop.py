@@ -159,6 +159,7 @@ LOOP = """\
     data: [{path: "${r1_labels.labels}"}, {path: "${r2_labels.labels}"}]
     loss: {smooth_by_agreement: true}
     train: {max_steps: 2, lr: 3.0e-3, batch_size: 4, max_length: 96, max_prompt_length: 64}
+eval: {tasks: {path: "synthetic:heldout", max_rows: 8}, stages: [sft, r1, r2], max_new_tokens: 4}
 """
 
 
@@ -192,6 +193,10 @@ def test_two_rounds_sample_select_judge_and_train_on_all_labels_so_far(tmp_path)
     assert r2["smoothing"]["agreement"] == agree / comparisons < 1
     assert r2["smoothing"]["label_smoothing"] == pytest.approx(flip_rate(agree / comparisons))
     assert r2["smoothing"]["label_smoothing"] > 0
+    evaluated = json.loads((run / "eval" / "eval.json").read_text())["stages"]  # each round by the labels spent
+    assert [evaluated[s]["labels"] for s in ("sft", "r1", "r2")] == [None, {"spent": 12, "kept": first["metrics"][
+        "labels"]}, {"spent": 24, "kept": first["metrics"]["labels"] + second["metrics"]["labels"]}]
+    assert "Closed loop" in (run / "eval" / "report.html").read_text()
 
 
 WEB_ROUND = """\

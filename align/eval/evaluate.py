@@ -127,6 +127,18 @@ class Evaluation:
         ref = stage.reference or stage.init
         return resolve_refs(ref, outputs) if ref else None
 
+    def _labels_before(self, name: str) -> dict | None:
+        """The closed loop's budget by the time `name` trained: what the label stages before it in the recipe sent to
+        annotators (`spent`) and got labels for (`kept`); None where none came before it."""
+        if name == BASE:
+            return None
+        order = [s.name for s in self.run_.recipe.stages]
+        rounds = [self.run_.state(s)["metrics"] for s in order[:order.index(name)]
+                  if kind_of(self.run_.stage(s)).produces == "data"]
+        if not rounds:
+            return None
+        return {"spent": sum(r["selected"] for r in rounds), "kept": sum(r["labels"] for r in rounds)}
+
     def _implicit_stages(self) -> list[str]:
         if self.preferences is None:
             return []
@@ -206,6 +218,7 @@ class Evaluation:
                 "task_accuracy": graded[name].get("accuracy"),
                 "task_accuracy_change": self._accuracy_change(graded, name),
                 "task_correct": graded[name].get("correct"),  # per task prompt, for paired comparisons of any two
+                "labels": self._labels_before(name),
                 "task_per_family": graded[name].get("per_family") or None,
                 "implicit_reward_accuracy": implicit.get(name),
                 "forgetting": {k: v for k, v in forgetting.items() if k != "key"} if forgetting else None,

@@ -213,6 +213,20 @@ def _forgetting(evals: list[dict]) -> str:
             f'{"".join(groups)}</table></div>') if groups else ""
 
 
+def _rounds(evals: list[dict]) -> str:
+    """The closed loop: each policy with the labels spent on it so far, its task accuracy and win rate."""
+    rows = [(lb, st) for lb, _, _, st in stage_rows(evals) if st.get("labels")]
+    if not rows:
+        return ""
+    body = "".join(f'<tr><td>{escape(lb)}</td><td class="num">{st["labels"]["spent"]}</td>'
+                   f'<td class="num">{st["labels"]["kept"]}</td><td class="num">{_pct(st.get("task_accuracy"))}</td>'
+                   f'<td class="num">{" ".join(_change(st.get("task_accuracy_change")))}</td>'
+                   f'<td class="num">{" ".join(_rate(st.get("win_rate")))}</td></tr>' for lb, st in rows)
+    return ('<div class="scroll"><table class="rounds"><thead><tr><th>policy</th><th class="num">labels spent</th>'
+            '<th class="num">labels kept</th><th class="num">task acc</th><th class="num">vs ref ± CI</th>'
+            f'<th class="num">win rate ± CI</th></tr></thead><tbody>{body}</tbody></table></div>')
+
+
 def _tasks(evals: list[dict]) -> str:
     rows = [(lb, st) for lb, _, _, st in stage_rows(evals)
             if st.get("task_per_family") or st.get("task_accuracy") is not None]
@@ -276,6 +290,8 @@ def _page(evals: list[dict], plots: Plots, colors: dict) -> str:
                           or _note("No responses recorded.")))
     if forgetting := _forgetting(evals):
         parts.append(_section("forgetting", "Forgetting: each stage against the policy it started from", forgetting))
+    if rounds := _rounds(evals):
+        parts.append(_section("rounds", "Closed loop: each round's policy by the labels spent so far", rounds))
     if tasks := _tasks(evals):
         parts.append(_section("tasks", "Task accuracy per family", tasks))
     samples = "".join((f"<h3>{escape(str(ev.get('run', '?')))}</h3>" if many else "") + s
