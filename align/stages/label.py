@@ -40,6 +40,7 @@ from align.annotation.store import Candidates, Collection
 from align.data.collate import encode
 from align.data.formats import load_examples
 from align.errors import AlignError, require
+from align.method_configs import ReplayOutConfig
 from align.models import adapters
 from align.models.features import completion_features
 from align.models.generation import Decoding, generate
@@ -81,7 +82,8 @@ class AnnotatorConfig:
 
 @dataclass(kw_only=True)
 class LabelStageConfig(StageConfig):
-    """One round of the closed loop: sample candidates from `init`, choose `budget` pairs, have them judged."""
+    """One round of the closed loop: sample candidates from `init`, choose `budget` pairs, have them judged. Its
+    `train` section's batch_size, max_length and max_prompt_length batch and truncate the sampling and scoring."""
 
     kind: str = "label"
     round: int = 1  # which round: its share of the prompt pool; round 1 selects at random
@@ -97,6 +99,7 @@ class LabelStageConfig(StageConfig):
     temperature: float = 1.0
     max_new_tokens: int = 32
     annotator: AnnotatorConfig  # required
+    replay_out: ReplayOutConfig | None = None  # its data are prompts, which no later stage replays
 
     def __post_init__(self):
         super().__post_init__()
@@ -322,6 +325,9 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     prompts = round_prompts(stage, data["train"].examples)
     labelled = [ex for path in stage.labelled for ex in load_examples(path, "preference").examples]
     strategy = stage.select if labelled else "random"  # nothing labelled yet: every strategy's first round
+    if strategy != stage.select and stage.round > 1:
+        console.print(f"[yellow]{stage.name}[/]: select {stage.select} needs the earlier rounds' labels "
+                      "(`labelled`), and there are none: this round selects at random")
     folders = {POLICY: stage.init, **({REFERENCE: stage.reference} if strategy == "margin" and stage.reference else {})}
     files = {name: ctx.stage_dir / f"{name}.jsonl" for name in ("candidates", "selection", "verdicts")}
     with ctx.host.adapters(folders) as model:
