@@ -248,7 +248,7 @@ class Pipeline:
             return
         if not kind_of(stage).policy:
             state["forgetting"] = {"key": key,
-                                   "skipped": f"a {stage.kind} stage changes no policy"}
+                                   "skipped": f"a {stage.kind} stage trains no policy: no policy changed"}
             StageFolder(self.run_dir / stage.name).write(state)
             return
         console.print(f"measuring what [bold]{stage.name}[/] forgot (from {escape(start or 'the base')})")

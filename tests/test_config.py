@@ -101,7 +101,7 @@ def test_dataclasses_validate_when_built_in_python():
 
 
 def test_registry_lists_kinds():
-    assert set(KINDS) == {"sft", "rm", "dpo", "rank", "kto", "ppo", "grpo"}
+    assert set(KINDS) == {"sft", "rm", "dpo", "rank", "kto", "ppo", "grpo", "label"}
     assert KINDS["sft"].config is SFTStageConfig and KINDS["dpo"].config is DPOStageConfig
 
 

@@ -21,14 +21,13 @@ from align.data.schemas import PreferenceExample
 from align.models.host import ModelHost
 from align.pipeline import run_recipe
 from align.settings import DataConfig, ModelConfig, TrainConfig
+from align.stages.agreement import flip_rate, pairwise_agreement
 from align.stages.label import (
     AnnotatorConfig,
     LabelStageConfig,
     candidate_pairs,
-    flip_rate,
     judge_pairs,
     labels_from,
-    pairwise_agreement,
     preference_ensemble,
     selection_scores,
 )

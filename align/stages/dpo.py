@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from align.method_configs import DPOLossConfig
+from align.stages.agreement import smoothing_from_agreement
 from align.stages.engine import StageContext, StageOutput
 from align.stages.groups import PreferenceStageConfig, encode_groups, loss_reward, ranking_summary, run_groups
 from align.stages.kind import StageKind, register
-from align.stages.label import smoothing_from_agreement
 
 
 @dataclass(kw_only=True)

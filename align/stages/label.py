@@ -28,7 +28,6 @@ rerun of an interrupted stage reads back what it finds and does only the rest.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -46,8 +45,9 @@ from align.models.features import completion_features
 from align.models.generation import Decoding, generate
 from align.models.logprobs import encoded_logprobs
 from align.rewards.sources import load_reward
-from align.run_folder import LABELS_FILE, STAGE_FILE, read_json, write_jsonl
+from align.run_folder import LABELS_FILE, write_jsonl
 from align.settings import StageConfig
+from align.stages.agreement import agreement_counts, flip_rate
 from align.stages.engine import StageContext, StageOutput
 from align.stages.kind import StageKind, register
 from align.stages.selection import STRATEGIES, BootstrapEnsemble, select
@@ -256,47 +256,6 @@ def collect_verdicts(stage, candidates: list[dict], chosen: list[dict], quiet: b
              "verdicts": [(v["choice"] if same else flipped[v["choice"]]) if v["choice"] in flipped else "tie"
                           for v in given[pair_id]]}
             for pair, (pair_id, same) in zip(chosen, ids)]
-
-
-def flip_rate(agreement: float) -> float:
-    """The flip rate ε of two independent annotators who agree with probability `agreement` (= ε² + (1 − ε)²)."""
-    return (1 - math.sqrt(max(2 * agreement - 1, 0.0))) / 2
-
-
-def agreement_counts(verdicts: list[dict]) -> tuple[int, int]:
-    """(agreeing, all) of every two annotators of one pair, over the pairs judged by two or more, pairs the judge
-    scored alike left out."""
-    agree = total = 0
-    for v in verdicts:
-        votes = v["verdicts"]
-        if "tie" in votes:
-            continue
-        for i in range(len(votes)):
-            for j in range(i + 1, len(votes)):
-                agree, total = agree + (votes[i] == votes[j]), total + 1
-    return agree, total
-
-
-def pairwise_agreement(verdicts: list[dict]) -> float | None:
-    """How often two annotators of one pair agree; None where no pair had two annotators."""
-    agree, total = agreement_counts(verdicts)
-    return agree / total if total else None
-
-
-def smoothing_from_agreement(sources: list[str]) -> dict:
-    """cDPO's label smoothing for a stage that trains on label stages' `labels.jsonl` files: the flip rate of their
-    annotators' agreement, pooled over the label stages ({"label_smoothing", "agreement", "comparisons", "from"})."""
-    agree = total = 0
-    for source in sources:
-        state = read_json(Path(source).parent / STAGE_FILE)
-        measured = (state.get("agreement") or {}) if state.get("kind") == "label" else {}
-        if not measured.get("comparisons"):
-            raise AlignError(f"{source}: loss.smooth_by_agreement takes the flip rate from the agreement of a label "
-                             "stage's annotators, and these labels come from "
-                             + ("one annotator per pair" if state.get("kind") == "label" else "no label stage"))
-        agree, total = agree + measured["agreeing"], total + measured["comparisons"]
-    return {"label_smoothing": flip_rate(agree / total), "agreement": agree / total, "comparisons": total,
-            "from": sources}
 
 
 def labels_from(verdicts: list[dict], candidates: list[dict], stage) -> tuple[list[dict], dict]:
