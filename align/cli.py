@@ -164,7 +164,7 @@ def _inspect_stage(args) -> int:
 
     recipe = load_recipe(args.file)
     stage = recipe.stage(args.stage)
-    for source in stage.data if isinstance(stage.data, list) else [stage.data]:
+    for source in stage.sources:
         if list(parse_refs(source.path)):
             raise AlignError(f"{args.file}: stage '{stage.name}' reads {source.path}, which a run makes; inspect it in "
                              "the run folder after `align run`")

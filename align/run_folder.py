@@ -51,6 +51,11 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def read_jsonl(path: Path) -> list[dict] | None:
+    """The rows of a JSON-lines file; None where there is no file."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else None
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """`rows`, a JSON line each, written atomically by the main process."""
     if distributed.is_main():

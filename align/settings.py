@@ -144,6 +144,11 @@ class StageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     replay_out: ReplayOutConfig | None = field(default_factory=ReplayOutConfig)  # None = keep no sample
 
+    @property
+    def sources(self) -> list[DataConfig]:
+        """The sources of `data`: itself, or each source of a mixture."""
+        return self.data if isinstance(self.data, list) else [self.data]
+
     def __post_init__(self):
         _require(_IDENTIFIER.fullmatch(self.name) is not None, "name",
                  f"stage names must look like identifiers ([A-Za-z_][A-Za-z0-9_]*), got '{self.name}'")

@@ -330,8 +330,7 @@ def test_shipped_recipe_is_valid(path):
     written = yaml.safe_load(path.read_text())["stages"]
     assert [stage.name for stage in recipe.stages] == [stage["name"] for stage in written]  # all of them, in order
     # The embedded data a recipe names exists, as the kind its stage reads: a misspelt split or family fails here.
-    sections = [(source, KINDS[s.kind].data) for s in recipe.stages
-                for source in (s.data if isinstance(s.data, list) else [s.data])]
+    sections = [(source, KINDS[s.kind].data) for s in recipe.stages for source in s.sources]
     sections += [(s.eval_data, KINDS[s.kind].held_out) for s in recipe.stages if s.eval_data]
     sections += [(recipe.eval.tasks, "task"), (recipe.eval.prompts, "prompt")] if recipe.eval else []
     sections += [(recipe.forgetting.retention, "sft"), (recipe.forgetting.tasks, "task")]

@@ -116,48 +116,48 @@ def test_after_round_one_the_ensembles_top_disagreement_pairs_are_wrong_more_oft
     assert sum(gaps) / len(gaps) > 0.05 and sum(gap > 0 for gap in gaps) >= 6, gaps
 
 
+ROUND = """\
+  - name: r{n}_labels
+    kind: label
+    init: ${{{init}.adapter}}
+    data: {{path: "synthetic:prompts", max_rows: {pool}}}
+    round: {n}
+    prompts: {prompts}
+    candidates: 3
+    budget: {budget}
+    select: {select}
+    labelled: {labelled}
+    max_new_tokens: 8
+    annotator: {annotator}
+    train: {{batch_size: 8, max_length: 96, max_prompt_length: 64}}
+  - name: r{n}
+    kind: dpo
+    init: ${{{init}.adapter}}
+    reference: ${{sft.adapter}}
+    data: {data}
+    loss: {loss}
+    train: {{max_steps: 2, lr: 3.0e-3, batch_size: 4, max_length: 96, max_prompt_length: 64}}
+"""
+
+
+def two_rounds(annotator: str, prompts: int, budget: int, second_loss: str = "{}") -> str:
+    """Round 1 (random) and round 2 (uncertainty, on all labels so far), each a label stage and a dpo stage."""
+    sizes = {"pool": 2 * prompts, "prompts": prompts, "budget": budget, "annotator": annotator}
+    return (ROUND.format(n=1, init="sft", select="random", labelled="[]", data='{path: "${r1_labels.labels}"}',
+                         loss="{}", **sizes)
+            + ROUND.format(n=2, init="r1", select="uncertainty", labelled='["${r1_labels.labels}"]',
+                           data='[{path: "${r1_labels.labels}"}, {path: "${r2_labels.labels}"}]', loss=second_loss,
+                           **sizes))
+
+
 LOOP = """\
   - name: rm
     kind: rm
     init: ${sft.adapter}
     data: {path: "synthetic:preference", max_rows: 32}
     train: {max_steps: 4, lr: 3.0e-3, batch_size: 8, max_length: 96, max_prompt_length: 64}
-  - name: r1_labels
-    kind: label
-    init: ${sft.adapter}
-    data: {path: "synthetic:prompts", max_rows: 16}
-    round: 1
-    prompts: 8
-    candidates: 3
-    budget: 12
-    max_new_tokens: 8
-    annotator: {judge: "${rm.adapter}", people: 2, flip: 0.2}
-    train: {batch_size: 8, max_length: 96, max_prompt_length: 64}
-  - name: r1
-    kind: dpo
-    init: ${sft.adapter}
-    data: {path: "${r1_labels.labels}"}
-    train: {max_steps: 2, lr: 3.0e-3, batch_size: 4, max_length: 96, max_prompt_length: 64}
-  - name: r2_labels
-    kind: label
-    init: ${r1.adapter}
-    data: {path: "synthetic:prompts", max_rows: 16}
-    round: 2
-    prompts: 8
-    candidates: 3
-    budget: 12
-    select: uncertainty
-    labelled: ["${r1_labels.labels}"]
-    max_new_tokens: 8
-    annotator: {judge: "${rm.adapter}", people: 2, flip: 0.2}
-    train: {batch_size: 8, max_length: 96, max_prompt_length: 64}
-  - name: r2
-    kind: dpo
-    init: ${r1.adapter}
-    reference: ${sft.adapter}
-    data: [{path: "${r1_labels.labels}"}, {path: "${r2_labels.labels}"}]
-    loss: {smooth_by_agreement: true}
-    train: {max_steps: 2, lr: 3.0e-3, batch_size: 4, max_length: 96, max_prompt_length: 64}
+""" + two_rounds('{judge: "${rm.adapter}", people: 2, flip: 0.2}', prompts=8, budget=12,
+                 second_loss="{smooth_by_agreement: true}") + """\
 eval: {tasks: {path: "synthetic:heldout", max_rows: 8}, stages: [sft, r1, r2], max_new_tokens: 4}
 """
 
@@ -198,29 +198,6 @@ def test_two_rounds_sample_select_judge_and_train_on_all_labels_so_far(tmp_path)
     assert "Closed loop" in (run / "eval" / "report.html").read_text()
 
 
-WEB_ROUND = """\
-  - name: r{n}_labels
-    kind: label
-    init: ${{{init}.adapter}}
-    data: {{path: "synthetic:prompts", max_rows: 8}}
-    round: {n}
-    prompts: 4
-    candidates: 3
-    budget: 4
-    select: {select}
-    labelled: {labelled}
-    max_new_tokens: 8
-    annotator: {{collection: "{collection}", poll_seconds: 0.2}}
-    train: {{batch_size: 8, max_length: 96, max_prompt_length: 64}}
-  - name: r{n}
-    kind: dpo
-    init: ${{{init}.adapter}}
-    reference: ${{sft.adapter}}
-    data: {data}
-    train: {{max_steps: 2, lr: 3.0e-3, batch_size: 4, max_length: 96, max_prompt_length: 64}}
-"""
-
-
 def test_rounds_wait_for_people_in_the_web_app_and_a_sigkill_loses_or_repeats_no_verdict(tmp_path):
     """Two rounds whose annotator is a person behind `align collect serve`'s HTTP API (scripted, in-process): the
     loop waits for the verdicts, is SIGKILLed after two of round 1's four, a third arrives while it is down, and the
@@ -228,10 +205,7 @@ def test_rounds_wait_for_people_in_the_web_app_and_a_sigkill_loses_or_repeats_no
     path = tmp_path / "prefs.sqlite"
     person = Collection.create(path).add_annotator("alice")
     client = TestClient(create_app(path))
-    stages = WEB_ROUND.format(n=1, init="sft", select="random", labelled="[]", collection=path,
-                              data='{path: "${r1_labels.labels}"}')
-    stages += WEB_ROUND.format(n=2, init="r1", select="uncertainty", labelled='["${r1_labels.labels}"]',
-                               collection=path, data='[{path: "${r1_labels.labels}"}, {path: "${r2_labels.labels}"}]')
+    stages = two_rounds(f'{{collection: "{path}", poll_seconds: 0.2}}', prompts=4, budget=4)
     recipe = tmp_path / "webloop.yaml"
     recipe.write_text(_tiny_head("webloop", tmp_path / "runs", "none", sft_steps=2) + stages)
     run = tmp_path / "runs" / "webloop"

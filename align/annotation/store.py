@@ -362,10 +362,8 @@ class Collection:
     def complete_pairs(self) -> set[int]:
         """The pairs that have reached their overlap: `overlap` people judged them (AI judges, which take every
         pair, do not count)."""
-        with self.reading() as db:
-            rows = db.execute("SELECT v.pair_id FROM current_verdicts v JOIN annotators n ON n.id = v.annotator_id "
-                              "WHERE n.kind = 'human' GROUP BY v.pair_id HAVING COUNT(*) >= ?",
-                              (self.overlap_in(db),)).fetchall()
+        with self.reading() as db:  # `judged`: the humans who judged the pair, kept by align.annotation.assign
+            rows = db.execute("SELECT id AS pair_id FROM pairs WHERE judged >= ?", (self.overlap_in(db),)).fetchall()
         return {row["pair_id"] for row in rows}
 
     def counts(self) -> dict:

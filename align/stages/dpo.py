@@ -38,8 +38,7 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     eval_rows = encode_groups(data["eval"].examples, ctx.tokenizer, stage.train) if data.get("eval") else None
     loss, smoothing = stage.loss, None
     if loss.smooth_by_agreement:
-        smoothing = smoothing_from_agreement([s.path for s in (stage.data if isinstance(stage.data, list)
-                                                                else [stage.data])])
+        smoothing = smoothing_from_agreement([source.path for source in stage.sources])
         loss = replace(loss, smooth_by_agreement=False, label_smoothing=smoothing["label_smoothing"])
     out = run_groups(stage, ctx, train_rows, eval_rows, loss.build())
     if smoothing:

@@ -45,7 +45,7 @@ from align.models.features import completion_features
 from align.models.generation import Decoding, generate
 from align.models.logprobs import encoded_logprobs
 from align.rewards.sources import load_reward
-from align.run_folder import LABELS_FILE, write_jsonl
+from align.run_folder import LABELS_FILE, read_jsonl, write_jsonl
 from align.settings import StageConfig
 from align.stages.agreement import agreement_counts, flip_rate
 from align.stages.engine import StageContext, StageOutput
@@ -109,10 +109,6 @@ class LabelStageConfig(StageConfig):
         require(self.candidates >= 2, "candidates", f"a pair needs two responses: got {self.candidates}")
         require(self.pool in ("new", "all"), "pool", f"must be 'new' or 'all', got {self.pool!r}")
         require(self.select in STRATEGIES, "select", f"must be one of {', '.join(STRATEGIES)}, got {self.select!r}")
-
-
-def _read_jsonl(path: Path) -> list[dict] | None:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else None
 
 
 def round_prompts(stage, examples: list) -> list:
@@ -231,30 +227,29 @@ def collect_verdicts(stage, candidates: list[dict], chosen: list[dict], quiet: b
     stored = {(key(q["prompt"]), q["a"]["text"], q["b"]["text"]): q["pair_id"] for q in collection.pairs()}
     ids = []  # each chosen pair's id in the collection, and whether the collection's `a` is its `a`
     for c, a, b in texts:
-        first, second = c["responses"][a], c["responses"][b]
-        same = (key(c["prompt"]), first, second) in stored
-        ids.append((stored[(key(c["prompt"]), first, second) if same else (key(c["prompt"]), second, first)], same))
+        ours = (key(c["prompt"]), c["responses"][a], c["responses"][b])
+        swapped = (ours[0], ours[2], ours[1])
+        ids.append((stored[ours], True) if ours in stored else (stored[swapped], False))
     wanted = {pair_id for pair_id, _ in ids}
     console.print(f"round {stage.round}: {len(wanted)} pairs wait for {annotator.overlap} verdict(s) each in "
                   f"{annotator.collection} (`align collect serve {annotator.collection} --annotator NAME`)",
                   soft_wrap=True)
     with work_progress(f"round {stage.round}: pairs judged", len(wanted), quiet) as advance:
         done = 0
-        while done < len(wanted):
+        while True:
             complete = len(collection.complete_pairs() & wanted)
             advance(complete - done)
-            if complete == len(wanted):
-                break
             done = complete
+            if done == len(wanted):
+                break
             time.sleep(annotator.poll_seconds)
     given: dict[int, list[dict]] = {}
     for v in collection.verdicts():
         if v["kind"] == "human" and v["pair_id"] in wanted:
             given.setdefault(v["pair_id"], []).append(v)
-    flipped = {"a": "b", "b": "a"}
+    in_our_order = {True: {"a": "a", "b": "b"}, False: {"a": "b", "b": "a"}}  # tie and both bad prefer neither
     return [{**pair, "scores": None, "annotators": [v["annotator"] for v in given[pair_id]],
-             "verdicts": [(v["choice"] if same else flipped[v["choice"]]) if v["choice"] in flipped else "tie"
-                          for v in given[pair_id]]}
+             "verdicts": [in_our_order[same].get(v["choice"], "tie") for v in given[pair_id]]}
             for pair, (pair_id, same) in zip(chosen, ids)]
 
 
@@ -290,12 +285,12 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
     folders = {POLICY: stage.init, **({REFERENCE: stage.reference} if strategy == "margin" and stage.reference else {})}
     files = {name: ctx.stage_dir / f"{name}.jsonl" for name in ("candidates", "selection", "verdicts")}
     with ctx.host.adapters(folders) as model:
-        candidates = _read_jsonl(files["candidates"])
+        candidates = read_jsonl(files["candidates"])
         if candidates is None:
             console.print(f"round {stage.round}: sampling {stage.candidates} responses to {len(prompts)} prompts")
             candidates = sample_candidates(model, ctx, stage, prompts, seed)
             write_jsonl(files["candidates"], candidates)
-        pairs = _read_jsonl(files["selection"])
+        pairs = read_jsonl(files["selection"])
         if pairs is None:
             pairs = candidate_pairs(candidates)
             scores = selection_scores(model, ctx, stage, candidates, pairs, labelled, seed)
@@ -303,7 +298,7 @@ def run(stage, ctx: StageContext, data) -> StageOutput:
             rank = {i: n for n, i in enumerate(order)}
             pairs = [{**p, "score": s, "selected": rank.get(i)} for i, (p, s) in enumerate(zip(pairs, scores))]
             write_jsonl(files["selection"], pairs)
-        verdicts = _read_jsonl(files["verdicts"])
+        verdicts = read_jsonl(files["verdicts"])
         if verdicts is None:
             chosen = sorted((p for p in pairs if p["selected"] is not None), key=lambda p: p["selected"])
             verdicts = (judge_pairs(model, ctx, stage, candidates, chosen, seed) if stage.annotator.judge
